@@ -1,0 +1,925 @@
+"""
+MAR with Diffusion Loss, all of it in one file.
+
+Paper: T. Li, Y. Tian, H. Li, M. Deng, K. He, "Autoregressive Image Generation without
+Vector Quantization", NeurIPS 2024 (arXiv:2406.11838). Official code: github.com/LTH14/mar.
+
+Read it top to bottom beside the paper:
+  1. The continuous tokenizer: the KL-VAE that turns a 256x256 image into 16x16x16 latents
+     (paper Sec. 4.2, "Tokenizer").
+  2. Diffusion Loss: a small MLP denoiser that models p(x | z) for ONE continuous token x given
+     a condition vector z, trained and sampled with a Gaussian diffusion (paper Sec. 3.2, 4.1).
+  3. MAR: a bidirectional MAE-style transformer that produces z for every unknown token, trained
+     with random orders and masks, and generating a set of tokens per step (paper Sec. 3.3, 3.4, 4.2).
+  4. Presets (MAR-B/L/H and a CPU-sized one), loading the released weights, and a benchmark.
+
+Every module and parameter name equals the official one, so the released `kl16.ckpt` and
+`checkpoint-last.pth` files load with strict=True, and test_all.py checks the outputs against
+tensors produced by the official code on the same weights.
+"""
+import argparse
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def randn(shape, generator, device):
+    """Standard normal noise. With a generator the draw happens on the generator's device (so a
+    CPU generator gives the same numbers on every machine) and is then moved to `device`."""
+    if generator is None:
+        return torch.randn(shape, device=device)
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+# =============================================================================================
+# 1. The continuous tokenizer: LDM's KL-regularized autoencoder (paper Sec. 4.2, "Tokenizer")
+# =============================================================================================
+# MAR uses the KL-16 autoencoder of Latent Diffusion (Rombach et al. 2022), re-trained by the MAR
+# authors on ImageNet: a convolutional encoder downsamples 256x256x3 by 16 to a 16x16 grid of
+# 16-channel Gaussian posteriors; the decoder maps a 16x16x16 latent back to pixels. Names follow
+# LDM so the released kl16.ckpt loads as is. `AutoencoderKL` is generic: other channel
+# multipliers / z_channels / strides give other LDM-style VAEs (CODA and `--model vae` use that).
+
+# MAR multiplies the VAE latents by this constant so that their std is about 1 (the scale the
+# diffusion noise schedule assumes); sampled tokens are divided by it before `decode`.
+VAE_SCALE = 0.2325
+
+
+def Normalize(channels):
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm -> swish -> conv, twice, plus a (1x1-projected if needed) skip connection."""
+
+    def __init__(self, in_channels, out_channels, dropout=0.0):
+        super().__init__()
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = Normalize(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels of a feature map, with 1x1-conv projections."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        # one head of width C: scale C^-0.5, which is SDPA's default for head_dim C
+        q, k, v = (m(h).reshape(B, 1, C, H * W).transpose(2, 3) for m in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
+        return x + self.proj_out(h.transpose(2, 3).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after padding only right and bottom (LDM's asymmetric padding)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution level: residual blocks, each optionally followed by attention."""
+
+    def __init__(self, c_in, c_out, num_blocks, attn, dropout):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(c_in if i == 0 else c_out, c_out, dropout) for i in range(num_blocks))
+        self.attn = nn.ModuleList(AttnBlock(c_out) for _ in range(num_blocks) if attn)
+
+    def forward(self, x):
+        for i, block in enumerate(self.block):
+            x = block(x)
+            if len(self.attn) > 0:
+                x = self.attn[i](x)
+        return x
+
+
+class Mid(nn.Module):
+    def __init__(self, channels, dropout):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, dropout)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels, dropout)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    """x (B, 3, H, W) -> posterior moments (B, 2*z_channels, H/2^(levels-1), W/2^(levels-1))."""
+
+    def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, in_channels=3, dropout=0.0):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        c_in, res = ch, resolution
+        for i, mult in enumerate(ch_mult):
+            level = Level(c_in, ch * mult, num_res_blocks, res in attn_resolutions, dropout)
+            if i != len(ch_mult) - 1:  # every level but the last halves the resolution
+                level.downsample = Downsample(ch * mult)
+                res //= 2
+            self.down.append(level)
+            c_in = ch * mult
+        self.mid = Mid(c_in, dropout)
+        self.norm_out = Normalize(c_in)
+        self.conv_out = nn.Conv2d(c_in, 2 * z_channels, 3, padding=1)  # mean and log-variance
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """z (B, z_channels, h, w) -> image (B, 3, h*2^(levels-1), w*2^(levels-1)).
+
+    Each level has num_res_blocks + 1 blocks (LDM). MAR's kl16 has no attention in the up path (the
+    authors say they forgot it when porting and kept it to save memory; the mid block has one)."""
+
+    def __init__(self, ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, out_ch=3, dropout=0.0):
+        super().__init__()
+        c_in = ch * ch_mult[-1]
+        res = resolution // 2 ** (len(ch_mult) - 1)
+        self.conv_in = nn.Conv2d(z_channels, c_in, 3, padding=1)
+        self.mid = Mid(c_in, dropout)
+        self.up = nn.ModuleList()
+        for i in reversed(range(len(ch_mult))):  # built deepest first; up[i] is level i, up[0] full resolution
+            level = Level(c_in, ch * ch_mult[i], num_res_blocks + 1, res in attn_resolutions, dropout)
+            if i != 0:
+                level.upsample = Upsample(ch * ch_mult[i])
+                res *= 2
+            self.up.insert(0, level)
+            c_in = ch * ch_mult[i]
+        self.norm_out = Normalize(c_in)
+        self.conv_out = nn.Conv2d(c_in, out_ch, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class DiagonalGaussian:
+    """The VAE posterior q(z|x) = N(mean, diag(std^2)); moments = [mean, logvar] along channels."""
+
+    def __init__(self, moments):
+        self.moments = moments  # raw, unclamped: what the latent cache stores
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator=None):
+        return self.mean + self.std * randn(self.mean.shape, generator, self.mean.device)
+
+    def mode(self):
+        return self.mean
+
+    def kl(self):
+        """KL(q || N(0, I)) summed over latent dimensions, per image: the VAE's regularizer."""
+        return 0.5 * torch.sum(self.mean**2 + self.logvar.exp() - 1.0 - self.logvar, dim=[1, 2, 3])
+
+
+class AutoencoderKL(nn.Module):
+    """LDM KL-VAE. Defaults = MAR's kl16: 256px images -> 16x16x16 latents, 66.46M parameters."""
+
+    def __init__(self, embed_dim=16, ch_mult=(1, 1, 2, 2, 4), ch=128, num_res_blocks=2, attn_resolutions=(16,),
+                 resolution=256, dropout=0.0):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.stride = 2 ** (len(ch_mult) - 1)
+        self.encoder = Encoder(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, embed_dim, dropout=dropout)
+        self.decoder = Decoder(ch, ch_mult, num_res_blocks, (), resolution, embed_dim, dropout=dropout)
+        self.quant_conv = nn.Conv2d(2 * embed_dim, 2 * embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, embed_dim, 1)
+
+    def encode(self, x):
+        """x in [-1, 1], (B, 3, H, W) -> DiagonalGaussian over (B, embed_dim, H/stride, W/stride)."""
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z):
+        """z (B, embed_dim, h, w), unscaled -> image (B, 3, h*stride, w*stride), roughly in [-1, 1]."""
+        return self.decoder(self.post_quant_conv(z))
+
+
+def kl16():
+    """The VAE of MAR's released models (LTH14/mar `kl16.ckpt`)."""
+    return AutoencoderKL(embed_dim=16, ch_mult=(1, 1, 2, 2, 4))
+
+
+# =============================================================================================
+# 2. Diffusion Loss (paper Sec. 3.2 and 4.1)
+# =============================================================================================
+# For one continuous token x (a 16-d latent vector) and its condition z (from the transformer),
+# Diffusion Loss is the denoising objective  L(z, x) = E_{eps,t} || eps - eps_theta(x_t | t, z) ||^2
+# with x_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps  (paper Sec. 3.2, Eq. 1). The small MLP
+# eps_theta thus models p(x | z) without any quantization; sampling runs the reverse diffusion
+# (Sec. 3.2, Eq. 2). Following improved DDPM / ADM / DiT (Sec. 4.1, "Diffusion process"), the
+# schedule is cosine with 1000 steps, the MLP also outputs an interpolation for the variance
+# ("learned range"), trained by the variational bound, and sampling uses 100 respaced steps.
+
+class TimestepEmbedder(nn.Module):
+    """t (N,) -> (N, W): 256-d sinusoidal features [cos, sin] (GLIDE/DiT order), then an MLP."""
+
+    def __init__(self, width, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]  # (N, half)
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class ResBlock(nn.Module):
+    """x + gate * MLP(adaLN(x; y)): a residual MLP block whose LayerNorm shift/scale and output gate
+    come from the condition y = embed(t) + embed(z) (adaLN-Zero, as in DiT)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x, y):
+        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        return x + gate * self.mlp(modulate(self.in_ln(x), shift, scale))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(width, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x, y):
+        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class SimpleMLPAdaLN(nn.Module):
+    """The denoiser eps_theta(x_t | t, z) of paper Sec. 4.1 ("Denoising MLP"): `depth` residual
+    blocks of width W. Output: 2C channels, C for eps and C for the variance interpolation."""
+
+    def __init__(self, in_channels, width, out_channels, z_channels, depth, grad_checkpointing=False):
+        super().__init__()
+        self.in_channels = in_channels
+        self.grad_checkpointing = grad_checkpointing
+        self.time_embed = TimestepEmbedder(width)
+        self.cond_embed = nn.Linear(z_channels, width)
+        self.input_proj = nn.Linear(in_channels, width)
+        self.res_blocks = nn.ModuleList(ResBlock(width) for _ in range(depth))
+        self.final_layer = FinalLayer(width, out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity and the output starts at zero
+        for m in [b.adaLN_modulation[-1] for b in self.res_blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                       self.final_layer.linear]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x, t, c):
+        """x (N, C) noisy tokens, t (N,) original timesteps 0..999, c (N, D) conditions -> (N, 2C)."""
+        x = self.input_proj(x)  # (N, W)
+        y = self.time_embed(t) + self.cond_embed(c)  # (N, W)
+        for block in self.res_blocks:
+            x = checkpoint(block, x, y, use_reentrant=False) if self.grad_checkpointing and self.training else block(x, y)
+        return self.final_layer(x, y)
+
+    def forward_with_cfg(self, x, t, c, cfg_scale):
+        """Classifier-free guidance on eps (paper App. B): rows [0, n) of c are conditional, [n, 2n)
+        unconditional, both applied to the first half of x. Returns [guided; guided] eps with each
+        half's own (unguided) variance output, as the official code does."""
+        half = x[: len(x) // 2]
+        out = self.forward(torch.cat([half, half]), t, c)  # (2n, 2C)
+        eps, rest = out[:, : self.in_channels], out[:, self.in_channels:]
+        cond_eps, uncond_eps = eps.chunk(2)
+        guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([guided, guided]), rest], dim=1)
+
+
+def respaced_timesteps(num_timesteps, num_steps):
+    """The `num_steps` timesteps kept out of `num_timesteps` (ADM's space_timesteps with one section):
+    evenly strided from 0 to T-1, rounded with Python's round after accumulating the stride."""
+    stride = 1 if num_steps <= 1 else (num_timesteps - 1) / (num_steps - 1)
+    steps, idx = [], 0.0
+    for _ in range(num_steps):
+        steps.append(round(idx))
+        idx += stride
+    return sorted(set(steps))
+
+
+class GaussianDiffusion(nn.Module):
+    """Cosine-schedule Gaussian diffusion with epsilon prediction and learned-range variance
+    (Nichol & Dhariwal 2021), optionally respaced to fewer steps. Schedules are computed in
+    float64 and stored as float32 buffers (non-persistent, so checkpoints are unaffected)."""
+
+    def __init__(self, num_steps=1000, num_timesteps=1000):
+        super().__init__()
+        # Cosine schedule: abar(s) = cos^2((s + 0.008) / 1.008 * pi / 2), beta clipped at 0.999.
+        abar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = [min(1 - abar((i + 1) / num_timesteps) / abar(i / num_timesteps), 0.999) for i in range(num_timesteps)]
+        acp_full = torch.tensor(betas, dtype=torch.float64).neg().add(1).cumprod(0)
+        # Respacing: keep steps tau_j and recompute betas so that abar is unchanged at the kept steps.
+        kept = respaced_timesteps(num_timesteps, num_steps)
+        acp_kept = acp_full[kept]
+        betas = 1 - acp_kept / torch.cat([torch.ones(1, dtype=torch.float64), acp_kept[:-1]])
+        acp = (1 - betas).cumprod(0)
+        acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
+        post_var = betas * (1 - acp_prev) / (1 - acp)  # variance of q(x_{t-1} | x_t, x_0)
+        arrays = dict(
+            timestep_map=torch.tensor(kept),  # index j -> original timestep (what the MLP sees)
+            sqrt_acp=acp.sqrt(), sqrt_one_minus_acp=(1 - acp).sqrt(),
+            sqrt_recip_acp=(1 / acp).sqrt(), sqrt_recipm1_acp=(1 / acp - 1).sqrt(),
+            # log posterior variance, with the 0 at t = 0 replaced by the value at t = 1
+            post_logvar=torch.cat([post_var[1:2], post_var[1:]]).log(),
+            log_betas=betas.log(),
+            coef1=betas * acp_prev.sqrt() / (1 - acp), coef2=(1 - acp_prev) * (1 - betas).sqrt() / (1 - acp),
+        )
+        for name, value in arrays.items():
+            self.register_buffer(name, value if name == "timestep_map" else value.float(), persistent=False)
+        self.num_steps = len(kept)
+
+    def q_sample(self, x0, t, noise):
+        """Forward process: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (paper Sec. 3.2)."""
+        return self.sqrt_acp[t][:, None] * x0 + self.sqrt_one_minus_acp[t][:, None] * noise
+
+    def q_posterior(self, x0, x_t, t):
+        """Mean and log-variance of the true posterior q(x_{t-1} | x_t, x0)."""
+        return self.coef1[t][:, None] * x0 + self.coef2[t][:, None] * x_t, self.post_logvar[t][:, None]
+
+    def p_mean_logvar(self, out, x_t, t):
+        """Model posterior p(x_{t-1} | x_t) from the MLP output (N, 2C) = [eps, v]: the log-variance
+        interpolates between the posterior's and beta_t with frac = (v + 1) / 2; the mean is the true
+        posterior mean at the predicted x0 (no clipping: tokens are not bounded like pixels)."""
+        eps, v = out.float().chunk(2, dim=1)
+        frac = (v + 1) / 2
+        logvar = frac * self.log_betas[t][:, None] + (1 - frac) * self.post_logvar[t][:, None]
+        x0 = self.sqrt_recip_acp[t][:, None] * x_t - self.sqrt_recipm1_acp[t][:, None] * eps
+        return self.q_posterior(x0, x_t, t)[0], logvar
+
+    def training_losses(self, net, x0, t, c, noise):
+        """Per-token loss (N,): MSE on eps (Eq. 1) + the variational-bound term for the variance.
+
+        The vb term sees eps detached, so it trains only the variance output (improved DDPM's
+        hybrid loss). It is KL(q || p) in bits for t > 0 and the discretized Gaussian NLL of x0 at
+        t = 0 (ADM's image likelihood, applied unchanged to latents, as in the official code)."""
+        x_t = self.q_sample(x0, t, noise)
+        out = net(x_t, self.timestep_map[t], c).float()  # (N, 2C)
+        eps, v = out.chunk(2, dim=1)
+        mse = ((noise - eps) ** 2).mean(dim=1)
+        mean, logvar = self.p_mean_logvar(torch.cat([eps.detach(), v], dim=1), x_t, t)
+        true_mean, true_logvar = self.q_posterior(x0, x_t, t)
+        kl = normal_kl(true_mean, true_logvar, mean, logvar).mean(dim=1) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).mean(dim=1) / math.log(2.0)
+        return mse + torch.where(t == 0, nll, kl)
+
+    @torch.no_grad()
+    def p_sample_loop(self, model_fn, x, temperature=1.0, generator=None):
+        """Reverse diffusion from x_T = x (paper Sec. 3.2, Eq. 2), with temperature (Sec. 3.3):
+        x_{t-1} = mu + tau * sigma_t * delta. Temperature scales the noise std of every step (not
+        the initial noise). A full-shape noise tensor is drawn at every step, the last included,
+        in the same order as the official code, so a seed gives the same samples."""
+        for j in reversed(range(self.num_steps)):
+            t = torch.full((x.shape[0],), j, device=x.device, dtype=torch.long)
+            mean, logvar = self.p_mean_logvar(model_fn(x, self.timestep_map[t]), x, t)
+            noise = randn(x.shape, generator, x.device)
+            x = mean + (j != 0) * torch.exp(0.5 * logvar) * noise * temperature
+        return x
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log P(x) of a Gaussian integrated over bins of width 2/255 (ADM), with the tanh
+    approximation of the normal CDF and open-ended edge bins below -0.999 / above 0.999."""
+    cdf = lambda v: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = cdf(inv_std * (x - means + 1.0 / 255.0))
+    cdf_min = cdf(inv_std * (x - means - 1.0 / 255.0))
+    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
+    log_one_minus_cdf_min = (1.0 - cdf_min).clamp(min=1e-12).log()
+    log_delta = (cdf_plus - cdf_min).clamp(min=1e-12).log()
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+class DiffLoss(nn.Module):
+    """Diffusion Loss: models p(x | z) per token (paper Sec. 3.2). Training uses all 1000 steps,
+    sampling `num_sampling_steps` respaced ones (100 in the paper)."""
+
+    def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps=100, grad_checkpointing=False):
+        super().__init__()
+        self.in_channels = target_channels
+        self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth, grad_checkpointing)
+        self.train_diffusion = GaussianDiffusion(1000)
+        self.gen_diffusion = GaussianDiffusion(int(num_sampling_steps))
+
+    def forward(self, target, z, t=None, noise=None):
+        """Mean loss over N tokens; target (N, C), z (N, D). Each token draws its own t."""
+        if t is None:
+            t = torch.randint(0, 1000, (target.shape[0],), device=target.device)
+        if noise is None:
+            noise = torch.randn_like(target)
+        return self.train_diffusion.training_losses(self.net, target, t, z, noise).mean()
+
+    @torch.no_grad()
+    def sample(self, z, temperature=1.0, cfg=1.0, generator=None):
+        """z (N, D) -> tokens (N, C). With cfg != 1, z holds [conditional; unconditional] rows, both
+        halves start from the same noise, and only the first half of the result is meaningful."""
+        if cfg != 1.0:
+            noise = randn((z.shape[0] // 2, self.in_channels), generator, z.device)
+            noise = torch.cat([noise, noise])
+            model_fn = lambda x, t: self.net.forward_with_cfg(x, t, z, cfg)
+        else:
+            noise = randn((z.shape[0], self.in_channels), generator, z.device)
+            model_fn = lambda x, t: self.net(x, t, z)
+        return self.gen_diffusion.p_sample_loop(model_fn, noise, temperature, generator)
+
+
+# =============================================================================================
+# 3. MAR: masked autoregressive transformer (paper Sec. 3.3, 3.4 and 4.2)
+# =============================================================================================
+# Sec. 3.3: an autoregressive model produces, for each unknown token x^i, a condition z^i from the
+# known tokens; Diffusion Loss then models p(x^i | z^i). Sec. 3.4: with bidirectional attention the
+# "known" set can be any subset, so MAR predicts a random SET of tokens per step, in a random order
+# (generalizing raster-order AR and MaskGIT-style masked generation). Sec. 4.2: the transformer is
+# an MAE-style encoder (sees only known tokens) and decoder (adds mask tokens), ViT blocks with
+# names identical to timm's `Block`, which the official code uses.
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        # bidirectional: no attention mask anywhere in MAR
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, D)))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block: x + Attn(LN(x)), then x + MLP(LN(x)). LayerNorm eps 1e-6, exact GELU."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, attn_drop, proj_drop)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def mask_ratio_from_uniform(u, min_ratio=0.7):
+    """Paper Sec. 4.2 (masked autoregressive models): the training mask ratio is drawn from a
+    Gaussian of mean 1.0 and std 0.25 truncated to [min_ratio, 1] (inverse-CDF sampling of u ~ U(0,1);
+    the official code draws the same distribution with scipy's truncnorm). Mean about 0.87."""
+    a = torch.special.ndtr(torch.tensor((min_ratio - 1.0) / 0.25, dtype=torch.float64))
+    b = 0.5  # Phi(0): the upper end is the mean, ratio 1.0
+    return 1.0 + 0.25 * torch.special.ndtri(a + u * (b - a)).item()
+
+
+def sampling_schedule(seq_len, num_iter, cfg=1.0, cfg_schedule="linear"):
+    """Per generation step: (tokens still masked before, masked after, CFG scale). Paper Sec. 3.4:
+    the number of masked tokens follows MaskGIT's cosine, floor(L cos(pi/2 (k+1)/K)), clamped so that
+    each step predicts at least one token and leaves at least one for later; the last step predicts
+    all that remain. The linear CFG schedule (from Muse, paper App. B) ramps the scale with the
+    fraction of tokens generated after the step, 1 + (cfg - 1) (L - masked_after) / L: early tokens,
+    which fix the layout, get little guidance (diversity), late ones almost the full scale. Because
+    the clamp keeps masked_after >= 1, it ends at 1 + (cfg - 1)(L - 1)/L, as in the official code."""
+    steps, cur = [], seq_len
+    for k in range(num_iter):
+        nxt = math.floor(seq_len * math.cos(math.pi / 2.0 * (k + 1) / num_iter))
+        nxt = max(1, min(cur - 1, nxt))
+        if cfg_schedule == "linear":
+            scale = 1 + (cfg - 1) * (seq_len - nxt) / seq_len
+        elif cfg_schedule == "constant":
+            scale = cfg
+        else:
+            raise ValueError(f"cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
+        after = 0 if k == num_iter - 1 else nxt
+        steps.append((cur, after, scale))
+        cur = after
+    return steps
+
+
+class MAR(nn.Module):
+    """Masked autoregressive model over a grid of continuous tokens, with Diffusion Loss."""
+
+    def __init__(self, img_size=256, vae_stride=16, patch_size=1,
+                 encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16,
+                 decoder_embed_dim=1024, decoder_depth=16, decoder_num_heads=16, mlp_ratio=4.0,
+                 vae_embed_dim=16, mask_ratio_min=0.7, label_drop_prob=0.1, class_num=1000,
+                 attn_dropout=0.1, proj_dropout=0.1, buffer_size=64,
+                 diffloss_d=3, diffloss_w=1024, num_sampling_steps=100, diffusion_batch_mul=4,
+                 grad_checkpointing=False):
+        super().__init__()
+        # Tokens (Sec. 4.2, "Tokenizer"): the latent grid (C, H/stride, W/stride) is cut into
+        # patch_size x patch_size patches; one token = one patch, C * p^2 values.
+        self.vae_embed_dim, self.patch_size = vae_embed_dim, patch_size
+        self.seq_h = self.seq_w = img_size // vae_stride // patch_size
+        self.seq_len = self.seq_h * self.seq_w
+        self.token_embed_dim = vae_embed_dim * patch_size**2
+        self.buffer_size, self.mask_ratio_min = buffer_size, mask_ratio_min
+        self.label_drop_prob, self.diffusion_batch_mul = label_drop_prob, diffusion_batch_mul
+        self.grad_checkpointing = grad_checkpointing
+        L, D, Dd = self.seq_len, encoder_embed_dim, decoder_embed_dim
+
+        # Class conditioning. `fake_latent` is the "no class" embedding used for label dropout in
+        # training and for the unconditional branch of classifier-free guidance.
+        self.class_emb = nn.Embedding(class_num, D)
+        self.fake_latent = nn.Parameter(torch.zeros(1, D))
+
+        # MAE encoder. It sees only the known tokens plus `buffer_size` copies of the class
+        # embedding (the "buffer", each with its own position). At the first step no token is known,
+        # and the buffer gives the encoder something to compute on (official issue #21).
+        self.z_proj = nn.Linear(self.token_embed_dim, D)
+        self.z_proj_ln = nn.LayerNorm(D, eps=1e-6)
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, buffer_size + L, D))
+        self.encoder_blocks = nn.ModuleList(Block(D, encoder_num_heads, mlp_ratio, attn_dropout, proj_dropout)
+                                            for _ in range(encoder_depth))
+        self.encoder_norm = nn.LayerNorm(D, eps=1e-6)
+
+        # MAE decoder: the encoded tokens are put back at their positions, every unknown position
+        # gets the learned mask token, and full attention runs over all of them.
+        self.decoder_embed = nn.Linear(D, Dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, buffer_size + L, Dd))
+        self.decoder_blocks = nn.ModuleList(Block(Dd, decoder_num_heads, mlp_ratio, attn_dropout, proj_dropout)
+                                            for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
+        # added to the decoder output: tells the denoiser where its token sits
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, L, Dd))
+        self.initialize_weights()
+
+        # Diffusion Loss on each token (created after the init above, which must not touch it)
+        self.diffloss = DiffLoss(self.token_embed_dim, Dd, diffloss_d, diffloss_w, num_sampling_steps, grad_checkpointing)
+
+    def initialize_weights(self):
+        for p in [self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
+                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned]:
+            nn.init.normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):  # xavier_uniform, following the official JAX ViT
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ---- tokens ----------------------------------------------------------------------------
+    def patchify(self, x):
+        """(B, C, H, W) -> (B, L, C*p*p); tokens in raster order, features channel-major."""
+        B, C, H, W = x.shape
+        p = self.patch_size
+        x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
+        return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+    def unpatchify(self, x):
+        """(B, L, C*p*p) -> (B, C, H, W), the exact inverse of patchify."""
+        B, p, C = x.shape[0], self.patch_size, self.vae_embed_dim
+        x = x.reshape(B, self.seq_h, self.seq_w, C, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, h, p, w, p)
+        return x.reshape(B, C, self.seq_h * p, self.seq_w * p)
+
+    # ---- orders and masks (Sec. 3.4) -------------------------------------------------------
+    def sample_orders(self, bsz, device=None, generator=None):
+        """A random permutation of the L positions per sample: (B, L). Tokens are generated from the
+        END of the order backwards, and in training the first `num_masked` entries are masked."""
+        if generator is not None:
+            return torch.rand(bsz, self.seq_len, generator=generator, device=generator.device).argsort(dim=1).to(device)
+        return torch.rand(bsz, self.seq_len, device=device).argsort(dim=1)
+
+    def class_embedding(self, labels, drop=None):
+        """labels (B,) -> (B, D); rows where `drop` is True (or all rows if labels is None) get the
+        no-class embedding. Label dropout (10%) in training is what makes CFG possible."""
+        if labels is None:
+            return self.fake_latent.expand(drop.shape[0] if drop is not None else 1, -1)
+        emb = self.class_emb(labels)
+        return emb if drop is None else torch.where(drop[:, None], self.fake_latent.to(emb.dtype), emb)
+
+    # ---- the MAE encoder and decoder (Sec. 4.2) --------------------------------------------
+    def forward_mae_encoder(self, x, visible, class_embedding):
+        """x (B, L, C) tokens, visible (B, Nv) positions of the known tokens in increasing order,
+        class_embedding (B, D) -> (B, buffer + Nv, D).
+
+        All rows have the same number of known tokens, so they are gathered with a fixed shape (no
+        `nonzero`, no host sync). The per-token steps (projection, position, LayerNorm) are applied
+        to the kept tokens only, which equals the official apply-then-drop."""
+        B, buf = x.shape[0], self.buffer_size
+        x = torch.gather(x, 1, visible[..., None].expand(-1, -1, x.shape[-1]))  # (B, Nv, C)
+        x = self.z_proj(x)  # (B, Nv, D)
+        pos = self.encoder_pos_embed_learned.expand(B, -1, -1)
+        x = x + torch.gather(pos, 1, (visible + buf)[..., None].expand(-1, -1, x.shape[-1]))
+        # the buffer: the class embedding written into every buffer slot, plus its own position
+        buffer = class_embedding[:, None, :].to(x.dtype) + self.encoder_pos_embed_learned[:, :buf]  # (B, buf, D)
+        x = self.z_proj_ln(torch.cat([buffer.expand(B, -1, -1), x], dim=1))  # (B, buf + Nv, D)
+        for block in self.encoder_blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and self.training else block(x)
+        return self.encoder_norm(x)
+
+    def forward_mae_decoder(self, x, visible):
+        """x (B, buffer + Nv, D) encoder output -> z (B, L, Dd): one condition vector per position."""
+        x = self.decoder_embed(x)
+        B, buf, Dd = x.shape[0], self.buffer_size, x.shape[-1]
+        full = self.mask_token.to(x.dtype).expand(B, buf + self.seq_len, Dd)  # mask tokens everywhere
+        index = torch.cat([torch.arange(buf, device=x.device).expand(B, -1), visible + buf], dim=1)
+        x = full.scatter(1, index[..., None].expand(-1, -1, Dd), x)  # known tokens back in place
+        x = x + self.decoder_pos_embed_learned
+        for block in self.decoder_blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and self.training else block(x)
+        x = self.decoder_norm(x)[:, buf:]  # the buffer only served as context: (B, L, Dd)
+        return x + self.diffusion_pos_embed_learned
+
+    # ---- training (Sec. 3.3 and 4.2) -------------------------------------------------------
+    def forward_loss(self, z, target, masked, t=None, noise=None):
+        """Diffusion Loss on the masked tokens only. z (B, L, Dd), target (B, L, C), masked (B, M).
+
+        Only masked tokens are predicted: the visible ones are the model's input, so a loss on them
+        would be trivial. The official code runs the MLP on all tokens and zero-weights the visible
+        ones; gathering the masked ones gives the same value with less compute. Each (z, x) pair is
+        repeated `diffusion_batch_mul` times with independent (t, noise) draws: the cheap MLP gets a
+        4x larger batch without re-running the transformer (official issue #14)."""
+        M = masked.shape[1]
+        z = torch.gather(z, 1, masked[..., None].expand(-1, -1, z.shape[-1])).reshape(-1, z.shape[-1])  # (B*M, Dd)
+        target = torch.gather(target, 1, masked[..., None].expand(-1, -1, target.shape[-1])).reshape(-1, target.shape[-1])
+        mul = self.diffusion_batch_mul
+        return self.diffloss(target.repeat(mul, 1), z.repeat(mul, 1), t, noise)  # rows: (repeat, sample, token)
+
+    def forward(self, x, labels):
+        """Training loss. x (B, C, H, W): latents already multiplied by VAE_SCALE (or pixels)."""
+        target = self.patchify(x)  # (B, L, C)
+        B, L = target.shape[:2]
+        orders = self.sample_orders(B, x.device)
+        # one mask ratio per batch, so every row masks the same number of tokens
+        num_masked = math.ceil(L * mask_ratio_from_uniform(torch.rand((), dtype=torch.float64), self.mask_ratio_min))
+        masked = orders[:, :num_masked].sort(dim=1).values  # (B, M) positions to predict
+        visible = orders[:, num_masked:].sort(dim=1).values  # (B, L - M) known positions
+        drop = torch.rand(B, device=x.device) < self.label_drop_prob if self.training else None
+        z = self.forward_mae_decoder(self.forward_mae_encoder(target, visible, self.class_embedding(labels, drop)), visible)
+        return self.forward_loss(z, target.detach(), masked)
+
+    # ---- generation (Sec. 3.4, App. B) -----------------------------------------------------
+    @torch.no_grad()
+    def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,
+                      progress=False, generator=None, orders=None):
+        """Generate (bsz, C, H, W) scaled latents in `num_iter` steps. `generator` (any device) fixes
+        every random draw; `orders` (B, L) may be given instead of drawn. With cfg != 1 the batch is
+        doubled, [conditional; unconditional], and Diffusion Loss applies guidance to eps."""
+        device = self.fake_latent.device
+        L, C = self.seq_len, self.token_embed_dim
+        tokens = torch.zeros(bsz, L, C, device=device)
+        orders = self.sample_orders(bsz, device, generator) if orders is None else orders.to(device)
+        class_embedding = self.class_embedding(labels).expand(bsz, -1)  # (B, D)
+        if cfg != 1.0:
+            class_embedding = torch.cat([class_embedding, self.fake_latent.expand(bsz, -1)])  # (2B, D)
+        rows = class_embedding.shape[0]
+        steps = sampling_schedule(L, num_iter, cfg, cfg_schedule)
+        if progress:
+            from tqdm import tqdm
+            steps = tqdm(steps, desc="MAR steps", leave=False)
+        for before, after, cfg_iter in steps:
+            # known tokens: the tail of each order, orders[:, before:]
+            visible = orders[:, before:].sort(dim=1).values.repeat(rows // bsz, 1)  # (B', Nv)
+            x = self.forward_mae_encoder(tokens.repeat(rows // bsz, 1, 1), visible, class_embedding)
+            z = self.forward_mae_decoder(x, visible)  # (B', L, Dd)
+            # this step reveals orders[:, after:before], taken in increasing position per row
+            pred = orders[:, after:before].sort(dim=1).values  # (B, k)
+            k = pred.shape[1]
+            if k == 0:  # more steps than tokens: nothing to reveal at this step
+                continue
+            z = torch.gather(z, 1, pred.repeat(rows // bsz, 1)[..., None].expand(-1, -1, z.shape[-1]))
+            sampled = self.diffloss.sample(z.reshape(rows * k, -1).float(), temperature, cfg_iter, generator)
+            sampled = sampled[: bsz * k].reshape(bsz, k, C)  # keep the conditional rows
+            tokens = tokens.scatter(1, pred[..., None].expand(-1, -1, C), sampled.to(tokens.dtype))
+        return self.unpatchify(tokens)
+
+
+# ---- between images and tokens ---------------------------------------------------------------
+# MAR trains on scaled latents of the VAE. With vae=None (the built-in data) the "tokens" are
+# pixel patches: Diffusion Loss does not care what the continuous values are.
+
+@torch.no_grad()
+def images_to_latents(vae, images, generator=None):
+    """images in [-1, 1] -> a sample of the posterior, times VAE_SCALE (MAR trains on samples,
+    not means, so the latent is re-drawn every time)."""
+    if vae is None:
+        return images
+    return vae.encode(images.float()).sample(generator) * VAE_SCALE
+
+
+@torch.no_grad()
+def latents_to_images(vae, latents):
+    """Scaled latents -> images in [-1, 1] (clamped)."""
+    if vae is None:
+        return latents.clamp(-1, 1)
+    return vae.decode(latents.float() / VAE_SCALE).clamp(-1, 1)
+
+
+# =============================================================================================
+# 4. Presets (paper Table 4 / official README) and loading the released weights
+# =============================================================================================
+# The official factories fix only the transformer; the released checkpoints were trained with the
+# Diffusion Loss MLP sizes below (official issue #16), so these presets include them.
+
+def mar_base(**kwargs):  # 207.92M parameters: 172.17M transformer + 35.75M MLP
+    return MAR(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+               decoder_embed_dim=768, decoder_depth=12, decoder_num_heads=12,
+               **{"diffloss_d": 6, "diffloss_w": 1024, **kwargs})
+
+
+def mar_large(**kwargs):  # 478.33M parameters
+    return MAR(encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16,
+               decoder_embed_dim=1024, decoder_depth=16, decoder_num_heads=16,
+               **{"diffloss_d": 8, "diffloss_w": 1280, **kwargs})
+
+
+def mar_huge(**kwargs):  # 942.40M parameters
+    return MAR(encoder_embed_dim=1280, encoder_depth=20, encoder_num_heads=16,
+               decoder_embed_dim=1280, decoder_depth=20, decoder_num_heads=16,
+               **{"diffloss_d": 12, "diffloss_w": 1536, **kwargs})
+
+
+def mar_tiny(**kwargs):
+    """Trains on a 2-core CPU in minutes: 32x32 RGB images modelled directly as 8x8 tokens of 4x4
+    pixel patches (48 values each), 10 classes (the built-in data). Not a paper configuration."""
+    return MAR(**{**dict(img_size=32, vae_stride=1, patch_size=4, vae_embed_dim=3, class_num=10,
+                         encoder_embed_dim=128, encoder_depth=3, encoder_num_heads=4,
+                         decoder_embed_dim=128, decoder_depth=3, decoder_num_heads=4,
+                         buffer_size=16, attn_dropout=0.0, proj_dropout=0.0,
+                         diffloss_d=3, diffloss_w=256), **kwargs})
+
+
+PRESETS = {"tiny": mar_tiny, "base": mar_base, "large": mar_large, "huge": mar_huge}
+
+
+def load_checkpoint(path):
+    """Read a checkpoint safely: weights_only=True cannot run code hidden in the file. The only
+    non-tensor object the official MAR files hold is their argparse Namespace (`args`)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # truncated download, wrong format, unexpected pickled objects
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable checkpoint (truncated or another format?): {reason}") from None
+
+
+def load_weights(module, path, key="model"):
+    """Load `checkpoint[key]` into `module` with strict=True, or raise one clear line naming what
+    differs. Official files: kl16.ckpt -> key 'model'; MAR checkpoint-last.pth -> 'model_ema' for
+    sampling (the EMA weights the paper evaluates) or 'model' for the raw weights."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or key not in ckpt:
+        found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} has no '{key}' entry (found {found}); is it a checkpoint of this model?")
+    state = ckpt[key]
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(v)} {what} (first: {', '.join(v[:3])})" for what, v in
+                 (("missing", missing), ("unexpected", unexpected), ("with another shape", shapes)) if v]
+        raise ValueError(f"{path}['{key}'] does not match {type(module).__name__}: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
+    return ckpt
+
+
+# =============================================================================================
+# 5. Benchmark: python mar.py --bench --preset base
+# =============================================================================================
+
+def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64, 256), cfg=2.9):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model = PRESETS[preset]().to(device)
+    vae = kl16().to(device).eval() if model.vae_embed_dim == 16 else None  # random weights: timing only
+    side = model.seq_h * model.patch_size
+    print(f"mar_{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    x = torch.randn(batch_size, model.vae_embed_dim, side, side, device=device)
+    y = torch.randint(0, model.class_emb.num_embeddings, (batch_size,), device=device)
+    for i in range(steps + 3):  # 3 warm-up steps
+        if i == 3:
+            sync()
+            t0 = time.perf_counter()
+        with amp:
+            loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync()
+    print(f"training: {batch_size * steps / (time.perf_counter() - t0):.1f} images/s (batch {batch_size}, bf16 on CUDA)")
+
+    model.eval()
+    labels = torch.arange(sample_batch, device=device) % model.class_emb.num_embeddings
+    for num_iter in iters:
+        sync()
+        t0 = time.perf_counter()
+        with amp:
+            latents_to_images(vae, model.sample_tokens(sample_batch, num_iter, cfg=cfg, labels=labels))
+        sync()
+        print(f"sampling: {(time.perf_counter() - t0) / sample_batch:.4f} s/image "
+              f"(num_iter {num_iter}, cfg {cfg} linear, batch {sample_batch}, 100 diffusion steps, VAE decode included)")
+    if device.type == "cuda":
+        print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="MAR benchmark (training images/s, sampling s/image, memory)")
+    parser.add_argument("--bench", action="store_true", required=True)
+    parser.add_argument("--preset", default="base", choices=list(PRESETS))
+    parser.add_argument("--batch-size", type=int, default=64)  # per-GPU training batch of the paper's recipe
+    parser.add_argument("--sample-batch", type=int, default=256)  # the paper's 0.3 s/image is at batch 256
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--num-iter", type=int, nargs="+", default=[64, 256])
+    args = parser.parse_args()
+    benchmark(args.preset, args.batch_size, args.sample_batch, args.steps, args.num_iter)
