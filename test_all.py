@@ -18,6 +18,7 @@ import tempfile
 import time
 import traceback
 
+import numpy as np
 import torch
 
 import mar
@@ -267,6 +268,174 @@ def test_mar_training_step_learns():
         opt.zero_grad()
         losses.append(loss.item())
     assert sum(losses[-4:]) < 0.7 * sum(losses[:4]), losses
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py: the built-in data, DDP, resume, preemption, error paths
+# ---------------------------------------------------------------------------------------------
+
+TRAIN = [sys.executable, os.path.join(HERE, "train.py")]
+# a fast configuration: 32 px images from a small folder, few steps, cheap sample grids
+FAST = ["--img-size", "32", "--batch-size", "4", "--num-iter", "2", "--num-sampling-steps", "5", "--log-every", "5",
+        "--sample-every", "1000", "--warmup-epochs", "1", "--blr", "1e-3", "--device", "cpu"]
+
+
+def run_train(*flags, env=None, check=True):
+    env = dict(os.environ, **(env or {}), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    p = subprocess.run(TRAIN + [str(f) for f in flags], capture_output=True, text=True, env=env, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py exited {p.returncode}:\n{p.stderr[-3000:]}")
+    return p
+
+
+def make_folder(root, per_class=4, classes=10, size=40):
+    """An ImageNet-style folder of toy images (non-square-cropped sizes exercise the center crop)."""
+    import train
+    from PIL import Image
+    for c in range(classes):
+        os.makedirs(os.path.join(root, f"class{c:02d}"), exist_ok=True)
+        for i in range(per_class):
+            img = Image.fromarray(train.toy_image(c, i, seed=5, size=size)).resize((size + 8, size))
+            img.save(os.path.join(root, f"class{c:02d}", f"img{i}.png"))
+    return root
+
+
+def final_weights(out):
+    return torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+
+
+def same_state(a, b):
+    return all(torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["model_ema"][k], b["model_ema"][k])
+               for k in a["model"])
+
+
+def test_train_builtin_data_is_deterministic_and_varied():
+    import train
+    a, b = train.toy_image(3, 7, seed=0), train.toy_image(3, 7, seed=0)
+    assert a.dtype == np.uint8 and a.shape == (32, 32, 3) and np.array_equal(a, b)
+    assert train.toy_image(3, 7, seed=0, size=64).shape == (64, 64, 3)
+    data = train.ToyDataset(32, num_images=400)
+    x = data.images.float()
+    assert data[13][1] == 3 and len(data.classes) == 10
+    for c in range(10):  # variety inside a class: images differ clearly from each other
+        assert x[c::10].std(0).mean() > 20, c
+    t0 = time.time()
+    [train.toy_image(i % 10, i) for i in range(500)]
+    assert time.time() - t0 < 5, "drawing the built-in data is too slow"
+
+
+def test_train_builtin_classes_are_distinct():
+    """A small classifier separates the 10 classes of held-out images (that is what the default run
+    uses to judge its samples)."""
+    import train
+    torch.manual_seed(0)
+    clf = train.toy_classifier(steps=150, seed=0)
+    data = train.ToyDataset(32, num_images=300, seed=123)
+    x = data.images.permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        acc = (clf(x).argmax(1) == torch.arange(300) % 10).float().mean().item()
+    assert acc >= 0.9, acc
+
+
+def test_train_ddp_two_processes_gloo():
+    with tempfile.TemporaryDirectory() as d:
+        data, out = make_folder(os.path.join(d, "data")), os.path.join(d, "run")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN[1],
+               "--data-path", data, "--output-dir", out, "--epochs", "2", *FAST]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+        assert p.returncode == 0, p.stderr[-3000:]
+        log = open(os.path.join(out, "log.txt")).read()
+        assert "2 process(es)" in log and "parameters identical on all 2 ranks: yes" in log, log[-2000:]
+        ckpt = final_weights(out)
+        assert ckpt["step"] == 10 and ckpt["world_size"] == 2  # 40 images / 2 ranks / batch 4 = 5 steps per epoch
+        assert all(not k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+        assert os.path.exists(os.path.join(out, "samples-final.png"))
+
+
+def test_train_resume_is_exact_and_sigterm_saves():
+    with tempfile.TemporaryDirectory() as d:
+        data = make_folder(os.path.join(d, "data"))
+        common = ["--data-path", data, *FAST]
+        # uninterrupted: 20 epochs of 10 steps
+        run_train(*common, "--epochs", "20", "--output-dir", f"{d}/full")
+        full = final_weights(f"{d}/full")
+        assert full["step"] == 200
+        # resume: stop after 5 epochs, then run the same folder to 20
+        run_train(*common, "--epochs", "5", "--output-dir", f"{d}/resumed")
+        assert final_weights(f"{d}/resumed")["step"] == 50
+        p = run_train(*common, "--epochs", "20", "--output-dir", f"{d}/resumed")
+        assert "resumed from" in open(f"{d}/resumed/log.txt").read()
+        assert same_state(final_weights(f"{d}/resumed"), full), "resumed run differs from the uninterrupted one"
+        # preemption: SIGTERM mid-run saves a checkpoint and exits 0; the same command then finishes
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        proc = subprocess.Popen(TRAIN + common + ["--epochs", "20", "--output-dir", f"{d}/pre"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        metrics = f"{d}/pre/metrics.jsonl"
+        t0 = time.time()
+        while not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 2) and time.time() - t0 < 120:
+            time.sleep(0.1)
+        proc.send_signal(15)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        stopped = final_weights(f"{d}/pre")
+        assert 0 < stopped["step"] < 200, stopped["step"]
+        assert "stopped by SIGTERM" in open(f"{d}/pre/log.txt").read()
+        run_train(*common, "--epochs", "20", "--output-dir", f"{d}/pre")
+        assert same_state(final_weights(f"{d}/pre"), full), "preempted + resumed run differs from the uninterrupted one"
+
+
+def test_train_nan_loss_stops_and_keeps_last_good_checkpoint():
+    with tempfile.TemporaryDirectory() as d:
+        data = make_folder(os.path.join(d, "data"))
+        run_train("--data-path", data, *FAST, "--epochs", "1", "--output-dir", f"{d}/run")
+        good = final_weights(f"{d}/run")
+        p = run_train("--data-path", data, *FAST, "--epochs", "3", "--lr", "1e30", "--output-dir", f"{d}/run", check=False)
+        assert p.returncode == 1 and "loss is nan" in p.stderr.lower() or "loss is inf" in p.stderr.lower(), p.stderr[-2000:]
+        assert same_state(final_weights(f"{d}/run"), good), "the last good checkpoint was overwritten"
+
+
+def test_train_corrupt_images_are_skipped():
+    with tempfile.TemporaryDirectory() as d:
+        data = make_folder(os.path.join(d, "data"))
+        with open(os.path.join(data, "class00", "broken.png"), "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n this is not an image")
+        good = open(os.path.join(data, "class01", "img0.png"), "rb").read()
+        with open(os.path.join(data, "class01", "truncated.png"), "wb") as f:
+            f.write(good[: len(good) // 2])
+        run_train("--data-path", data, *FAST, "--epochs", "3", "--output-dir", f"{d}/run")
+        log = open(f"{d}/run/log.txt").read()
+        assert "skipped" in log and "unreadable images" in log, log[-1500:]
+        n = int(log.split("skipped ")[1].split()[0])
+        assert n >= 1, log
+
+
+def test_train_error_paths_exit_nonzero_with_one_line():
+    with tempfile.TemporaryDirectory() as d:
+        empty = os.path.join(d, "empty")
+        os.makedirs(os.path.join(empty, "class0"))
+        data = make_folder(os.path.join(d, "data"), per_class=1)
+        run_train("--data-path", data, *FAST, "--epochs", "1", "--output-dir", f"{d}/tiny")
+        other = dict(final_weights(f"{d}/tiny"), model_name="coda")
+        torch.save(other, f"{d}/coda.pth")
+        cases = [
+            (["--data-path", f"{d}/missing"], "data folder not found"),
+            (["--data-path", empty], "no images in"),
+            (["--use-cached"], "--use-cached needs --cache-path"),
+            (["--cache-latents", "--data-path", data], "--cache-latents needs"),
+            (["--data-path", data, "--device", "cuda"], "no CUDA device"),
+            (["--data-path", data, "--resume", f"{d}/coda.pth"], "checkpoint of --model coda"),
+            (["--data-path", data, "--preset", "base", "--output-dir", f"{d}/tiny"], "another config: preset tiny"),
+            (["--data-path", data, "--resume", f"{d}/nope.pth"], "checkpoint not found"),
+        ]
+        if torch.cuda.is_available():
+            cases = [c for c in cases if "cuda" not in c[0]]
+        for flags, expect in cases:
+            p = run_train(*(flags + FAST[:4] + ["--epochs", "1"]), check=False)
+            lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
+            assert p.returncode != 0, (flags, p.stderr[-500:])
+            assert expect in lines[-1] and lines[-1].startswith("train.py: error:"), (flags, p.stderr[-1000:])
+            assert "Traceback" not in p.stderr, (flags, p.stderr[-1000:])
 
 
 # ---------------------------------------------------------------------------------------------

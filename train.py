@@ -1,0 +1,685 @@
+"""
+One training driver for every model in this repository: plain torch.distributed DDP, no framework.
+
+    torchrun train.py --model mar                       # built-in data, tiny preset: CPU minutes
+    torchrun --nproc_per_node=8 train.py --model mar --preset base --data-path /imagenet/train \
+        --vae pretrained/kl16.ckpt --epochs 800         # the paper's recipe (see README)
+    torchrun --nnodes=4 --node_rank=$RANK --master_addr=$ADDR --master_port=29500 \
+        --nproc_per_node=8 train.py ...                 # several nodes
+
+It also runs as a single process (`python train.py ...`). A run lives in --output-dir: log.txt,
+metrics.jsonl, checkpoint-last.pth and samples-*.png. Re-running the same command resumes it
+exactly, so a preempted job only needs to be requeued; SIGTERM / SIGINT save a checkpoint first.
+
+A model plugs in through a small "recipe" class (see MarRecipe): it builds the model, turns a
+data batch into the model's inputs, says which parameters get weight decay, and draws samples.
+The loop itself never changes.
+"""
+import argparse
+import colorsys
+import copy
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import mar
+
+
+def fail(message):
+    """Stop with a one-line error and exit code 1 (no traceback: the problem is the input)."""
+    raise SystemExit(f"train.py: error: {message}")
+
+
+#################################################################################
+#                                     Data                                      #
+#################################################################################
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM's center crop (used by MAR): halve with BOX while the short side is >= 2x the target,
+    resize the short side to the target with BICUBIC, then crop the center."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top: top + image_size, left: left + image_size]
+
+
+def to_tensor(arr):
+    """uint8 HWC -> float CHW in [-1, 1] (ToTensor + Normalize(0.5, 0.5))."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """An ImageNet-style folder: one subfolder per class, sorted names -> labels 0..C-1.
+
+    An unreadable or corrupt image is replaced by the next readable one and counted (the third
+    item of each sample), so a few bad files in a million never crash a multi-day run."""
+
+    def __init__(self, root, image_size, suffixes=IMG_EXTENSIONS):
+        if not os.path.isdir(root):
+            fail(f"data folder not found: {root}")
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        self.samples = [(os.path.join(dirpath, f), label) for label, c in enumerate(self.classes)
+                        for dirpath, _, files in sorted(os.walk(os.path.join(root, c)))
+                        for f in sorted(files) if f.lower().endswith(suffixes)]
+        if not self.samples:
+            fail(f"no images in {root} (expected one subfolder per class holding {'/'.join(suffixes)} files)")
+        self.image_size = image_size
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, path):
+        with Image.open(path) as img:
+            return to_tensor(center_crop_arr(img.convert("RGB"), self.image_size))
+
+    def __getitem__(self, i):
+        for bad in range(len(self.samples)):
+            path, label = self.samples[(i + bad) % len(self.samples)]
+            try:
+                return self.load(path), label, bad
+            except Exception:  # PIL raises OSError, SyntaxError, ValueError... on broken files
+                continue
+        fail("no readable image in the data folder")
+
+
+class CachedLatents(ImageFolder):
+    """Pre-computed VAE posterior moments (see `cache_latents`), like the official main_cache.py:
+    item = (moments, moments of the flipped image, label, 0)."""
+
+    def __init__(self, root):
+        super().__init__(root, None, suffixes=(".npz",))
+
+    def load(self, path):
+        with np.load(path) as data:
+            return torch.from_numpy(data["moments"]), torch.from_numpy(data["moments_flip"])
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return (*self.load(path), label, 0)
+
+
+# ---- the built-in data: procedurally drawn, class-conditional toy images ---------------------
+# Ten classes, each a shape in its own hue family (disc, square, triangle, ring, plus, horizontal
+# stripes, vertical stripes, checkerboard, gradient, dots), with random position, size, rotation,
+# colours and background. Drawn from signed distance fields, so they are anti-aliased at any size.
+# No download, deterministic from (seed, label, index), and generated once into memory.
+
+TOY_CLASSES = ["disc", "square", "triangle", "ring", "plus", "h-stripes", "v-stripes", "checkerboard",
+               "gradient", "dots"]
+TOY_HUES = [0, 30, 58, 100, 150, 185, 220, 265, 300, 335]  # degrees
+
+
+def toy_image(label, index, seed=0, size=32):
+    """uint8 array (size, size, 3) of class `label`; deterministic in (seed, label, index)."""
+    rng = np.random.default_rng([seed, label, index])
+    coords = (np.arange(size) + 0.5) / size * 2 - 1  # pixel centres in [-1, 1]
+    x, y = coords[None, :], coords[:, None]
+    hsv = lambda h, s, v: np.array(colorsys.hsv_to_rgb((h % 360) / 360.0, s, v))
+
+    def ramp(c1, c2):  # linear blend between two colours along a random direction
+        a = rng.uniform(0, 2 * np.pi)
+        return c1 + (c2 - c1) * np.clip((np.cos(a) * x + np.sin(a) * y) / 2 + 0.5, 0, 1)[..., None]
+
+    def rotate(u, v, angle):
+        return np.cos(angle) * u + np.sin(angle) * v, -np.sin(angle) * u + np.cos(angle) * v
+
+    def stripes(u, freq, phase):  # signed distance to a square wave, > 0 on the stripes
+        return (0.25 - np.abs(np.mod(u * freq + phase, 1.0) - 0.5)) / freq
+
+    hue = TOY_HUES[label] + rng.uniform(-12, 12)
+    if label == 8:  # gradient: the whole image ramps from dark to bright within the hue family
+        img = ramp(hsv(hue + rng.uniform(-20, 20), rng.uniform(0.7, 1), rng.uniform(0.05, 0.25)),
+                   hsv(hue, rng.uniform(0.3, 0.8), rng.uniform(0.85, 1)))
+        return np.round(img * 255).astype(np.uint8)
+    cx, cy = rng.uniform(-0.3, 0.3, size=2)
+    u0, v0 = x - cx, y - cy
+    r = np.hypot(u0, v0)
+    if label == 0:  # disc
+        d = rng.uniform(0.3, 0.6) - r
+    elif label == 1:  # square, any rotation
+        u, v = rotate(u0, v0, rng.uniform(0, np.pi / 2))
+        d = rng.uniform(0.28, 0.5) - np.maximum(np.abs(u), np.abs(v))
+    elif label == 2:  # equilateral triangle: intersection of three half-planes
+        inradius, a = rng.uniform(0.2, 0.32), rng.uniform(0, 2 * np.pi)
+        d = np.min([inradius - (np.cos(a + k * 2 * np.pi / 3) * u0 + np.sin(a + k * 2 * np.pi / 3) * v0)
+                    for k in range(3)], axis=0)
+    elif label == 3:  # ring
+        d = rng.uniform(0.1, 0.18) - np.abs(r - rng.uniform(0.38, 0.6))
+    elif label == 4:  # plus (or x, rotated)
+        u, v = rotate(u0, v0, rng.uniform(0, np.pi / 2))
+        w, arm = rng.uniform(0.1, 0.17), rng.uniform(0.45, 0.65)
+        d = np.maximum(np.minimum(w - np.abs(u), arm - np.abs(v)), np.minimum(w - np.abs(v), arm - np.abs(u)))
+    elif label in (5, 6):  # horizontal / vertical stripes, up to 12 degrees off axis
+        u, v = rotate(x, y, rng.uniform(-0.2, 0.2))
+        d = stripes(v if label == 5 else u, rng.uniform(1.5, 2.8), rng.uniform())
+    elif label == 7:  # checkerboard: inside where the two square waves agree
+        u, v = rotate(x, y, rng.uniform(-0.2, 0.2))
+        freq = rng.uniform(1.2, 2.0)
+        a, b = stripes(u, freq, rng.uniform()), stripes(v, freq, rng.uniform())
+        d = np.sign(a * b) * np.minimum(np.abs(a), np.abs(b))
+    else:  # dots: 5-12 small discs anywhere
+        n = rng.integers(5, 13)
+        centres, radii = rng.uniform(-0.8, 0.8, size=(n, 2)), rng.uniform(0.08, 0.15, size=n)
+        d = np.max(radii - np.hypot(x[..., None] - centres[:, 0], y[..., None] - centres[:, 1]), axis=-1)
+    background = ramp(*(hsv(rng.uniform(0, 360), rng.uniform(0, 0.5), rng.uniform(0.05, 0.4)) for _ in range(2)))
+    foreground = hsv(hue, rng.uniform(0.55, 1), rng.uniform(0.7, 1))
+    coverage = np.clip(0.5 + d * size / 2, 0, 1)[..., None]  # anti-aliased: distance in pixels
+    return np.round((background + (foreground - background) * coverage) * 255).astype(np.uint8)
+
+
+class ToyDataset(torch.utils.data.Dataset):
+    """`num_images` toy images (label = i % 10), drawn once into memory (about 3 s for 10,000)."""
+
+    def __init__(self, size=32, num_images=10000, seed=0, progress=False):
+        self.classes = TOY_CLASSES
+        self.images = torch.from_numpy(np.stack([toy_image(i % 10, i // 10, seed, size) for i in
+                                                 tqdm(range(num_images), desc="drawing built-in data", disable=not progress)]))
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i].permute(2, 0, 1).float() / 127.5 - 1, i % 10, 0
+
+
+def toy_classifier(size=32, steps=600, seed=0):
+    """A small CNN trained on fresh toy images (with blur, noise and channel-swap augmentation so
+    that it judges shape, and tolerates blurry samples). Used to score whether generated samples
+    show the requested class. About 40 s on 2 CPU cores; 99% held-out accuracy."""
+    g = torch.Generator().manual_seed(seed)
+    block = lambda cin, cout: [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+    net = nn.Sequential(*block(3, 16), nn.MaxPool2d(2), *block(16, 32), nn.MaxPool2d(2), *block(32, 64),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    data = ToyDataset(size, steps * 64, seed=seed + 1)
+    for i in range(steps):
+        x = data.images[i * 64: (i + 1) * 64].permute(0, 3, 1, 2).float() / 127.5 - 1  # (64, 3, H, W)
+        y = torch.arange(i * 64, (i + 1) * 64) % 10
+        if torch.rand((), generator=g) < 0.2:
+            x = x[:, torch.randperm(3, generator=g)]
+        sigma = float(torch.empty(()).uniform_(0.3, 1.5, generator=g))
+        x = gaussian_blur(x, sigma) if torch.rand((), generator=g) < 0.7 else x
+        x = x + torch.rand(64, 1, 1, 1, generator=g) * 0.15 * torch.randn(x.shape, generator=g)
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return net.eval()
+
+
+def gaussian_blur(x, sigma):
+    taps = torch.arange(-3, 4, dtype=x.dtype)
+    k = torch.exp(-taps**2 / (2 * sigma**2))
+    k = (k / k.sum()).repeat(3, 1, 1, 1)
+    x = F.conv2d(F.pad(x, (3, 3, 0, 0), mode="replicate"), k.view(3, 1, 1, 7), groups=3)
+    return F.conv2d(F.pad(x, (0, 0, 3, 3), mode="replicate"), k.view(3, 1, 7, 1), groups=3)
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """This rank's share of a shuffled epoch, like DistributedSampler(shuffle=True, drop_last=True),
+    but able to start mid-epoch: resuming skips the batches already seen without loading them."""
+
+    def __init__(self, n, rank, world, seed, epoch, start=0):
+        self.n, self.rank, self.world, self.seed, self.epoch, self.start = n, rank, world, seed, epoch, start
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 10007 + self.epoch))
+        per_rank = self.n // self.world
+        return iter(perm[self.rank: per_rank * self.world: self.world][self.start:].tolist())
+
+    def __len__(self):
+        return self.n // self.world - self.start
+
+
+def save_grid(images, path, nrow):
+    """[-1, 1] images (N, 3, H, W) -> a PNG grid with nrow images per row and 2 px white padding."""
+    pix = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    n, h, w, _ = pix.shape
+    grid = Image.new("RGB", (nrow * (w + 2) + 2, math.ceil(n / nrow) * (h + 2) + 2), "white")
+    for k in range(n):
+        grid.paste(Image.fromarray(pix[k]), (2 + (k % nrow) * (w + 2), 2 + (k // nrow) * (h + 2)))
+    tmp = path + ".tmp.png"
+    grid.save(tmp)
+    os.replace(tmp, path)
+
+
+#################################################################################
+#                                 Model recipes                                 #
+#################################################################################
+# What the loop needs from a model: `model` (an nn.Module whose forward(x, labels) returns the
+# training loss), `config` (architecture facts a resume must match), `inputs(batch, flip)` (a data
+# batch -> the model's inputs on the device), `no_weight_decay(name, param)` and
+# `samples(model, labels, generator)` (images in [-1, 1] for the grids).
+
+class MarRecipe:
+    """MAR (mar.py): images or cached VAE moments -> scaled latents (or pixel patches, without a
+    VAE) -> Diffusion Loss."""
+
+    def __init__(self, args, num_classes, device):
+        self.args, self.device, self.vae = args, device, None
+        if args.vae:
+            self.vae = mar.kl16()
+            try:
+                mar.load_weights(self.vae, args.vae, "model")
+            except (ValueError, FileNotFoundError) as e:
+                fail(f"--vae: {e}")
+            self.vae = self.vae.eval().requires_grad_(False).to(device)
+        stride = self.vae.stride if self.vae else 1
+        patch = args.patch_size or (1 if self.vae else 4)  # pixels: 4x4 patches (48 values) per token
+        if args.img_size % (stride * patch):
+            fail(f"--img-size {args.img_size} is not a multiple of VAE stride x patch size = {stride * patch}")
+        self.config = dict(preset=args.preset, img_size=args.img_size, vae_stride=stride, patch_size=patch,
+                           vae_embed_dim=self.vae.embed_dim if self.vae else 3, class_num=num_classes)
+        arch = {k: v for k, v in self.config.items() if k != "preset"}
+        self.model = mar.PRESETS[args.preset](**arch, diffusion_batch_mul=args.diffusion_batch_mul,
+                                              num_sampling_steps=args.num_sampling_steps,
+                                              grad_checkpointing=args.grad_checkpointing)
+
+    def inputs(self, batch, flip):
+        flip = flip.to(self.device)[:, None, None, None]  # the random horizontal flip
+        labels = batch[-2].to(self.device, non_blocking=True)
+        if self.args.use_cached:  # official main_cache.py: moments of the image and of its flip
+            moments = torch.where(flip, batch[1].to(self.device), batch[0].to(self.device))
+            return mar.DiagonalGaussian(moments).sample() * mar.VAE_SCALE, labels
+        images = batch[0].to(self.device, non_blocking=True)
+        return mar.images_to_latents(self.vae, torch.where(flip, images.flip(3), images)), labels
+
+    @staticmethod
+    def no_weight_decay(name, param):
+        """As the official code: no decay on 1-D parameters (norms), biases, and the whole MLP."""
+        return param.ndim < 2 or name.endswith(".bias") or "diffloss" in name
+
+    @torch.no_grad()
+    def samples(self, model, labels, generator):
+        a = self.args
+        tokens = model.sample_tokens(len(labels), a.num_iter, a.cfg, a.cfg_schedule, labels, a.temperature,
+                                     generator=generator)
+        return mar.latents_to_images(self.vae, tokens)
+
+
+RECIPES = {"mar": MarRecipe}
+
+
+@torch.no_grad()
+def cache_latents(args, rank, world, device):
+    """Encode every image once (center crop, no flip) and save the VAE posterior moments of the image
+    and of its horizontal flip as <cache-path>/<class>/<file>.npz (official main_cache.py layout).
+    Files already there are kept, so an interrupted caching job just continues."""
+    data = ImageFolder(args.data_path, args.img_size)
+    recipe = MarRecipe(args, len(data.classes), device)
+    mine = list(range(rank, len(data), world))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, mine), batch_size=args.batch_size,
+                                         num_workers=args.num_workers)
+    skipped = 0
+    for b, (images, labels, bad) in enumerate(tqdm(loader, disable=rank != 0, desc="caching latents")):
+        images = images.to(device)
+        moments = recipe.vae.encode(images).moments.cpu().numpy()
+        moments_flip = recipe.vae.encode(images.flip(3)).moments.cpu().numpy()
+        for j in range(len(images)):
+            if bad[j] > 0:  # unreadable: ImageFolder substituted another image; write nothing
+                skipped += 1
+                continue
+            path, _ = data.samples[mine[b * args.batch_size + j]]
+            out = os.path.join(args.cache_path, os.path.relpath(path, args.data_path) + ".npz")
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            np.savez(out + ".tmp.npz", moments=moments[j], moments_flip=moments_flip[j])
+            os.replace(out + ".tmp.npz", out)
+    print(f"rank {rank}: cached {len(mine) - skipped} images to {args.cache_path}, skipped {skipped} unreadable")
+
+
+#################################################################################
+#                               Training helpers                                #
+#################################################################################
+
+STOP = {"signal": None}
+
+
+def request_stop(signum, frame):
+    """SIGTERM / SIGINT: finish the current step, save a checkpoint at the next log step, exit."""
+    STOP["signal"] = signal.Signals(signum).name
+
+
+def setup_distributed(device_flag):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE: one process per GPU with NCCL, or CPU
+    processes with gloo. Without torchrun: a single process and no process group."""
+    if device_flag == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda was asked for, but no CUDA device is available")
+    cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
+    rank, world, local_rank = 0, 1, 0
+    if "RANK" in os.environ:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if not cuda and "OMP_NUM_THREADS" not in os.environ:  # share the cores between this node's processes
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    return rank, world, torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * param, for every parameter, in one fused kernel list."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def rng_state(device, aug):
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "aug": aug.get_state()}
+
+
+def set_rng_state(state, device, aug):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    aug.set_state(state["aug"])
+
+
+def git_commit():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "-uno"], capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "") or "unknown"
+    except Exception:
+        return "unknown"
+
+
+#################################################################################
+#                                 Training loop                                 #
+#################################################################################
+
+def main(args):
+    rank, world, device = setup_distributed(args.device)
+    cuda = device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # no effect on CPU
+    torch.manual_seed(args.seed + rank)  # per-rank seeds, as the official code
+    np.random.seed(args.seed + rank)
+    if args.cache_latents:
+        return cache_latents(args, rank, world, device)
+
+    # ---- output folder and logging (rank 0 writes) ----
+    os.makedirs(args.output_dir, exist_ok=True)
+    log_file = open(os.path.join(args.output_dir, "log.txt"), "a") if rank == 0 else None
+
+    def log(msg):
+        if rank == 0:
+            tqdm.write(msg)
+            log_file.write(msg + "\n")
+            log_file.flush()
+
+    devices = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    log(f"command: {' '.join(sys.argv)}\ngit commit: {git_commit()}\ntorch {torch.__version__}, "
+        f"{world} process(es), device: {devices}\nargs: {json.dumps(vars(args))}")
+
+    # ---- data ----
+    if args.use_cached:
+        dataset = CachedLatents(args.cache_path)
+    elif args.data_path:
+        dataset = ImageFolder(args.data_path, args.img_size)
+    else:
+        dataset = ToyDataset(args.img_size, seed=args.seed, progress=rank == 0)
+    num_classes = len(dataset.classes)
+    steps_per_epoch = len(dataset) // world // args.batch_size
+    if steps_per_epoch == 0:
+        fail(f"{len(dataset)} images are fewer than one global batch ({args.batch_size} x {world} processes)")
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+
+    # ---- model, EMA, optimizer ----
+    recipe = RECIPES[args.model](args, num_classes, device)
+    model = recipe.model.to(device)
+    log(f"{args.model} ({args.preset}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{len(dataset)} images of {num_classes} classes, {steps_per_epoch} steps per epoch")
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if recipe.no_weight_decay(name, p) else decay).append(p)
+    lr = args.lr or args.blr * args.batch_size * world / 256  # the paper's linear scaling rule
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    aug = torch.Generator().manual_seed(args.seed * 1000 + rank)  # data augmentation draws
+    step = 0
+    ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
+    if resume:
+        try:
+            ckpt = mar.load_checkpoint(resume)
+        except (ValueError, FileNotFoundError) as e:
+            fail(f"--resume: {e}")
+        if ckpt.get("model_name") != args.model:
+            fail(f"{resume} is a checkpoint of --model {ckpt.get('model_name', '(not written by train.py)')}, not {args.model}")
+        if ckpt["config"] != recipe.config:
+            diff = {k: (ckpt["config"].get(k), v) for k, v in recipe.config.items() if ckpt["config"].get(k) != v}
+            fail(f"{resume} was trained with another config: " + ", ".join(f"{k} {a} (checkpoint) vs {b} (now)" for k, (a, b) in diff.items()))
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+    # compile (optional) before DDP; checkpoints are always written from the plain `model`
+    train_model = torch.compile(model) if args.compile else model
+    if world > 1:
+        train_model = DDP(train_model, device_ids=[device.index] if cuda else None)
+    ema = copy.deepcopy(model).requires_grad_(False)  # after the DDP wrap, so every rank starts equal
+    if resume:
+        ema.load_state_dict(ckpt["model_ema"])
+        if ckpt.get("world_size") == world:
+            set_rng_state(ckpt["rng"][rank], device, aug)
+        else:
+            log(f"note: resuming on {world} processes instead of {ckpt.get('world_size')}: random streams re-seeded")
+        log(f"resumed from {resume} at step {step} / {total_steps}")
+        del ckpt
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()  # bf16: no GradScaler
+
+    def save(final=False):
+        """Atomic: write a temporary file, then rename, so a crash never leaves a broken checkpoint."""
+        states = [None] * world if rank == 0 else None
+        if world > 1:
+            dist.gather_object(rng_state(device, aug), states, dst=0)
+        else:
+            states = [rng_state(device, aug)]
+        if rank == 0:
+            torch.save({"model": model.state_dict(), "model_ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                        "step": step, "epoch": step / steps_per_epoch, "args": vars(args), "model_name": args.model,
+                        "config": recipe.config, "rng": states, "world_size": world}, ckpt_path + ".tmp")
+            os.replace(ckpt_path + ".tmp", ckpt_path)
+        if world > 1:
+            dist.barrier()
+
+    def grid(name):
+        """EMA samples, one row per class (8 classes x 8 for ImageNet, all 10 toy classes x 10)."""
+        if rank == 0:
+            rows = list(range(10)) if num_classes <= 10 else [207, 360, 388, 113, 355, 980, 323, 979][:num_classes]
+            cols = 10 if num_classes <= 10 else 8
+            labels = torch.tensor(rows, device=device).repeat_interleave(cols)
+            ema.eval()
+            with amp:
+                images = recipe.samples(ema, labels, torch.Generator().manual_seed(args.seed))
+            save_grid(images, os.path.join(args.output_dir, f"samples-{name}.png"), cols)
+            return images.float().cpu(), labels.cpu()
+        return None, None
+
+    # ---- the loop ----
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    metrics = open(os.path.join(args.output_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    if step >= total_steps:
+        log(f"the run in {args.output_dir} is already complete ({step} steps); use another --output-dir for a new run")
+    train_model.train()
+    pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc="training")
+    loss_sum, skipped, t_window, n_window = torch.zeros((), device=device), 0, time.time(), 0
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        loader = torch.utils.data.DataLoader(
+            dataset, args.batch_size, sampler=ShardSampler(len(dataset), rank, world, args.seed, epoch, offset * args.batch_size),
+            num_workers=args.num_workers, pin_memory=cuda, drop_last=True)
+        for batch in loader:
+            x, y = recipe.inputs(batch, torch.rand(args.batch_size, generator=aug) < 0.5)
+            skipped += int(batch[-1].sum())  # a CPU tensor: no device sync
+            # lr: linear warmup from 0, then constant (paper) or cosine to 0
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            cur_lr = lr * step / warmup_steps if step < warmup_steps else \
+                lr * (0.5 * (1 + math.cos(math.pi * progress)) if args.lr_schedule == "cosine" else 1.0)
+            for group in opt.param_groups:
+                group["lr"] = cur_lr
+            with amp:
+                loss = train_model(x, y)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            update_ema(ema, model, args.ema)
+            loss_sum += loss.detach()
+            step, n_window = step + 1, n_window + 1
+            pbar.update()
+            last = step == total_steps
+            if step % args.log_every == 0 or last:  # the only host-device sync point of the loop
+                stats = torch.stack([loss_sum, torch.tensor(float(STOP["signal"] is not None), device=device)])
+                if world > 1:
+                    dist.all_reduce(stats)
+                avg_loss, stop = stats[0].item() / (n_window * world), stats[1].item() > 0
+                if not math.isfinite(avg_loss):
+                    good = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
+                    log(f"loss is {avg_loss} at step {step}: stopping; {good}")
+                    fail(f"loss is {avg_loss} at step {step} (try a lower --blr); {good}")
+                ips = n_window * args.batch_size * world / (time.time() - t_window)
+                pbar.set_postfix(loss=f"{avg_loss:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
+                if rank == 0:
+                    metrics.write(json.dumps(dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=avg_loss, lr=cur_lr,
+                                                  grad_norm=grad_norm.item(), images_per_s=ips, skipped_images=skipped,
+                                                  time=time.time())) + "\n")
+                    metrics.flush()
+                loss_sum.zero_()
+                t_window, n_window = time.time(), 0
+                if stop:
+                    save()
+                    log(f"stopped by {STOP['signal'] or 'a signal on another rank'} at step {step}: checkpoint saved "
+                        f"to {ckpt_path}; run the same command to resume")
+                    pbar.close()
+                    return
+            if step % args.ckpt_every == 0 or last:
+                save()
+            if step % args.sample_every == 0 and not last:
+                grid(f"{step:07d}")
+            if last:
+                break
+    pbar.close()
+    if world > 1:  # DDP keeps replicas equal; check it once, bit for bit (silent divergence is costly)
+        digest = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+        digests = [None] * world
+        dist.all_gather_object(digests, digest)
+        log(f"parameters identical on all {world} ranks: {'yes' if len(set(digests)) == 1 else 'NO'} (sha1 {digest[:12]})")
+    if skipped:
+        log(f"skipped {skipped} unreadable images (replaced by the next readable one)")
+    images, labels = grid("final")
+    if rank == 0 and images is not None:
+        log(f"wrote {os.path.join(args.output_dir, 'samples-final.png')} (EMA samples, one row per class)")
+        if not args.data_path and not args.use_cached and args.img_size == 32:
+            pred = toy_classifier()(images).argmax(1)
+            log(f"class accuracy of the final samples, judged by a small classifier trained on the built-in data: "
+                f"{(pred == labels).float().mean().item():.0%}")
+    log(f"done: {step} steps, checkpoint {ckpt_path}")
+
+
+#################################################################################
+#                                   Arguments                                   #
+#################################################################################
+
+# The paper's ImageNet recipe (MAR paper Sec. 5 / App. B and the official README), used with
+# --data-path or --use-cached; and the CPU-sized values used on the built-in data.
+PAPER = dict(preset="base", img_size=256, epochs=400, warmup_epochs=100, batch_size=64, blr=1e-4, ema=0.9999,
+             log_every=20, ckpt_every=1000, sample_every=5000, num_iter=64, cfg=2.9)
+BUILTIN = dict(preset="tiny", img_size=32, epochs=20, warmup_epochs=1, batch_size=64, blr=4e-3, ema=0.999,
+               log_every=20, ckpt_every=500, sample_every=1000, num_iter=16, cfg=3.0)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="mar", choices=list(RECIPES))
+    p.add_argument("--preset", choices=list(mar.PRESETS), help="default: base on ImageNet, tiny on the built-in data")
+    # data
+    p.add_argument("--data-path", help="ImageNet-style folder (one subfolder per class); default: built-in data")
+    p.add_argument("--img-size", type=int, help="default: 256 (paper), 32 on the built-in data")
+    p.add_argument("--vae", help="KL-VAE checkpoint (official kl16.ckpt); without it MAR models pixel patches")
+    p.add_argument("--patch-size", type=int, help="latent/pixel patch per token; default 1 with a VAE (paper), 4 without")
+    p.add_argument("--cache-latents", action="store_true", help="encode --data-path once into --cache-path, then exit")
+    p.add_argument("--use-cached", action="store_true", help="train from the latents in --cache-path")
+    p.add_argument("--cache-path")
+    p.add_argument("--num-workers", type=int, default=8 if torch.cuda.is_available() else 0)
+    # optimization (paper values, see PAPER; each can be overridden)
+    p.add_argument("--epochs", type=int, help="default: 400 (paper's ablations; the released B/L/H used 800)")
+    p.add_argument("--warmup-epochs", type=int, help="default: 100 (paper)")
+    p.add_argument("--batch-size", type=int, help="per process; default 64 (paper: 64 x 32 GPUs = 2048)")
+    p.add_argument("--blr", type=float, help="base lr; lr = blr x global batch / 256. Default 1e-4 (paper)")
+    p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])  # paper: constant
+    p.add_argument("--weight-decay", type=float, default=0.02)  # paper
+    p.add_argument("--grad-clip", type=float, default=3.0)  # paper
+    p.add_argument("--ema", type=float, help="EMA decay; default 0.9999 (paper), 0.999 on the built-in data")
+    p.add_argument("--diffusion-batch-mul", type=int, default=4)  # paper / official README
+    p.add_argument("--num-sampling-steps", type=int, default=100)  # paper
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--no-tf32", dest="tf32", action="store_false")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--seed", type=int, default=1)  # official
+    # run folder, logging, samples
+    p.add_argument("--output-dir", help="default: runs/<model>-<preset>")
+    p.add_argument("--resume", help="checkpoint to resume from (default: <output-dir>/checkpoint-last.pth if present)")
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--sample-every", type=int)
+    p.add_argument("--num-iter", type=int, help="generation steps for sample grids; default 64 (paper), 16 built-in")
+    p.add_argument("--cfg", type=float, help="CFG scale for sample grids; default 2.9 (MAR-B), 3.0 built-in")
+    p.add_argument("--cfg-schedule", default="linear", choices=["linear", "constant"])  # paper
+    p.add_argument("--temperature", type=float, default=1.0)  # paper (with CFG)
+    args = p.parse_args(argv)
+
+    defaults = PAPER if (args.data_path or args.use_cached) else BUILTIN
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.output_dir = args.output_dir or os.path.join("runs", f"{args.model}-{args.preset}")
+    # flags that contradict each other
+    if args.use_cached and not args.cache_path:
+        fail("--use-cached needs --cache-path (the folder written by --cache-latents)")
+    if args.use_cached and not args.vae:
+        fail("--use-cached trains on VAE latents: give the same --vae that cached them (needed to decode samples)")
+    if args.cache_latents and not (args.data_path and args.vae and args.cache_path):
+        fail("--cache-latents needs --data-path, --vae and --cache-path")
+    if args.cache_latents and args.use_cached:
+        fail("--cache-latents and --use-cached are two separate runs: cache first, then train")
+    if args.use_cached and args.data_path:
+        fail("--use-cached reads --cache-path; drop --data-path (or drop --use-cached to train from images)")
+    if args.cache_path and not (args.use_cached or args.cache_latents):
+        fail("--cache-path is only used with --cache-latents or --use-cached")
+    if args.resume and not os.path.exists(args.resume):
+        fail(f"--resume: checkpoint not found: {args.resume}")
+    for key in ("epochs", "batch_size", "log_every", "ckpt_every", "sample_every", "num_iter"):
+        if getattr(args, key) < 1:
+            fail(f"--{key.replace('_', '-')} must be at least 1")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
