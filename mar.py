@@ -407,15 +407,16 @@ class GaussianDiffusion(nn.Module):
         """Mean and log-variance of the true posterior q(x_{t-1} | x_t, x0)."""
         return self.coef1[t][:, None] * x0 + self.coef2[t][:, None] * x_t, self.post_logvar[t][:, None]
 
-    def p_mean_logvar(self, out, x_t, t):
+    def p_mean_logvar(self, out, x_t, t, clip=False):
         """Model posterior p(x_{t-1} | x_t) from the MLP output (N, 2C) = [eps, v]: the log-variance
         interpolates between the posterior's and beta_t with frac = (v + 1) / 2; the mean is the true
-        posterior mean at the predicted x0 (no clipping: tokens are not bounded like pixels)."""
+        posterior mean at the predicted x0. MAR never clips x0 (latents are unbounded); `clip` bounds
+        it to [-1, 1], as ADM does for pixels, for tokens that are pixels."""
         eps, v = out.float().chunk(2, dim=1)
         frac = (v + 1) / 2
         logvar = frac * self.log_betas[t][:, None] + (1 - frac) * self.post_logvar[t][:, None]
         x0 = self.sqrt_recip_acp[t][:, None] * x_t - self.sqrt_recipm1_acp[t][:, None] * eps
-        return self.q_posterior(x0, x_t, t)[0], logvar
+        return self.q_posterior(x0.clamp(-1, 1) if clip else x0, x_t, t)[0], logvar
 
     def training_losses(self, net, x0, t, c, noise):
         """Per-token loss (N,): MSE on eps (Eq. 1) + the variational-bound term for the variance.
@@ -434,14 +435,14 @@ class GaussianDiffusion(nn.Module):
         return mse + torch.where(t == 0, nll, kl)
 
     @torch.no_grad()
-    def p_sample_loop(self, model_fn, x, temperature=1.0, generator=None):
+    def p_sample_loop(self, model_fn, x, temperature=1.0, generator=None, clip=False):
         """Reverse diffusion from x_T = x (paper Sec. 3.2, Eq. 2), with temperature (Sec. 3.3):
         x_{t-1} = mu + tau * sigma_t * delta. Temperature scales the noise std of every step (not
         the initial noise). A full-shape noise tensor is drawn at every step, the last included,
         in the same order as the official code, so a seed gives the same samples."""
         for j in reversed(range(self.num_steps)):
             t = torch.full((x.shape[0],), j, device=x.device, dtype=torch.long)
-            mean, logvar = self.p_mean_logvar(model_fn(x, self.timestep_map[t]), x, t)
+            mean, logvar = self.p_mean_logvar(model_fn(x, self.timestep_map[t]), x, t, clip)
             noise = randn(x.shape, generator, x.device)
             x = mean + (j != 0) * torch.exp(0.5 * logvar) * noise * temperature
         return x
@@ -469,9 +470,10 @@ class DiffLoss(nn.Module):
     """Diffusion Loss: models p(x | z) per token (paper Sec. 3.2). Training uses all 1000 steps,
     sampling `num_sampling_steps` respaced ones (100 in the paper)."""
 
-    def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps=100, grad_checkpointing=False):
+    def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps=100, grad_checkpointing=False,
+                 clip_denoised=False):
         super().__init__()
-        self.in_channels = target_channels
+        self.in_channels, self.clip_denoised = target_channels, clip_denoised
         self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth, grad_checkpointing)
         self.train_diffusion = GaussianDiffusion(1000)
         self.gen_diffusion = GaussianDiffusion(int(num_sampling_steps))
@@ -495,7 +497,7 @@ class DiffLoss(nn.Module):
         else:
             noise = randn((z.shape[0], self.in_channels), generator, z.device)
             model_fn = lambda x, t: self.net(x, t, z)
-        return self.gen_diffusion.p_sample_loop(model_fn, noise, temperature, generator)
+        return self.gen_diffusion.p_sample_loop(model_fn, noise, temperature, generator, self.clip_denoised)
 
 
 # =============================================================================================
@@ -594,7 +596,7 @@ class MAR(nn.Module):
                  vae_embed_dim=16, mask_ratio_min=0.7, label_drop_prob=0.1, class_num=1000,
                  attn_dropout=0.1, proj_dropout=0.1, buffer_size=64,
                  diffloss_d=3, diffloss_w=1024, num_sampling_steps=100, diffusion_batch_mul=4,
-                 grad_checkpointing=False):
+                 grad_checkpointing=False, clip_denoised=False):
         super().__init__()
         # Tokens (Sec. 4.2, "Tokenizer"): the latent grid (C, H/stride, W/stride) is cut into
         # patch_size x patch_size patches; one token = one patch, C * p^2 values.
@@ -635,7 +637,12 @@ class MAR(nn.Module):
         self.initialize_weights()
 
         # Diffusion Loss on each token (created after the init above, which must not touch it)
-        self.diffloss = DiffLoss(self.token_embed_dim, Dd, diffloss_d, diffloss_w, num_sampling_steps, grad_checkpointing)
+        # clip_denoised: only for tokens that are pixels in [-1, 1] (the built-in data without a VAE).
+        # Early in training the eps error at t = 999 is amplified ~300x by the first reverse step of the
+        # respaced cosine schedule; latents (unbounded) cannot be clipped and need a trained model
+        # (official issues #36, #98: samples are black or NaN for the first ~40-80 epochs), but pixels can.
+        self.diffloss = DiffLoss(self.token_embed_dim, Dd, diffloss_d, diffloss_w, num_sampling_steps, grad_checkpointing,
+                                 clip_denoised)
 
     def initialize_weights(self):
         for p in [self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
@@ -825,10 +832,10 @@ def mar_tiny(**kwargs):
     """Trains on a 2-core CPU in minutes: 32x32 RGB images modelled directly as 8x8 tokens of 4x4
     pixel patches (48 values each), 10 classes (the built-in data). Not a paper configuration."""
     return MAR(**{**dict(img_size=32, vae_stride=1, patch_size=4, vae_embed_dim=3, class_num=10,
-                         encoder_embed_dim=128, encoder_depth=3, encoder_num_heads=4,
-                         decoder_embed_dim=128, decoder_depth=3, decoder_num_heads=4,
-                         buffer_size=16, attn_dropout=0.0, proj_dropout=0.0,
-                         diffloss_d=3, diffloss_w=256), **kwargs})
+                         encoder_embed_dim=96, encoder_depth=2, encoder_num_heads=4,
+                         decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4,
+                         buffer_size=4, attn_dropout=0.0, proj_dropout=0.0, diffloss_d=3, diffloss_w=128,
+                         diffusion_batch_mul=1, clip_denoised=True), **kwargs})
 
 
 PRESETS = {"tiny": mar_tiny, "base": mar_base, "large": mar_large, "huge": mar_huge}

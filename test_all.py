@@ -276,7 +276,7 @@ def test_mar_training_step_learns():
 
 TRAIN = [sys.executable, os.path.join(HERE, "train.py")]
 # a fast configuration: 32 px images from a small folder, few steps, cheap sample grids
-FAST = ["--img-size", "32", "--batch-size", "4", "--num-iter", "2", "--num-sampling-steps", "5", "--log-every", "5",
+FAST = ["--preset", "tiny", "--img-size", "32", "--batch-size", "4", "--num-iter", "2", "--num-sampling-steps", "5", "--log-every", "5",
         "--sample-every", "1000", "--warmup-epochs", "1", "--blr", "1e-3", "--device", "cpu"]
 
 
@@ -410,6 +410,30 @@ def test_train_corrupt_images_are_skipped():
         assert n >= 1, log
 
 
+def test_train_cached_latents_with_a_kl16_layout_vae():
+    """--cache-latents writes the official main_cache.py layout (moments of the image and of its
+    flip per file), and --use-cached trains from it; the VAE file has the official kl16 layout."""
+    import train
+    with tempfile.TemporaryDirectory() as d:
+        data = make_folder(os.path.join(d, "data"), per_class=2, classes=4)
+        torch.manual_seed(0)
+        vae = mar.kl16()
+        torch.save({"model": vae.state_dict()}, f"{d}/kl16.ckpt")
+        flags = ["--vae", f"{d}/kl16.ckpt", "--cache-path", f"{d}/cache", *FAST]
+        run_train("--cache-latents", "--data-path", data, *flags)
+        npz = os.path.join(d, "cache", "class02", "img1.png.npz")
+        with np.load(npz) as f:
+            moments, moments_flip = torch.from_numpy(f["moments"]), torch.from_numpy(f["moments_flip"])
+        assert moments.shape == (32, 2, 2)  # 32 px / stride 16, mean and log-variance of 16 channels
+        image = train.ImageFolder(data, 32).load(os.path.join(data, "class02", "img1.png"))[None]
+        with torch.no_grad():
+            assert_close(moments, vae.encode(image).moments[0], rtol=1e-4, what="moments")
+            assert_close(moments_flip, vae.encode(image.flip(3)).moments[0], rtol=1e-4, what="flip")
+        run_train("--use-cached", *flags, "--epochs", "2", "--output-dir", f"{d}/run")
+        ckpt = final_weights(f"{d}/run")
+        assert ckpt["step"] == 4 and ckpt["config"]["vae_embed_dim"] == 16 and ckpt["config"]["patch_size"] == 1
+
+
 def test_train_error_paths_exit_nonzero_with_one_line():
     with tempfile.TemporaryDirectory() as d:
         empty = os.path.join(d, "empty")
@@ -425,13 +449,13 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             (["--cache-latents", "--data-path", data], "--cache-latents needs"),
             (["--data-path", data, "--device", "cuda"], "no CUDA device"),
             (["--data-path", data, "--resume", f"{d}/coda.pth"], "checkpoint of --model coda"),
-            (["--data-path", data, "--preset", "base", "--output-dir", f"{d}/tiny"], "another config: preset tiny"),
+            (["--data-path", data, "--patch-size", "2", "--output-dir", f"{d}/tiny"], "another config: patch_size 4"),
             (["--data-path", data, "--resume", f"{d}/nope.pth"], "checkpoint not found"),
         ]
         if torch.cuda.is_available():
             cases = [c for c in cases if "cuda" not in c[0]]
         for flags, expect in cases:
-            p = run_train(*(flags + FAST[:4] + ["--epochs", "1"]), check=False)
+            p = run_train(*(flags + FAST[:6] + ["--epochs", "1"]), check=False)
             lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
             assert p.returncode != 0, (flags, p.stderr[-500:])
             assert expect in lines[-1] and lines[-1].startswith("train.py: error:"), (flags, p.stderr[-1000:])

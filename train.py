@@ -296,7 +296,8 @@ class MarRecipe:
         arch = {k: v for k, v in self.config.items() if k != "preset"}
         self.model = mar.PRESETS[args.preset](**arch, diffusion_batch_mul=args.diffusion_batch_mul,
                                               num_sampling_steps=args.num_sampling_steps,
-                                              grad_checkpointing=args.grad_checkpointing)
+                                              grad_checkpointing=args.grad_checkpointing,
+                                              clip_denoised=self.vae is None)  # pixels are bounded: clip x0
 
     def inputs(self, batch, flip):
         flip = flip.to(self.device)[:, None, None, None]  # the random horizontal flip
@@ -509,7 +510,7 @@ def main(args):
     def grid(name):
         """EMA samples, one row per class (8 classes x 8 for ImageNet, all 10 toy classes x 10)."""
         if rank == 0:
-            rows = list(range(10)) if num_classes <= 10 else [207, 360, 388, 113, 355, 980, 323, 979][:num_classes]
+            rows = list(range(num_classes)) if num_classes <= 10 else [207, 360, 388, 113, 355, 980, 323, 979]
             cols = 10 if num_classes <= 10 else 8
             labels = torch.tensor(rows, device=device).repeat_interleave(cols)
             ema.eval()
@@ -532,7 +533,8 @@ def main(args):
         epoch, offset = divmod(step, steps_per_epoch)
         loader = torch.utils.data.DataLoader(
             dataset, args.batch_size, sampler=ShardSampler(len(dataset), rank, world, args.seed, epoch, offset * args.batch_size),
-            num_workers=args.num_workers, pin_memory=cuda, drop_last=True)
+            num_workers=args.num_workers, pin_memory=cuda, drop_last=True,
+            generator=torch.Generator().manual_seed(epoch))  # its own seed draw, not the global RNG's: exact resume
         for batch in loader:
             x, y = recipe.inputs(batch, torch.rand(args.batch_size, generator=aug) < 0.5)
             skipped += int(batch[-1].sum())  # a CPU tensor: no device sync
@@ -608,9 +610,9 @@ def main(args):
 # The paper's ImageNet recipe (MAR paper Sec. 5 / App. B and the official README), used with
 # --data-path or --use-cached; and the CPU-sized values used on the built-in data.
 PAPER = dict(preset="base", img_size=256, epochs=400, warmup_epochs=100, batch_size=64, blr=1e-4, ema=0.9999,
-             log_every=20, ckpt_every=1000, sample_every=5000, num_iter=64, cfg=2.9)
-BUILTIN = dict(preset="tiny", img_size=32, epochs=20, warmup_epochs=1, batch_size=64, blr=4e-3, ema=0.999,
-               log_every=20, ckpt_every=500, sample_every=1000, num_iter=16, cfg=3.0)
+             diffusion_batch_mul=4, log_every=20, ckpt_every=1000, sample_every=5000, num_iter=64, cfg=2.9)
+BUILTIN = dict(preset="tiny", img_size=32, epochs=25, warmup_epochs=1, batch_size=64, blr=4e-3, ema=0.999,
+               diffusion_batch_mul=1, log_every=20, ckpt_every=500, sample_every=1000, num_iter=8, cfg=6.0)
 
 
 def parse_args(argv=None):
@@ -636,7 +638,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.02)  # paper
     p.add_argument("--grad-clip", type=float, default=3.0)  # paper
     p.add_argument("--ema", type=float, help="EMA decay; default 0.9999 (paper), 0.999 on the built-in data")
-    p.add_argument("--diffusion-batch-mul", type=int, default=4)  # paper / official README
+    p.add_argument("--diffusion-batch-mul", type=int, help="default: 4 (official README), 1 on the built-in data")
     p.add_argument("--num-sampling-steps", type=int, default=100)  # paper
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true")
@@ -649,8 +651,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int)
     p.add_argument("--ckpt-every", type=int)
     p.add_argument("--sample-every", type=int)
-    p.add_argument("--num-iter", type=int, help="generation steps for sample grids; default 64 (paper), 16 built-in")
-    p.add_argument("--cfg", type=float, help="CFG scale for sample grids; default 2.9 (MAR-B), 3.0 built-in")
+    p.add_argument("--num-iter", type=int, help="generation steps for sample grids; default 64 (paper), 8 built-in")
+    p.add_argument("--cfg", type=float, help="CFG scale for sample grids; default 2.9 (MAR-B), 6.0 built-in")
     p.add_argument("--cfg-schedule", default="linear", choices=["linear", "constant"])  # paper
     p.add_argument("--temperature", type=float, default=1.0)  # paper (with CFG)
     args = p.parse_args(argv)
