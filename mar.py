@@ -904,7 +904,8 @@ def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64
         opt.step()
         opt.zero_grad(set_to_none=True)
     sync()
-    print(f"training: {batch_size * steps / (time.perf_counter() - t0):.1f} images/s (batch {batch_size}, bf16 on CUDA)")
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    print(f"training: {batch_size * steps / (time.perf_counter() - t0):.1f} images/s (batch {batch_size}, {precision})")
 
     model.eval()
     labels = torch.arange(sample_batch, device=device) % model.class_emb.num_embeddings
@@ -915,7 +916,8 @@ def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64
             latents_to_images(vae, model.sample_tokens(sample_batch, num_iter, cfg=cfg, labels=labels))
         sync()
         print(f"sampling: {(time.perf_counter() - t0) / sample_batch:.4f} s/image "
-              f"(num_iter {num_iter}, cfg {cfg} linear, batch {sample_batch}, 100 diffusion steps, VAE decode included)")
+              f"(num_iter {num_iter}, cfg {cfg} linear, batch {sample_batch}, {model.diffloss.gen_diffusion.num_steps} "
+              f"diffusion steps{', VAE decode included' if vae is not None else ''})")
     if device.type == "cuda":
         print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
