@@ -300,10 +300,10 @@ class MarRecipe:
                                               clip_denoised=self.vae is None)  # pixels are bounded: clip x0
 
     def inputs(self, batch, flip):
-        flip = flip.to(self.device)[:, None, None, None]  # the random horizontal flip
+        flip = flip.to(self.device, non_blocking=True)[:, None, None, None]  # the random horizontal flip
         labels = batch[-2].to(self.device, non_blocking=True)
         if self.args.use_cached:  # official main_cache.py: moments of the image and of its flip
-            moments = torch.where(flip, batch[1].to(self.device), batch[0].to(self.device))
+            moments = torch.where(flip, batch[1].to(self.device, non_blocking=True), batch[0].to(self.device, non_blocking=True))
             return mar.DiagonalGaussian(moments).sample() * mar.VAE_SCALE, labels
         images = batch[0].to(self.device, non_blocking=True)
         return mar.images_to_latents(self.vae, torch.where(flip, images.flip(3), images)), labels
@@ -536,7 +536,8 @@ def main(args):
             num_workers=args.num_workers, pin_memory=cuda, drop_last=True,
             generator=torch.Generator().manual_seed(epoch))  # its own seed draw, not the global RNG's: exact resume
         for batch in loader:
-            x, y = recipe.inputs(batch, torch.rand(args.batch_size, generator=aug) < 0.5)
+            flip = torch.rand(args.batch_size, generator=aug) < 0.5
+            x, y = recipe.inputs(batch, flip.pin_memory() if cuda else flip)  # pinned: async copy, no sync
             skipped += int(batch[-1].sum())  # a CPU tensor: no device sync
             # lr: linear warmup from 0, then constant (paper) or cosine to 0
             progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
