@@ -213,7 +213,7 @@ def toy_classifier(size=32, steps=600, seed=0):
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    data = ToyDataset(size, steps * 64, seed=seed + 1)
+    data = ToyDataset(size, steps * 64, seed=seed + 1000)  # not the images MAR trains on (seed 1)
     for i in range(steps):
         x = data.images[i * 64: (i + 1) * 64].permute(0, 3, 1, 2).float() / 127.5 - 1  # (64, 3, H, W)
         y = torch.arange(i * 64, (i + 1) * 64) % 10
