@@ -306,7 +306,8 @@ FAST = ["--preset", "tiny", "--img-size", "32", "--batch-size", "4", "--num-iter
 
 def run_train(*flags, env=None, check=True):
     env = dict(os.environ, **(env or {}), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    p = subprocess.run(TRAIN + [str(f) for f in flags], capture_output=True, text=True, env=env, timeout=600)
+    with tempfile.TemporaryDirectory() as cwd:  # runs without --output-dir write runs/ here, not in the repo
+        p = subprocess.run(TRAIN + [str(f) for f in flags], capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"train.py exited {p.returncode}:\n{p.stderr[-3000:]}")
     return p
