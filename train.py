@@ -65,8 +65,8 @@ def center_crop_arr(pil_image, image_size):
 
 
 def to_tensor(arr):
-    """uint8 HWC -> float CHW in [-1, 1] (ToTensor + Normalize(0.5, 0.5))."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 127.5 - 1
+    """uint8 (..., H, W, C) array or tensor -> float (..., C, H, W) in [-1, 1] (ToTensor + Normalize(0.5, 0.5))."""
+    return torch.as_tensor(arr).movedim(-1, -3).float() / 127.5 - 1
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -200,7 +200,7 @@ class ToyDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        return self.images[i].permute(2, 0, 1).float() / 127.5 - 1, i % 10, 0
+        return to_tensor(self.images[i]), i % 10, 0
 
 
 def toy_classifier(size=32, steps=600, seed=0):
@@ -215,7 +215,7 @@ def toy_classifier(size=32, steps=600, seed=0):
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     data = ToyDataset(size, steps * 64, seed=seed + 1000)  # not the images MAR trains on (seed 1)
     for i in range(steps):
-        x = data.images[i * 64: (i + 1) * 64].permute(0, 3, 1, 2).float() / 127.5 - 1  # (64, 3, H, W)
+        x = to_tensor(data.images[i * 64: (i + 1) * 64])  # (64, 3, H, W)
         y = torch.arange(i * 64, (i + 1) * 64) % 10
         if torch.rand((), generator=g) < 0.2:
             x = x[:, torch.randperm(3, generator=g)]
@@ -381,6 +381,15 @@ def setup_distributed(device_flag):
     return rank, world, torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
 
+def learning_rate(step, lr, warmup_steps, total_steps, schedule):
+    """Linear warmup from 0 over `warmup_steps`, then constant (the paper) or cosine down to 0."""
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    if schedule == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    return lr
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * param, for every parameter, in one fused kernel list."""
@@ -539,10 +548,7 @@ def main(args):
             flip = torch.rand(args.batch_size, generator=aug) < 0.5
             x, y = recipe.inputs(batch, flip.pin_memory() if cuda else flip)  # pinned: async copy, no sync
             skipped += int(batch[-1].sum())  # a CPU tensor: no device sync
-            # lr: linear warmup from 0, then constant (paper) or cosine to 0
-            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-            cur_lr = lr * step / warmup_steps if step < warmup_steps else \
-                lr * (0.5 * (1 + math.cos(math.pi * progress)) if args.lr_schedule == "cosine" else 1.0)
+            cur_lr = learning_rate(step, lr, warmup_steps, total_steps, args.lr_schedule)
             for group in opt.param_groups:
                 group["lr"] = cur_lr
             with amp:
