@@ -21,6 +21,7 @@ import traceback
 import numpy as np
 import torch
 
+import fid
 import mar
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -485,6 +486,212 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             assert p.returncode != 0, (flags, p.stderr[-500:])
             assert expect in lines[-1] and lines[-1].startswith("train.py: error:"), (flags, p.stderr[-1000:])
             assert "Traceback" not in p.stderr, (flags, p.stderr[-1000:])
+
+
+# ---------------------------------------------------------------------------------------------
+# fid.py: parity with torch-fidelity and pytorch-fid
+# ---------------------------------------------------------------------------------------------
+
+def fake_inception_state(seed=0):
+    """Random weights in the FID Inception's layout, identical on every machine (a seeded CPU
+    generator). He-scaled convs and BatchNorm statistics away from (0, 1), so that a wrong padding,
+    pooling or normalisation shows in the features. The reference script saved exactly these."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, v in fid.FIDInception().state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            state[k] = torch.tensor(0)
+        elif k.endswith("conv.weight"):
+            state[k] = torch.randn(v.shape, generator=g) * (2 / v[0].numel()) ** 0.5
+        elif k.endswith("bn.weight"):
+            state[k] = 1 + 0.2 * torch.randn(v.shape, generator=g)
+        elif k.endswith("running_var"):
+            state[k] = 0.5 + torch.rand(v.shape, generator=g)
+        elif k == "fc.weight":
+            state[k] = 0.1 * torch.randn(v.shape, generator=g)
+        else:  # bn.bias, running_mean, fc.bias
+            state[k] = 0.2 * torch.randn(v.shape, generator=g)
+    return state
+
+
+def inception_files(d):
+    """The fake weights in torch-fidelity's layout (no num_batches_tracked) and pytorch-fid's."""
+    state = fake_inception_state(0)
+    tf, pt = os.path.join(d, "weights-inception.pth"), os.path.join(d, "pt_inception.pth")
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, tf)
+    torch.save(state, pt)
+    return tf, pt
+
+
+def save_pngs(images, folder):
+    from PIL import Image
+    os.makedirs(folder)
+    for i, im in enumerate(images):
+        Image.fromarray(im.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{i:03d}.png"))
+
+
+def run_fid(*args, torchrun=False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [sys.executable]
+    p = subprocess.run(cmd + [os.path.join(HERE, "fid.py"), *args, "--num-workers", "0"], capture_output=True,
+                       text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return p
+
+
+def printed(p, key):
+    return float([l for l in p.stdout.splitlines() if l.startswith(key + ":")][-1].split()[1])
+
+
+def test_fid_features_match_torch_fidelity_and_pytorch_fid():
+    r = ref("fid_ref.pt")
+    with tempfile.TemporaryDirectory() as d:
+        tf, pt = inception_files(d)
+        net_tf, net_pt = fid.load_inception(tf), fid.load_inception(pt, pytorch_fid=True)
+    with torch.no_grad():
+        pool, logits = net_tf(r["A"])                          # 32x32 -> 299 (TF1 bilinear), (x - 128) / 128
+        assert_close(pool, r["tf_pool_A"], 1e-4, "torch-fidelity pool3")
+        assert_close(logits, r["tf_logits_A"], 1e-4, "torch-fidelity logits_unbiased")
+        assert_close(logits + net_tf.fc.bias, r["tf_logits_biased_A"], 1e-4, "torch-fidelity logits")
+        assert_close(net_tf(r["odd"])[0], r["tf_pool_odd"], 1e-4, "torch-fidelity pool3, 48x40 input")
+        pool_pt = net_pt(r["A"])[0]                            # pytorch-fid: x / 255, half-pixel resize, 2x - 1
+        assert_close(pool_pt, r["pt_pool_A"], 1e-4, "pytorch-fid pool3")
+        assert_close(net_pt(r["odd"])[0], r["pt_pool_odd"], 1e-4, "pytorch-fid pool3, 48x40 input")
+        assert (pool_pt - pool).abs().max() > 1e-2, "the two pipelines should differ"
+        # the float [0, 1] input CODA feeds in pytorch-fid mode equals the uint8 path
+        assert_close(net_pt(r["A"].float() / 255)[0], r["pt_pool_A"], 1e-6, "pytorch-fid pool3 from floats")
+
+
+def test_fid_frechet_distance_and_inception_score():
+    r = ref("fid_ref.pt")
+    stats = [r[k].numpy() for k in ("frechet_mu1", "frechet_sigma1", "frechet_mu2", "frechet_sigma2")]
+    fd = fid.frechet_distance(*stats)
+    assert abs(fd - r["frechet_tf"].item()) < 1e-9 * fd and abs(fd - r["frechet_pt"].item()) < 1e-9 * fd, fd
+    mu1, s1, mu2, _ = stats
+    assert abs(fid.frechet_distance(mu1, s1, mu1, s1)) < 1e-6       # a set with itself (full-rank covariance)
+    assert abs(fid.frechet_distance(mu1, s1, mu2, s1) - ((mu1 - mu2) ** 2).sum()) < 1e-9 * fd  # equal covariances
+    a, b = np.diag(np.arange(1.0, 65)), np.diag(np.arange(64.0, 0, -1) ** 2)
+    closed = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(np.diag(a)) - np.sqrt(np.diag(b))) ** 2).sum()
+    assert abs(fid.frechet_distance(mu1, a, mu2, b) - closed) < 1e-9 * closed   # diagonal covariances
+    is_mean, is_std = fid.inception_score(r["is_logits"])              # torch-fidelity: shuffle seed 2020, 10 splits
+    assert_close(torch.tensor([is_mean, is_std], dtype=torch.float64), r["is_logits_ref"], 1e-9, "IS of random logits")
+    same = fid.inception_score(r["is_logits"][:1].repeat(40, 1))
+    assert abs(same[0] - 1) < 1e-12 and same[1] < 1e-12, same         # identical predictions: IS = 1
+    for bad in (lambda: fid.frechet_distance(mu1, s1, mu1[:10], s1), lambda: fid.inception_score(r["is_logits"][:5])):
+        try:
+            bad()
+            raise AssertionError("no error")
+        except ValueError:
+            pass
+
+
+def test_fid_cli_matches_torch_fidelity_on_folders():
+    r = ref("fid_ref.pt")
+    with tempfile.TemporaryDirectory() as d:
+        tf, pt = inception_files(d)
+        save_pngs(r["A"], f"{d}/A")
+        save_pngs(r["B"], f"{d}/B")
+        p = run_fid(f"{d}/A", f"{d}/B", "--weights", tf, "--batch-size", "7")
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert p.stdout.strip().splitlines()[-1].startswith("FID: "), p.stdout
+        ref_fid = r["tf_fid_AB"].item()                                  # torch_fidelity.calculate_metrics(A, B)
+        assert abs(printed(p, "FID") - ref_fid) < 1e-4 * ref_fid, (printed(p, "FID"), ref_fid)
+        is_mean, is_std = [float(v) for v in [l for l in p.stdout.splitlines() if l.startswith("IS:")][0].split()[1::2]]
+        assert abs(is_mean - r["tf_is_A"][0].item()) < 1e-4 and abs(is_std - r["tf_is_A"][1].item()) < 1e-4
+        # saved statistics give the same distance, and the same under torchrun with 2 processes (shards)
+        assert run_fid(f"{d}/B", "--save-stats", f"{d}/b.npz", "--weights", tf).returncode == 0
+        p2 = run_fid(f"{d}/A", f"{d}/b.npz", "--weights", tf, torchrun=True)
+        assert p2.returncode == 0, p2.stderr[-2000:]
+        assert abs(printed(p2, "FID") - ref_fid) < 1e-4 * ref_fid, p2.stdout
+        # pytorch-fid mode: pytorch_fid.fid_score.calculate_fid_given_paths on the same folders
+        p3 = run_fid(f"{d}/A", f"{d}/B", "--weights", pt, "--pytorch-fid")
+        assert abs(printed(p3, "FID") - r["pt_fid_AB"].item()) < 1e-4 * r["pt_fid_AB"].item(), (p3.stdout, p3.stderr[-500:])
+
+
+def test_fid_in_memory_scorer_and_self_distance():
+    r = ref("fid_ref.pt")
+    with tempfile.TemporaryDirectory() as d:
+        net = fid.load_inception(inception_files(d)[0])
+    a, b = fid.Scorer(net), fid.Scorer(net)
+    for chunk in r["A"].split(6):                                      # batches as a generator yields them
+        a.update(chunk)
+    b.update(r["B"])
+    ref_b = fid.statistics(b.features()[0])
+    out = a.compute(ref_b)
+    assert out["num_images"] == 20 and abs(out["fid"] - r["tf_fid_AB"].item()) < 1e-4 * r["tf_fid_AB"].item()
+    assert abs(out["is_mean"] - r["tf_is_A"][0].item()) < 1e-4
+    # A with itself: 0 up to the rounding of the ~2029 zero eigenvalues of a rank-19 covariance
+    assert abs(fid.frechet_distance(out["mu"], out["sigma"], out["mu"], out["sigma"])) < 1e-5 * np.trace(out["sigma"])
+    # to_uint8 rounds as MAR's PNG writer: round(clip((x + 1) / 2 * 255))
+    x = torch.tensor([-1.5, -1.0, 0.0, 0.99 * 2 / 255 - 1, 1.0, 2.0])
+    assert fid.to_uint8(x).tolist() == [0, 0, 128, 1, 255, 255]
+
+
+def test_fid_reconstruction_metrics_match_coda():
+    r = ref("fid_ref.pt")
+    assert_close(fid.psnr(r["recon_a"], r["recon_b"]), r["recon_psnr"], 1e-12, "PSNR")
+    assert_close(fid.ssim(r["recon_a"], r["recon_b"]), r["recon_ssim"], 1e-10, "SSIM")
+    a = r["recon_a"]
+    assert fid.ssim(a, a).sub(1).abs().max() < 1e-12 and torch.isinf(fid.psnr(a, a)).all()
+    assert abs(fid.psnr(a.clamp(0, 254), a.clamp(0, 254) + 1).mean().item() - 20 * math.log10(255)) < 1e-9  # MSE 1
+    with tempfile.TemporaryDirectory() as d:
+        metrics = fid.ReconstructionMetrics(fid.load_inception(inception_files(d)[1], pytorch_fid=True))
+    x = r["A"].float() / 127.5 - 1
+    metrics.update(x[:10], x[:10].flip(2))                             # "reconstructions": upside down
+    metrics.update(x[10:], x[10:].flip(2))
+    out = metrics.compute()
+    a, b = r["A"], r["A"].flip(2)
+    assert out["num_images"] == 20 and out["rfid"] > 1, out
+    # PSNR / SSIM of the truncated uint8 images (CODA's conversion) are within rounding of the exact ones
+    assert abs(out["psnr"] - fid.psnr(a, b).mean().item()) < 0.3 and abs(out["ssim"] - fid.ssim(a, b).mean().item()) < 1e-2, out
+    metrics = fid.ReconstructionMetrics(metrics.real.net)
+    metrics.update(x, x)
+    assert abs(metrics.compute()["rfid"]) < 1e-5 * np.trace(metrics.real.compute()["sigma"])
+
+
+def test_fid_errors_are_one_line():
+    r = ref("fid_ref.pt")
+    with tempfile.TemporaryDirectory() as d:
+        tf, _ = inception_files(d)
+        save_pngs(r["A"][:12], f"{d}/A")
+        os.makedirs(f"{d}/empty")
+        os.makedirs(f"{d}/mixed")
+        save_pngs(r["odd"], f"{d}/mixed/odd")
+        for f in os.listdir(f"{d}/mixed/odd"):
+            os.rename(f"{d}/mixed/odd/{f}", f"{d}/mixed/{f}")
+        save_pngs(r["A"][:2], f"{d}/mixed/sq")
+        for f in os.listdir(f"{d}/mixed/sq"):
+            os.rename(f"{d}/mixed/sq/{f}", f"{d}/mixed/z{f}")
+        os.makedirs(f"{d}/corrupt")
+        save_pngs(r["A"][:3], f"{d}/corrupt/x")
+        with open(f"{d}/corrupt/x/001.png", "wb") as f:
+            f.write(b"\x89PNG not really")
+        torch.save({"model": {"w": torch.zeros(3)}}, f"{d}/mar.pth")
+        np.savez(f"{d}/other.npz", x=np.zeros(3))
+        cases = [([f"{d}/A", f"{d}/nope"], "no such folder or file"),
+                 ([f"{d}/A", f"{d}/empty"], "no images"),
+                 ([f"{d}/A", f"{d}/other.npz"], "neither images"),
+                 ([f"{d}/A", f"{d}/mixed"], "differ in size"),
+                 ([f"{d}/A", f"{d}/corrupt/x"], "cannot read image"),
+                 ([f"{d}/A", f"{d}/A", "--weights", f"{d}/mar.pth"], "is not the FID Inception-v3"),
+                 ([f"{d}/A", f"{d}/A", "--weights", f"{d}/missing.pth"], "weights not found")]
+        for args, expect in cases:
+            args = args if "--weights" in args else args + ["--weights", tf]
+            p = run_fid(*args)
+            lines = p.stderr.strip().splitlines()
+            assert p.returncode != 0 and lines and expect in lines[-1] and "Traceback" not in p.stderr, (args, p.stderr[-800:])
+    # no network and no file: the error says where to put the weights
+    import urllib.error
+    hub_dir, download = torch.hub.get_dir(), torch.hub.download_url_to_file
+    with tempfile.TemporaryDirectory() as d:
+        torch.hub.set_dir(d)
+        torch.hub.download_url_to_file = lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline"))
+        try:
+            fid.load_inception()
+            raise AssertionError("no error")
+        except FileNotFoundError as e:
+            assert "weights-inception-2015-12-05-6726825d.pth" in str(e) and d in str(e) and "--weights" in str(e), e
+        finally:
+            torch.hub.set_dir(hub_dir)
+            torch.hub.download_url_to_file = download
 
 
 # ---------------------------------------------------------------------------------------------

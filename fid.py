@@ -1,0 +1,566 @@
+"""
+FID and Inception Score that give the numbers the papers report, in one file.
+
+    python fid.py samples/ adm_in256_stats.npz          # FID (and IS of samples/) vs reference statistics
+    python fid.py dirA dirB --pytorch-fid                # pytorch-fid's pipeline (CODA's rFID)
+    python fid.py imagenet_val/ --save-stats val.npz     # statistics of a folder, for later comparisons
+    torchrun --nproc_per_node=8 fid.py samples/ ref.npz  # features computed in shards on every GPU
+
+References:
+  FID: M. Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash
+       Equilibrium", NeurIPS 2017, Sec. 3 / Eq. (6) (code: github.com/bioinf-jku/TTUR).
+  IS:  T. Salimans et al., "Improved Techniques for Training GANs", NeurIPS 2016, Sec. 4.
+  The network is the 2015-12-05 TensorFlow Inception-v3 graph both metrics were defined with. MAR
+  reports FID-50K / IS with torch-fidelity (github.com/toshas/torch-fidelity) against ADM's
+  ImageNet-256 statistics; CODA reports rFID with pytorch-fid (github.com/mseitzer/pytorch-fid).
+  Both tools run the same network and weights but feed it differently; this file does either,
+  and test_all.py checks features, FID and IS against tensors produced by running both tools.
+
+Read it top to bottom:
+  1. The FID Inception network and where it differs from torchvision's Inception-v3.
+  2. The two input pipelines (TF1-exact resize, or pytorch-fid's) and loading the weights.
+  3. Statistics, the Frechet distance and the Inception Score.
+  4. Feeding images: folders, .npz files, and generators scoring batches as they make them (DDP).
+  5. Reconstruction metrics for tokenizers (rFID, PSNR, SSIM) and the command line.
+"""
+import argparse
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+# =============================================================================================
+# 1. The FID Inception-v3 (the TF graph `inception-2015-12-05`, ported to PyTorch)
+# =============================================================================================
+# Layer names equal torchvision's Inception3 (and both tools' weight files), so the released
+# weights load directly. The graph differs from torchvision's Inception-v3 in three ways that change
+# the features, all reproduced here:
+#   * 1008 output classes instead of 1000 (the 2015 graph has 8 unused extra classes);
+#   * the average-pool branches exclude the zero padding from the mean (TF semantics):
+#     count_include_pad=False;
+#   * the pool branch of the LAST block (Mixed_7c) is a 3x3 max-pool, not an average-pool (a quirk
+#     of that TF graph; every FID implementation keeps it).
+
+class BasicConv2d(nn.Module):
+    """Conv (no bias) -> BatchNorm (eps 1e-3, TF's value) -> ReLU. Names .conv / .bn as torchvision."""
+
+    def __init__(self, cin, cout, kernel, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class Mixed(nn.Module):
+    """One Inception block: parallel towers whose outputs are concatenated along channels.
+
+    `towers` lists each tower as its conv layers in order, each (name, in, out, kernel, stride,
+    padding). A tower may end in a pair of layers applied side by side to the same input and
+    concatenated (the 1x3 / 3x1 split of the E blocks). `pool` is the pooling tower, always last:
+    'avg' (3x3 TF average pool, then the 1x1 conv `branch_pool`), 'max' (3x3 max pool, stride 1, then
+    `branch_pool`: Mixed_7c) or 'reduce' (3x3 max pool with stride 2 and no conv: Mixed_6a, Mixed_7a).
+    """
+
+    def __init__(self, towers, pool, pool_features=0, cin=0):
+        super().__init__()
+        self.towers, self.pool = [], pool
+        for tower in towers:
+            names = []
+            for layer in tower:
+                group = layer if isinstance(layer[0], tuple) else (layer,)
+                for name, *spec in group:
+                    self.add_module(name, BasicConv2d(*spec))
+                names.append(tuple(name for name, *_ in group))
+            self.towers.append(names)
+        if pool != "reduce":
+            self.branch_pool = BasicConv2d(cin, pool_features, 1)
+
+    def forward(self, x):
+        outs = []
+        for tower in self.towers:
+            h = x
+            for group in tower:
+                h = torch.cat([getattr(self, name)(h) for name in group], 1) if len(group) > 1 else getattr(self, group[0])(h)
+            outs.append(h)
+        if self.pool == "avg":
+            outs.append(self.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)))
+        elif self.pool == "max":
+            outs.append(self.branch_pool(F.max_pool2d(x, 3, 1, 1)))
+        else:
+            outs.append(F.max_pool2d(x, 3, 2))
+        return torch.cat(outs, 1)
+
+
+# The five block types of Inception-v3 (Szegedy et al., "Rethinking the Inception Architecture",
+# Fig. 5-7 and Table 1), as tower specifications: (name, in, out, kernel, stride, padding).
+def block_a(cin, pool_features):  # 35x35: 1x1 | 5x5 | double 3x3 | pool
+    return Mixed([[("branch1x1", cin, 64, 1)],
+                  [("branch5x5_1", cin, 48, 1), ("branch5x5_2", 48, 64, 5, 1, 2)],
+                  [("branch3x3dbl_1", cin, 64, 1), ("branch3x3dbl_2", 64, 96, 3, 1, 1), ("branch3x3dbl_3", 96, 96, 3, 1, 1)]],
+                 "avg", pool_features, cin)
+
+
+def block_b(cin):  # 35x35 -> 17x17 grid reduction
+    return Mixed([[("branch3x3", cin, 384, 3, 2)],
+                  [("branch3x3dbl_1", cin, 64, 1), ("branch3x3dbl_2", 64, 96, 3, 1, 1), ("branch3x3dbl_3", 96, 96, 3, 2)]],
+                 "reduce")
+
+
+def block_c(c7):  # 17x17 with factorized 7x7 (1x7 then 7x1)
+    row, col = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))
+    return Mixed([[("branch1x1", 768, 192, 1)],
+                  [("branch7x7_1", 768, c7, 1), ("branch7x7_2", c7, c7, *row), ("branch7x7_3", c7, 192, *col)],
+                  [("branch7x7dbl_1", 768, c7, 1), ("branch7x7dbl_2", c7, c7, *col), ("branch7x7dbl_3", c7, c7, *row),
+                   ("branch7x7dbl_4", c7, c7, *col), ("branch7x7dbl_5", c7, 192, *row)]],
+                 "avg", 192, 768)
+
+
+def block_d():  # 17x17 -> 8x8 grid reduction
+    return Mixed([[("branch3x3_1", 768, 192, 1), ("branch3x3_2", 192, 320, 3, 2)],
+                  [("branch7x7x3_1", 768, 192, 1), ("branch7x7x3_2", 192, 192, (1, 7), 1, (0, 3)),
+                   ("branch7x7x3_3", 192, 192, (7, 1), 1, (3, 0)), ("branch7x7x3_4", 192, 192, 3, 2)]],
+                 "reduce")
+
+
+def block_e(cin, pool):  # 8x8 with the 1x3 / 3x1 split at the end of two towers
+    split = lambda a, b: ((a, 384, 384, (1, 3), 1, (0, 1)), (b, 384, 384, (3, 1), 1, (1, 0)))
+    return Mixed([[("branch1x1", cin, 320, 1)],
+                  [("branch3x3_1", cin, 384, 1), split("branch3x3_2a", "branch3x3_2b")],
+                  [("branch3x3dbl_1", cin, 448, 1), ("branch3x3dbl_2", 448, 384, 3, 1, 1),
+                   split("branch3x3dbl_3a", "branch3x3dbl_3b")]],
+                 pool, 192, cin)
+
+
+class FIDInception(nn.Module):
+    """uint8 images (B, 3, H, W) -> (pool3 features (B, 2048), unbiased logits (B, 1008)).
+
+    pool3 (the 2048-d global average pool) is what FID compares; IS uses the logits WITHOUT the fc
+    bias ("logits_unbiased"), as the original TF code, ADM's evaluator and torch-fidelity do.
+    """
+
+    def __init__(self, pytorch_fid=False):
+        super().__init__()
+        self.pytorch_fid = pytorch_fid
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, 2)         # 299 -> 149
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)           # -> 147
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, 1, 1)     # -> 147, then max pool -> 73
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)          # -> 71, then max pool -> 35
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = block_a(192, 32), block_a(256, 64), block_a(288, 64)
+        self.Mixed_6a = block_b(288)                          # -> 17
+        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = block_c(128), block_c(160), block_c(160), block_c(192)
+        self.Mixed_7a = block_d()                             # -> 8
+        self.Mixed_7b, self.Mixed_7c = block_e(1280, "avg"), block_e(2048, "max")
+        self.fc = nn.Linear(2048, 1008)
+
+    def forward(self, images):
+        x = preprocess(images, self.pytorch_fid)              # (B, 3, 299, 299) in [-1, 1]
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, 3, 2)                             # (B, 64, 73, 73)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, 2)  # (B, 192, 35, 35)
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
+                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+            x = block(x)                                      # ... -> (B, 2048, 8, 8)
+        pool3 = x.mean((2, 3))                                # (B, 2048)
+        return pool3, pool3 @ self.fc.weight.T                # (B, 2048), (B, 1008)
+
+
+# =============================================================================================
+# 2. Input pipelines and weights
+# =============================================================================================
+
+def resize_tf1(x, size=299):
+    """Bilinear resize exactly as TensorFlow 1.x's resize_bilinear (align_corners=False), which the
+    TF FID graph applies: output pixel i reads input coordinate i * in/out, with NO half-pixel offset
+    (PyTorch's interpolate reads (i + 0.5) * in/out - 0.5), and the far neighbour clamped at the
+    border. Same arithmetic, in the same order, as torch-fidelity, so CPU results are bit-identical."""
+    def taps(n_in):
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
+        lo = src.long()                                       # floor (coordinates are >= 0)
+        return lo, (lo + 1).clamp(max=n_in - 1), src - lo.float()
+    y0, y1, dy = taps(x.shape[2])
+    x0, x1, dx = taps(x.shape[3])
+    top, bottom = x[:, :, y0], x[:, :, y1]                    # (B, C, size, W)
+    top = top[..., x0] + (top[..., x1] - top[..., x0]) * dx
+    bottom = bottom[..., x0] + (bottom[..., x1] - bottom[..., x0]) * dx
+    return top + (bottom - top) * dy[:, None]                 # (B, C, size, size)
+
+
+def preprocess(images, pytorch_fid=False):
+    """Images -> the network's input in [-1, 1] at 299x299.
+
+    Default (TF / torch-fidelity / ADM / MAR): uint8 -> float, TF1 resize, (x - 128) / 128.
+    pytorch_fid=True: x / 255 (uint8) or floats in [0, 1] as given (CODA feeds its reconstructions
+    this way), PyTorch's half-pixel bilinear resize, then 2x - 1 = (v - 127.5) / 127.5. Resize before
+    normalising, as pytorch-fid does (the other order changes pool3 by ~1e-4).
+    """
+    if pytorch_fid:
+        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        return 2 * F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False) - 1
+    if images.dtype != torch.uint8:
+        raise ValueError(f"the TF-exact pipeline takes uint8 images, got {images.dtype} (use to_uint8 first)")
+    return (resize_tf1(images.float()) - 128) / 128
+
+
+def to_uint8(images):
+    """Images in [-1, 1] -> uint8 in [0, 255], rounded: exactly what MAR's evaluation writes to its
+    PNGs (round(clip((x + 1) / 2 * 255))), so scoring in memory equals scoring the saved files."""
+    return ((images.float() + 1) / 2 * 255).clamp(0, 255).round().to(torch.uint8)
+
+
+URLS = {  # the two tools' copies of the same converted TF weights (the file names differ)
+    "torch-fidelity": "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
+    "pytorch-fid": "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
+}
+
+
+def weights_path(pytorch_fid=False):
+    """The cached weight file (downloaded on first use) in the torch hub cache, where the two tools
+    also keep it: $TORCH_HOME/hub/checkpoints/<file name>."""
+    url = URLS["pytorch-fid" if pytorch_fid else "torch-fidelity"]
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if not os.path.exists(path):
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        if rank0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(url, path, progress=True)
+            except Exception as e:  # offline, proxy, HTTP error
+                if not dist.is_initialized():
+                    raise FileNotFoundError(f"cannot download the Inception weights ({type(e).__name__}: {e}); download {url} "
+                                            f"by hand to {path}, or pass --weights FILE") from None
+        if dist.is_initialized():
+            dist.barrier()                                    # the other ranks wait for rank 0's download
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"cannot download the Inception weights; download {url} by hand to {path}, "
+                                    f"or pass --weights FILE")
+    return path
+
+
+def load_inception(weights=None, pytorch_fid=False, device="cpu"):
+    """The FID Inception in eval mode on `device`, from `weights` (either tool's .pth file) or the
+    downloaded copy. Both files hold the same tensors under torchvision's names; torch-fidelity's
+    has no BatchNorm `num_batches_tracked` counters, which evaluation never reads."""
+    path = weights or weights_path(pytorch_fid)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Inception weights not found: {path}") from None
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable weight file: {str(e).strip().splitlines()[0][:200]}") from None
+    net = FIDInception(pytorch_fid)
+    own = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")} if isinstance(state, dict) else {}
+    missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path} is not the FID Inception-v3: {len(missing)} missing, {len(unexpected)} unexpected, "
+                         f"{len(shapes)} mis-shaped tensors (first: {(missing + unexpected + shapes)[0]})")
+    net.load_state_dict(state, strict=False)
+    net = net.eval().requires_grad_(False).to(device)
+    return net.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else net
+
+
+# =============================================================================================
+# 3. Statistics, Frechet distance, Inception Score
+# =============================================================================================
+
+def statistics(features):
+    """pool3 features (N, 2048) -> (mu, sigma) in float64: the mean and the unbiased (N - 1)
+    covariance of the Gaussian FID fits to each image set (Heusel et al. 2017, Sec. 3)."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"statistics need at least 2 images, got {f.shape[0] if f.ndim == 2 else 0}")
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """FID = |mu1 - mu2|^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2))  (Heusel et al. 2017, Eq. (6)).
+
+    The trace of the matrix square root is the sum of the square roots of the eigenvalues of S1 S2
+    (similar to the PSD matrix S1^(1/2) S2 S1^(1/2), so they are real and >= 0 up to rounding), as
+    torch-fidelity >= 0.4 computes it. This avoids scipy.linalg.sqrtm, whose `disp` argument is
+    gone from recent SciPy and whose 1.11.2 release returned wrong results (pytorch-fid #100)."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
+    diff = mu1 - mu2
+    tr_covmean = np.sqrt(np.linalg.eigvals(sigma1 @ sigma2).astype(np.complex128)).real.sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def inception_score(logits, splits=10, seed=2020):
+    """IS = exp(E_x KL(p(y|x) || p(y))) on the 1008 unbiased logits (Salimans et al. 2016, Sec. 4),
+    as torch-fidelity: shuffle with its seed (2020), 10 splits, p(y) the mean within each split,
+    float64; returns (mean, std) over splits."""
+    logits = torch.as_tensor(logits)
+    n = logits.shape[0]
+    if n < splits:
+        raise ValueError(f"the Inception Score needs at least {splits} images (one per split), got {n}")
+    logits = logits[torch.from_numpy(np.random.RandomState(seed).permutation(n))].double()
+    p, log_p = logits.softmax(1), logits.log_softmax(1)
+    scores = []
+    for i in range(splits):
+        part = slice(i * n // splits, (i + 1) * n // splits)
+        p_y = p[part].mean(0, keepdim=True)                   # marginal class distribution of the split
+        scores.append((p[part] * (log_p[part] - p_y.log())).sum(1).mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def load_statistics(path):
+    """(mu, sigma) from an .npz with `mu` and `sigma`: MAR's fid_stats/adm_in256_stats.npz,
+    pytorch-fid's --save-stats files, or ADM's reference batch VIRTUAL_imagenet256_labeled.npz
+    (which also holds 10k images in arr_0; its mu/sigma cover the whole training set and are used)."""
+    with np.load(path) as f:
+        if "mu" not in f or "sigma" not in f:
+            raise ValueError(f"{path} holds no statistics (keys {sorted(f.keys())}; need mu and sigma)")
+        return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+
+
+def save_statistics(path, mu, sigma):
+    np.savez(path, mu=mu, sigma=sigma)
+
+
+# =============================================================================================
+# 4. Feeding images: in-memory scoring (generators), folders and .npz files, over DDP ranks
+# =============================================================================================
+
+def gather(t):
+    """Concatenate a (n_rank, ...) tensor from every rank in rank order (n may differ per rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    n = torch.tensor([len(t)], device=device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    padded = torch.zeros((int(max(sizes)), *t.shape[1:]), dtype=t.dtype, device=device)
+    padded[: len(t)] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)]).cpu()
+
+
+class Scorer:
+    """Collects Inception features of images as they are produced (no PNG round trip) and returns
+    FID / IS. Under DDP every rank calls update() with its own images; compute() gathers them in
+    rank order (so give rank r the r-th contiguous block of the image list to keep a fixed order).
+
+        scorer = Scorer(load_inception(device=device))
+        for batch in generator: scorer.update(to_uint8(batch))   # (B, 3, H, W) uint8
+        result = scorer.compute(load_statistics("adm_in256_stats.npz"))  # {'fid', 'is_mean', ...}
+    """
+
+    def __init__(self, net):
+        self.net, self.pool, self.logits = net, [], []
+
+    @torch.no_grad()
+    def update(self, images):
+        device = next(self.net.parameters()).device
+        x = images.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # full fp32 features
+        try:
+            pool, logits = self.net(x)
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        self.pool.append(pool.float().cpu())
+        self.logits.append(logits.float().cpu())
+
+    def features(self):
+        """(pool3 (N, 2048), logits (N, 1008)) of all images on all ranks, in rank order."""
+        cat = lambda xs, d: torch.cat(xs) if xs else torch.zeros(0, d)
+        return gather(cat(self.pool, 2048)), gather(cat(self.logits, 1008))
+
+    def compute(self, reference=None):
+        """{'num_images', 'mu', 'sigma', 'is_mean', 'is_std', and 'fid' if reference=(mu, sigma)}."""
+        pool, logits = self.features()
+        mu, sigma = statistics(pool)
+        out = dict(num_images=len(pool), mu=mu, sigma=sigma)
+        if len(logits) >= 10:
+            out["is_mean"], out["is_std"] = inception_score(logits)
+        if reference is not None:
+            out["fid"] = frechet_distance(mu, sigma, *reference)
+        return out
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """The images of one folder (not recursive), sorted by path as torch-fidelity does, as uint8
+    (3, H, W). Lossy JPEG samples change FID noticeably (clean-fid): prefer PNG for generated sets."""
+
+    def __init__(self, root):
+        self.files = sorted(os.path.join(root, f) for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not self.files:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.files[i]) as im:
+                return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # (3, H, W) uint8
+        except Exception as e:
+            raise ValueError(f"cannot read image {self.files[i]}: {e}") from None
+
+
+class ArrayImages(torch.utils.data.Dataset):
+    """The images of an .npz sample batch: `arr_0` of shape (N, H, W, 3), uint8 (ADM's format)."""
+
+    def __init__(self, path):
+        with np.load(path) as f:
+            if "arr_0" not in f:
+                raise ValueError(f"{path} holds neither images (arr_0) nor statistics (mu, sigma): keys {sorted(f.keys())}")
+            self.images = f["arr_0"]
+        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[3] != 3:
+            raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {self.images.dtype} {self.images.shape}")
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.images[i]).permute(2, 0, 1)
+
+
+def open_input(path):
+    """A folder or .npz of images -> Dataset; an .npz with mu/sigma -> (mu, sigma)."""
+    if os.path.isdir(path):
+        return ImageFiles(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such folder or file: {path}")
+    if not path.endswith(".npz"):
+        raise ValueError(f"{path}: expected an image folder or an .npz file")
+    with np.load(path) as f:
+        has_stats = "mu" in f and "sigma" in f
+    return load_statistics(path) if has_stats else ArrayImages(path)
+
+
+def score_dataset(dataset, net, batch_size=100, num_workers=0, desc="features"):
+    """Inception features of a dataset; rank r of W processes the r-th contiguous block, so the
+    gathered result is in dataset order (which IS's fixed shuffle depends on)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    n = len(dataset)
+    shard = torch.utils.data.Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
+    loader = torch.utils.data.DataLoader(shard, batch_size, num_workers=num_workers,
+                                         pin_memory=torch.cuda.is_available())
+    scorer = Scorer(net)
+    try:
+        for images in tqdm(loader, desc=desc, disable=rank != 0, dynamic_ncols=True):
+            scorer.update(images)
+    except RuntimeError as e:  # the default collate refuses images of different sizes
+        if "stack expects each tensor to be equal size" in str(e):
+            raise ValueError("the images differ in size; resize them to one size first") from None
+        raise
+    return scorer
+
+
+# =============================================================================================
+# 5. Reconstruction metrics (tokenizers) and the command line
+# =============================================================================================
+
+def psnr(a, b):
+    """Per-image PSNR in dB of uint8 images (B, 3, H, W): 20 log10(255 / sqrt(MSE)), MSE over all
+    pixels and channels in float64 (CODA's calculate_psnr); inf for identical images."""
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
+    return 20 * torch.log10(255 / mse.sqrt())
+
+
+def ssim(a, b):
+    """Per-image SSIM of uint8 images (B, 3, H, W) as MATLAB's ssim.m (Wang et al. 2004): 11x11
+    Gaussian window with sigma 1.5, C1 = (0.01 * 255)^2, C2 = (0.03 * 255)^2, 'valid' filtering (no
+    padding), computed per RGB channel and averaged, in float64 (CODA's calculate_ssim)."""
+    g = torch.exp(-(torch.arange(11, dtype=torch.float64) - 5) ** 2 / (2 * 1.5 ** 2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2).to(a.device).expand(3, 1, 11, 11)
+    x, y = a.double(), b.double()
+    blur = lambda t: F.conv2d(t, window, groups=3)            # (B, 3, H - 10, W - 10)
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y, cov = blur(x * x) - mu_x ** 2, blur(y * y) - mu_y ** 2, blur(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    ssim_map = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return ssim_map.mean((2, 3)).mean(1)
+
+
+class ReconstructionMetrics:
+    """rFID, PSNR and SSIM of reconstructions against their originals, as CODA evaluates them:
+    images in [-1, 1] are mapped to [0, 1] and clamped; the Inception sees those floats directly
+    (net built with pytorch_fid=True, CODA's protocol) or their rounded uint8 (TF pipeline); PSNR and
+    SSIM use uint8 images made by truncation, (x * 255).astype(uint8), as CODA's code does."""
+
+    def __init__(self, net):
+        self.real, self.fake, self.psnr, self.ssim = Scorer(net), Scorer(net), [], []
+
+    def update(self, originals, reconstructions):
+        a, b = [((x.float() + 1) / 2).clamp(0, 1) for x in (originals, reconstructions)]
+        ua, ub = (a * 255).to(torch.uint8), (b * 255).to(torch.uint8)
+        self.psnr.append(psnr(ua, ub).cpu())
+        self.ssim.append(ssim(ua, ub).cpu())
+        feed = (lambda x: x) if self.real.net.pytorch_fid else (lambda x: (x * 255).round().to(torch.uint8))
+        self.real.update(feed(a))
+        self.fake.update(feed(b))
+
+    def compute(self):
+        real, fake = self.real.compute(), self.fake.compute()
+        return dict(rfid=frechet_distance(fake["mu"], fake["sigma"], real["mu"], real["sigma"]),
+                    psnr=gather(torch.cat(self.psnr)).mean().item(), ssim=gather(torch.cat(self.ssim)).mean().item(),
+                    num_images=real["num_images"])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="FID / Inception Score (torch-fidelity's numbers, or pytorch-fid's with --pytorch-fid)")
+    p.add_argument("inputs", nargs="+", metavar="A [B]",
+                   help="image folder, .npz of images (arr_0, N x H x W x 3 uint8) or .npz of statistics (mu, sigma)")
+    p.add_argument("--weights", help="Inception weights (torch-fidelity's or pytorch-fid's .pth); default: download once")
+    p.add_argument("--pytorch-fid", action="store_true", help="pytorch-fid's input pipeline (CODA's rFID) instead of TF's")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--save-stats", metavar="OUT.npz", help="save mu/sigma of A to this file")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    args = p.parse_args(argv)
+    if len(args.inputs) > 2 or (len(args.inputs) == 1 and not args.save_stats) or (len(args.inputs) == 2 and args.save_stats):
+        p.error("give A B to compare, or A --save-stats OUT.npz")
+    if "RANK" in os.environ:  # torchrun: one process per GPU, features computed in shards
+        dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    try:
+        sources = [open_input(path) for path in args.inputs]
+        net = load_inception(args.weights, args.pytorch_fid, device)
+        results = []
+        for path, src in zip(args.inputs, sources):
+            if isinstance(src, tuple):
+                results.append(dict(mu=src[0], sigma=src[1]))
+            else:
+                results.append(score_dataset(src, net, args.batch_size, args.num_workers, os.path.basename(path.rstrip("/"))).compute())
+        if rank0 and args.save_stats:
+            save_statistics(args.save_stats, results[0]["mu"], results[0]["sigma"])
+            print(f"saved statistics of {results[0]['num_images']} images to {args.save_stats}")
+        if rank0 and "is_mean" in results[0]:
+            print(f"IS: {results[0]['is_mean']:.4f} +- {results[0]['is_std']:.4f}")
+        if rank0 and len(results) == 2:
+            print(f"FID: {frechet_distance(results[0]['mu'], results[0]['sigma'], results[1]['mu'], results[1]['sigma']):.6f}")
+    except (ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"fid.py: error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
