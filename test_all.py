@@ -10,6 +10,7 @@ so that the zero-initialised layers are not zero. Every official RNG draw was pi
 recorded and passed in, torch draws from seeded global generators, which our code reproduces from
 a seeded torch.Generator. No official code is in this repository.
 """
+import json
 import math
 import os
 import subprocess
@@ -692,6 +693,41 @@ def test_fid_errors_are_one_line():
         finally:
             torch.hub.set_dir(hub_dir)
             torch.hub.download_url_to_file = download
+
+
+def test_train_eval_generates_and_scores():
+    """--eval: class-balanced samples from the EMA weights, scored in memory; the printed FID equals
+    fid.py on the saved PNGs, with one process or two (the image order is the same)."""
+    r = ref("fid_ref.pt")
+    with tempfile.TemporaryDirectory() as d:
+        tf, _ = inception_files(d)
+        run_train("--data-path", make_folder(f"{d}/data"), "--output-dir", f"{d}/run", "--epochs", "1", *FAST)
+        save_pngs(r["B"], f"{d}/real")
+        assert run_fid(f"{d}/real", "--save-stats", f"{d}/real.npz", "--weights", tf).returncode == 0
+        ev = ["--eval", "--resume", f"{d}/run/checkpoint-last.pth", "--output-dir", f"{d}/run", "--num-images", "20",
+              "--eval-batch-size", "8", "--inception-weights", tf, *FAST]
+        p = run_train(*ev, "--fid-stats", f"{d}/real.npz", "--save-images", f"{d}/gen")
+        assert sorted(os.listdir(f"{d}/gen")) == [f"{i:05d}.png" for i in range(20)]
+        check = run_fid(f"{d}/gen", f"{d}/real.npz", "--weights", tf)
+        assert abs(printed(p, "FID") - printed(check, "FID")) < 1e-6 * printed(check, "FID"), (p.stdout, check.stdout)
+        assert "seconds per image" in p.stdout and p.stdout.strip().splitlines()[-1].startswith("FID: ")
+        record = [json.loads(l) for l in open(f"{d}/run/eval.jsonl")][-1]
+        assert record["num_images"] == 20 and record["cfg"] == 2.9 and abs(record["fid"] - printed(p, "FID")) < 1e-3, record
+        # two processes: rank r writes images [10 r, 10 r + 10); same scoring path
+        p2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:], *ev,
+                             "--fid-stats", f"{d}/real.npz", "--save-images", f"{d}/gen2"], capture_output=True,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+        assert p2.returncode == 0, p2.stderr[-2000:]
+        assert sorted(os.listdir(f"{d}/gen2")) == [f"{i:05d}.png" for i in range(20)]
+        check2 = run_fid(f"{d}/gen2", f"{d}/real.npz", "--weights", tf)
+        assert abs(printed(p2, "FID") - printed(check2, "FID")) < 1e-6 * printed(check2, "FID")
+        # the built-in data: reference statistics from held-out toy images, cached in the run folder
+        p3 = run_train(*ev)
+        assert os.path.exists(f"{d}/run/fid_stats_builtin_32px_20.npz") and printed(p3, "FID") > 0
+        bad = run_train(*ev[:-len(FAST)], "--preset", "tiny", "--img-size", "64", "--num-iter", "2", check=False)
+        assert bad.returncode != 0 and "another config" in bad.stderr.strip().splitlines()[-1], bad.stderr[-500:]
+        bad = run_train(*ev, "--num-images", "15", check=False)
+        assert bad.returncode != 0 and "multiple of the 10 classes" in bad.stderr, bad.stderr[-500:]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,9 @@ One training driver for every model in this repository: plain torch.distributed 
         --vae pretrained/kl16.ckpt --epochs 800         # the paper's recipe (see README)
     torchrun --nnodes=4 --node_rank=$RANK --master_addr=$ADDR --master_port=29500 \
         --nproc_per_node=8 train.py ...                 # several nodes
+    torchrun --nproc_per_node=8 train.py --model mar --eval --resume mar_base/checkpoint-last.pth \
+        --preset base --vae kl16.ckpt --fid-stats adm_in256_stats.npz --num-images 50000 \
+        --num-iter 256 --cfg 2.9                        # generate and score (FID-50K, IS)
 
 It also runs as a single process (`python train.py ...`). A run lives in --output-dir: log.txt,
 metrics.jsonl, checkpoint-last.pth and samples-*.png. Re-running the same command resumes it
@@ -37,6 +40,7 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import fid
 import mar
 
 
@@ -419,6 +423,102 @@ def git_commit():
 
 
 #################################################################################
+#                           Generate and score (--eval)                         #
+#################################################################################
+
+@torch.no_grad()
+def builtin_statistics(args, net):
+    """Reference statistics for the built-in data: Inception features of `num_images` held-out toy
+    images (another seed than the training set, classes balanced), cached in the output folder."""
+    path = os.path.join(args.output_dir, f"fid_stats_builtin_{args.img_size}px_{args.num_images}.npz")
+    if os.path.exists(path):
+        return fid.load_statistics(path)
+    images = ToyDataset(args.img_size, args.num_images, seed=args.seed + 1000).images.permute(0, 3, 1, 2)  # uint8
+    scorer = fid.Scorer(net)
+    for chunk in tqdm(images.split(args.eval_batch_size), desc="reference statistics", disable=dist.is_initialized() and dist.get_rank() > 0):
+        scorer.update(chunk)
+    mu, sigma = fid.statistics(scorer.features()[0])
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        fid.save_statistics(path, mu, sigma)
+    return mu, sigma
+
+
+@torch.no_grad()
+def evaluate(args, rank, world, device):
+    """Generate `num_images` class-balanced samples (num_images / classes per class, as the official
+    MAR evaluation) with the EMA weights, score them in memory against reference statistics with the
+    TF-exact Inception (torch-fidelity's numbers), and print FID, IS and seconds per image. Rank r
+    draws the r-th contiguous block of the image list, so the gathered order (which IS's fixed split
+    depends on) is the same for any number of processes."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt_path = args.resume or os.path.join(args.output_dir, "checkpoint-last.pth")
+    try:
+        ckpt = mar.load_checkpoint(ckpt_path)
+    except (ValueError, FileNotFoundError) as e:
+        fail(f"--eval: {e}")
+    if ckpt.get("model_name", args.model) != args.model:  # official MAR files carry no model_name
+        fail(f"{ckpt_path} is a checkpoint of --model {ckpt['model_name']}, not {args.model}")
+    # ours record the class count in `config`; the official ones in their argparse Namespace `args`
+    num_classes = ckpt["config"]["class_num"] if "config" in ckpt else getattr(ckpt.get("args"), "class_num", 1000)
+    if args.num_images % num_classes:
+        fail(f"--num-images {args.num_images} must be a multiple of the {num_classes} classes (class-balanced samples)")
+    recipe = RECIPES[args.model](args, num_classes, device)
+    if "config" in ckpt and ckpt["config"] != recipe.config:
+        diff = {k: (ckpt["config"].get(k), v) for k, v in recipe.config.items() if ckpt["config"].get(k) != v}
+        fail(f"{ckpt_path} was trained with another config: " + ", ".join(f"{k} {a} (checkpoint) vs {b} (now)" for k, (a, b) in diff.items()))
+    model = recipe.model
+    try:
+        mar.load_weights(model, ckpt_path, "model_ema")       # the EMA weights, as the paper evaluates
+    except ValueError as e:
+        fail(f"--eval: {e} (check --preset / --img-size / --vae)")
+    del ckpt
+    model = model.to(device).eval()
+    try:
+        net = fid.load_inception(args.inception_weights, device=device)
+        reference = fid.load_statistics(args.fid_stats) if args.fid_stats else builtin_statistics(args, net)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        fail(str(e))
+    cuda = device.type == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    per_class = args.num_images // num_classes
+    first, last = rank * args.num_images // world, (rank + 1) * args.num_images // world
+    ids = torch.arange(first, last)
+    generator = torch.Generator(device).manual_seed(args.seed * 1000 + rank)
+    scorer, seconds, timed = fid.Scorer(net), 0.0, 0
+    if args.save_images:
+        os.makedirs(args.save_images, exist_ok=True)
+    batches = ids.split(args.eval_batch_size)
+    for i, batch in enumerate(tqdm(batches, desc=f"generating {args.num_images} images", disable=rank != 0, dynamic_ncols=True)):
+        labels = (batch // per_class).to(device)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.time()
+        with amp:
+            images = recipe.samples(model, labels, generator)   # (B, 3, H, W) in [-1, 1]
+        if cuda:
+            torch.cuda.synchronize()
+        if i > 0 or len(batches) == 1:  # as the official code: the first batch (warm-up) is not timed
+            seconds, timed = seconds + time.time() - t0, timed + len(batch)
+        images = fid.to_uint8(images)
+        scorer.update(images)
+        if args.save_images:
+            for j, im in zip(batch.tolist(), images.permute(0, 2, 3, 1).cpu().numpy()):
+                Image.fromarray(im).save(os.path.join(args.save_images, f"{j:05d}.png"))
+    result = scorer.compute(reference)
+    if rank == 0:
+        out = dict(checkpoint=ckpt_path, num_images=result["num_images"], fid=result["fid"], is_mean=result.get("is_mean"),
+                   is_std=result.get("is_std"), seconds_per_image=seconds / max(timed, 1), num_iter=args.num_iter,
+                   cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
+                   num_sampling_steps=args.num_sampling_steps, processes=world)
+        with open(os.path.join(args.output_dir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(out) + "\n")
+        if "is_mean" in result:
+            print(f"IS: {result['is_mean']:.2f} +- {result['is_std']:.2f}")
+        print(f"seconds per image: {out['seconds_per_image']:.4f} ({world} process(es), excluding the first batch)")
+        print(f"FID: {result['fid']:.4f}  ({result['num_images']} images, cfg {args.cfg}, {args.num_iter} steps)")
+
+
+#################################################################################
 #                                 Training loop                                 #
 #################################################################################
 
@@ -430,6 +530,8 @@ def main(args):
     np.random.seed(args.seed + rank)
     if args.cache_latents:
         return cache_latents(args, rank, world, device)
+    if args.eval:
+        return evaluate(args, rank, world, device)
 
     # ---- output folder and logging (rank 0 writes) ----
     os.makedirs(args.output_dir, exist_ok=True)
@@ -615,11 +717,13 @@ def main(args):
 #################################################################################
 
 # The paper's ImageNet recipe (MAR paper Sec. 5 / App. B and the official README), used with
-# --data-path or --use-cached; and the CPU-sized values used on the built-in data.
+# --data-path, --use-cached or --eval --fid-stats; and the CPU-sized values used on the built-in data.
 PAPER = dict(preset="base", img_size=256, epochs=400, warmup_epochs=100, batch_size=64, blr=1e-4, ema=0.9999,
-             diffusion_batch_mul=4, log_every=20, ckpt_every=1000, sample_every=5000, num_iter=64, cfg=2.9)
+             diffusion_batch_mul=4, log_every=20, ckpt_every=1000, sample_every=5000, num_iter=64, cfg=2.9,
+             num_images=50000)
 BUILTIN = dict(preset="tiny", img_size=32, epochs=25, warmup_epochs=1, batch_size=64, blr=4e-3, ema=0.999,
-               diffusion_batch_mul=1, log_every=20, ckpt_every=500, sample_every=1000, num_iter=8, cfg=6.0)
+               diffusion_batch_mul=1, log_every=20, ckpt_every=500, sample_every=1000, num_iter=8, cfg=6.0,
+               num_images=1000)
 
 
 def parse_args(argv=None):
@@ -662,9 +766,18 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, help="CFG scale for sample grids; default 2.9 (MAR-B), 6.0 built-in")
     p.add_argument("--cfg-schedule", default="linear", choices=["linear", "constant"])  # paper
     p.add_argument("--temperature", type=float, default=1.0)  # paper (with CFG)
+    # generate and score
+    p.add_argument("--eval", action="store_true", help="generate --num-images samples from --resume and print FID / IS")
+    p.add_argument("--num-images", type=int, help="default: 50000 (paper, FID-50K), 1000 on the built-in data")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="generation batch per process (official eval_bsz)")
+    p.add_argument("--fid-stats", help="reference statistics (.npz with mu, sigma), e.g. MAR's fid_stats/adm_in256_stats.npz; "
+                                       "default on the built-in data: computed from held-out toy images")
+    p.add_argument("--inception-weights", help="FID Inception weights (torch-fidelity's .pth); default: download once")
+    p.add_argument("--save-images", metavar="DIR", help="also write the samples as PNGs (00000.png, ...)")
     args = p.parse_args(argv)
 
-    defaults = PAPER if (args.data_path or args.use_cached) else BUILTIN
+    imagenet = args.data_path or args.use_cached or (args.eval and args.fid_stats)  # else: the built-in data
+    defaults = PAPER if imagenet else BUILTIN
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -682,9 +795,13 @@ def parse_args(argv=None):
         fail("--use-cached reads --cache-path; drop --data-path (or drop --use-cached to train from images)")
     if args.cache_path and not (args.use_cached or args.cache_latents):
         fail("--cache-path is only used with --cache-latents or --use-cached")
+    if args.eval and imagenet and not args.fid_stats:
+        fail("--eval on ImageNet needs --fid-stats (MAR's fid_stats/adm_in256_stats.npz, or `python fid.py DIR --save-stats`)")
+    if args.eval and args.cache_latents:
+        fail("--eval and --cache-latents are separate runs")
     if args.resume and not os.path.exists(args.resume):
         fail(f"--resume: checkpoint not found: {args.resume}")
-    for key in ("epochs", "batch_size", "log_every", "ckpt_every", "sample_every", "num_iter"):
+    for key in ("epochs", "batch_size", "log_every", "ckpt_every", "sample_every", "num_iter", "num_images", "eval_batch_size"):
         if getattr(args, key) < 1:
             fail(f"--{key.replace('_', '-')} must be at least 1")
     return args
