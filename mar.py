@@ -855,14 +855,15 @@ def load_checkpoint(path):
 
 
 def load_weights(module, path, key="model"):
-    """Load `checkpoint[key]` into `module` with strict=True, or raise one clear line naming what
-    differs. Official files: kl16.ckpt -> key 'model'; MAR checkpoint-last.pth -> 'model_ema' for
-    sampling (the EMA weights the paper evaluates) or 'model' for the raw weights."""
+    """Load `checkpoint[key]` (key None: the file is the state dict itself) into `module` with
+    strict=True, or raise one clear line naming what differs. Official files: kl16.ckpt -> key
+    'model'; MAR checkpoint-last.pth -> 'model_ema' for sampling (the EMA weights the paper
+    evaluates) or 'model' for the raw weights; CODA's vae.pth / quantizer.pth -> None."""
     ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or key not in ckpt:
+    if not isinstance(ckpt, dict) or (key is not None and key not in ckpt):
         found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} has no '{key}' entry (found {found}); is it a checkpoint of this model?")
-    state = ckpt[key]
+    state = ckpt if key is None else ckpt[key]
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -871,7 +872,8 @@ def load_weights(module, path, key="model"):
     if missing or unexpected or shapes:
         parts = [f"{len(v)} {what} (first: {', '.join(v[:3])})" for what, v in
                  (("missing", missing), ("unexpected", unexpected), ("with another shape", shapes)) if v]
-        raise ValueError(f"{path}['{key}'] does not match {type(module).__name__}: " + "; ".join(parts))
+        where = path if key is None else f"{path}['{key}']"
+        raise ValueError(f"{where} does not match {type(module).__name__}: " + "; ".join(parts))
     module.load_state_dict(state, strict=True)
     return ckpt
 

@@ -22,6 +22,7 @@ import traceback
 import numpy as np
 import torch
 
+import coda
 import fid
 import mar
 
@@ -487,6 +488,154 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             assert p.returncode != 0, (flags, p.stderr[-500:])
             assert expect in lines[-1] and lines[-1].startswith("train.py: error:"), (flags, p.stderr[-1000:])
             assert "Traceback" not in p.stderr, (flags, p.stderr[-1000:])
+
+
+# ---------------------------------------------------------------------------------------------
+# coda.py: parity with the official LeapLabTHU/CODA modules
+# ---------------------------------------------------------------------------------------------
+
+def seeded_state(state, seed):
+    """Deterministic random values for every tensor of a state dict, drawn in sorted-name order
+    from a seeded CPU generator: the reference script gave the official modules exactly these, so
+    equal names and shapes mean equal weights. Fan-in scaled matrices, gains near 1, small biases,
+    and non-zero LoRA `up` weights (zero at init) so that the LoRA branches matter."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k in sorted(state):
+        v = state[k]
+        if not v.is_floating_point():
+            out[k] = v.clone()
+        elif k.endswith("lora_layer.up.weight"):
+            out[k] = 0.1 * torch.randn(v.shape, generator=g)
+        elif v.ndim >= 2:
+            out[k] = torch.randn(v.shape, generator=g) * v[0].numel() ** -0.5
+        elif k.endswith("weight"):
+            out[k] = 1 + 0.1 * torch.randn(v.shape, generator=g)
+        else:
+            out[k] = 0.1 * torch.randn(v.shape, generator=g)
+    return out
+
+
+def ref_quantizer(norm, seed=1, **overrides):
+    c = dict(ref("coda_ref.pt")["q_config"], **overrides)
+    q = coda.CODAQuantizer(c["hidden_dim"], c["codebook_size"], c["patch_size_list"], "attention", c["beta"],
+                           c["attn_dim"], norm)
+    q.load_state_dict(seeded_state(q.state_dict(), seed), strict=True)
+    return q
+
+
+def test_coda_quantizer_matches_official():
+    r = ref("coda_ref.pt")
+    for norm in ("rms_norm", "layer_norm", "none"):
+        q, tag = ref_quantizer(norm), f"q_{norm}"
+        logits = []
+        q.attn.register_forward_hook(lambda m, i, o: logits.append(o[0].detach()))
+        f = r["q_f"].clone().requires_grad_(True)
+        indices, f_hat, q_loss, e_loss = q(f)
+        for k, (p, index, lg) in enumerate(zip(q.levels, indices, logits)):  # official layout: (B, V, p, p)
+            assert torch.equal(index, r[tag + "_idx"][k]), (norm, k)
+            assert_close(lg.view(2, p, p, -1).permute(0, 3, 1, 2), r[tag + "_logits"][k], 1e-5, f"{norm} logits level {k}")
+        assert_close(f_hat, r[tag + "_f_hat"], 1e-5, f"{norm} f_hat")
+        assert_close(q_loss, r[tag + "_vq"], 1e-5, f"{norm} quantization loss")
+        assert_close(e_loss, r[tag + "_ent"], 1e-5, f"{norm} entropy loss")
+        if norm == "rms_norm":
+            ((f_hat * r["q_w"]).sum() + q_loss + 0.05 * e_loss).backward()
+            for name, param in q.named_parameters():
+                assert_close(param.grad, r[tag + "_grads"][name], 1e-5, f"grad {name}")
+            assert_close(f.grad, r[tag + "_grad_f"], 1e-5, "grad of the latent")
+            # decoding the indices gives the forward's f_hat
+            assert_close(q.decode(indices), f_hat, 1e-5, "decode(indices)")
+
+
+def test_coda_lora_conv_matches_official():
+    r = ref("coda_ref.pt")
+    base = torch.nn.Conv2d(8, 6, 3, stride=2, padding=0)
+    holder = torch.nn.Module()
+    holder.encoder = torch.nn.Module()
+    holder.encoder.conv1 = base
+    coda.add_lora(holder, rank=4, parts=("encoder",))
+    conv = holder.encoder.conv1
+    assert isinstance(conv, coda.LoRAConv2d) and not conv.weight.requires_grad and conv.lora_layer.down.weight.requires_grad
+    assert conv.lora_layer.up.weight.abs().sum() == 0                  # starts as the pretrained conv
+    conv.load_state_dict(seeded_state(conv.state_dict(), 6), strict=True)
+    y = conv(r["lora_x"])
+    assert_close(y, r["lora_y"], 1e-5, "LoRA conv output")
+    y.pow(2).sum().backward()
+    for name, param in conv.named_parameters():
+        if param.requires_grad:
+            assert_close(param.grad, r["lora_grads"][name], 1e-5, f"grad {name}")
+
+
+def ref_tokenizer():
+    r = ref("coda_ref.pt")
+    c = r["tok_config"]
+    vae = mar.AutoencoderKL(embed_dim=16, ch_mult=(1, 1))
+    coda.add_lora(vae, rank=c["vae"]["lora_rank"])
+    assert sorted(k for k in vae.state_dict() if "lora" in k) == r["tok_lora_keys"]
+    vae.load_state_dict(seeded_state(vae.state_dict(), 4), strict=True)
+    q = coda.CODAQuantizer(16, c["codebook_size"], c["levels"])
+    q.load_state_dict(seeded_state(q.state_dict(), 8), strict=True)
+    return coda.CODA(vae, q), r
+
+
+def test_coda_tokenizer_forward_and_gradients_match_official():
+    model, r = ref_tokenizer()
+    x = r["tok_x"]
+    assert_close(model.vae.encode(x).moments, r["tok_moments"], 1e-5, "moments (LoRA encoder)")
+    f = model.encode(x, torch.Generator().manual_seed(5))               # official: torch.manual_seed(5); .sample()
+    assert_close(f, r["tok_f"], 1e-5, "scaled latent sample")
+    recon, q_loss, e_loss, indices = model(x, torch.Generator().manual_seed(5))
+    assert all(torch.equal(a, b) for a, b in zip(indices, r["tok_idx"]))
+    assert_close(recon, r["tok_recon"], 1e-5, "reconstruction")
+    loss = 0.2 * (x - recon).abs().mean() + ((x - recon) ** 2).mean() + q_loss + 0.05 * e_loss
+    assert_close(loss, r["tok_loss"], 1e-5, "loss")
+    loss.backward()
+    grads = {n: p.grad for n, p in model.vae.named_parameters() if p.grad is not None}
+    grads.update({"quantizer." + n: p.grad for n, p in model.quantizer.named_parameters()})
+    assert sorted(grads) == sorted(r["tok_grads"]), "the trainable parameters differ from the official ones"
+    for name, g in grads.items():
+        assert_close(g, r["tok_grads"][name], 1e-4, f"grad {name}")
+    # tokens -> image equals the forward's reconstruction
+    assert_close(model.detokenize(indices), recon, 1e-5, "detokenize(indices)")
+
+
+def test_coda_release_layout_and_plain_vq_modes():
+    """coda_mar() has the parameter names of CODA's released vae.pth / quantizer.pth (LoRA on the
+    66 convs the MAR config names, ~6.0M LoRA + 0.26M quantizer parameters), and loads such
+    files; plain VQ / residual VQ use nearest-neighbour codes."""
+    with torch.device("meta"):
+        model = coda.coda_mar()
+    lora = [n for n, m in model.vae.named_modules() if isinstance(m, coda.LoRAConv2d)]
+    assert len(lora) == 66 and sum(n.startswith("encoder") for n in lora) == 28
+    assert sum(p.numel() for p in model.vae.parameters() if p.requires_grad) == 6021120
+    assert sum(p.numel() for p in model.quantizer.parameters()) == 263568
+    assert sorted(model.quantizer.state_dict()) == ["attn.norm_k.weight", "attn.norm_q.weight", "attn.to_k.bias", "attn.to_k.weight",
+                                                    "attn.to_q.bias", "attn.to_q.weight", "attn.to_v.bias", "attn.to_v.weight",
+                                                    "codebooks.weight"]
+    model, r = ref_tokenizer()
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(model.vae.state_dict(), f"{d}/vae_ema.pth")
+        torch.save(model.quantizer.state_dict(), f"{d}/quantizer_ema.pth")
+        fresh = coda.CODA(coda.add_lora(mar.AutoencoderKL(embed_dim=16, ch_mult=(1, 1)), 4), coda.CODAQuantizer(16, 64, (1, 2, 4, 8)))
+        coda.load_release(fresh, f"{d}/vae_ema.pth", f"{d}/quantizer_ema.pth")
+        assert torch.equal(fresh.detokenize(r["tok_idx"]), model.detokenize(r["tok_idx"]))
+        try:
+            coda.load_release(fresh, f"{d}/quantizer_ema.pth", f"{d}/vae_ema.pth")
+            raise AssertionError("no error")
+        except ValueError as e:
+            assert "does not match AutoencoderKL" in str(e) and "missing" in str(e), e
+    # nearest-neighbour modes: the index is the closest code, the straight-through passes gradients unchanged
+    q = coda.CODAQuantizer(4, 32, (1, 2, 4), assign="nearest")
+    f = torch.randn(3, 4, 4, 4, requires_grad=True)
+    indices, f_hat, q_loss, e_loss = q(f)
+    assert e_loss == 0 and q.beta == 0.25
+    u = torch.nn.functional.interpolate(f.detach(), size=(1, 1), mode="area").flatten(1)
+    assert torch.equal(indices[0].flatten(), torch.cdist(u, q.codebooks.weight.detach()).argmin(1))
+    assert_close(q.decode(indices), f_hat, 1e-6, "nearest decode")
+    f_hat.sum().backward()  # identity straight-through per level + a full-size last level: d f_hat / d f = I
+    assert torch.allclose(f.grad, torch.ones_like(f.grad), atol=1e-5), f.grad
+    usage, counts = coda.codebook_usage(indices, 32)
+    assert counts.sum() == 3 * (1 + 4 + 16) and usage == (counts > 0).float().mean().item()
 
 
 # ---------------------------------------------------------------------------------------------
