@@ -289,3 +289,228 @@ def load_release(model, vae_path, quantizer_path):
     mar.load_weights(model.vae, vae_path, None)
     mar.load_weights(model.quantizer, quantizer_path, None)
     return model
+
+
+# =============================================================================================
+# 5. Training losses (official train_mar.py and losses/contperceptual.py)
+# =============================================================================================
+# Generator step (LoRA + quantizer), per batch:
+#   L = 0.2 L1 + 1.0 L2 + 1.0 LPIPS                      (reconstruction, "nll")
+#     + ramp * lambda * (-mean D(x_hat))                  (hinge GAN, ramp = step / total steps)
+#     + 1.0 quantization loss + 0.05 entropy loss          (section 1-3)
+# with lambda the VQGAN adaptive weight (Esser et al. 2021, Eq. 7). Discriminator step on the
+# same batch, detached: 0.5 (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))).
+
+def adaptive_weight(nll, g_loss, last_layer, weight=1.0):
+    """lambda = ||grad_w nll|| / (||grad_w g_loss|| + 1e-6), clamped to [0, 1e4], detached: the
+    GAN term gets as much gradient at `last_layer` as the reconstruction term (VQGAN Eq. 7)."""
+    g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0].norm()
+    g_gan = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0].norm()
+    return (g_nll / (g_gan + 1e-6)).clamp(0, 1e4).detach() * weight
+
+
+def hinge_d_loss(real_logits, fake_logits):
+    return 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
+
+
+class PatchDiscriminator(nn.Module):
+    """The weight-free discriminator: pix2pix / VQGAN's PatchGAN (Isola et al. 2017), trained from
+    scratch, one logit per overlapping patch. For small data or machines without the DINO file."""
+
+    def __init__(self, ch=64, n_layers=3):
+        super().__init__()
+        layers, c = [nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2)], ch
+        for i in range(1, n_layers + 1):
+            c_out = ch * min(2 ** i, 8)
+            layers += [nn.Conv2d(c, c_out, 4, 2 if i < n_layers else 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+            c = c_out
+        layers.append(nn.Conv2d(c, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():  # VQGAN's weights_init
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.main(x).flatten(1)                        # (B, patches)
+
+
+# --- The paper's discriminator: frozen DINO ViT-S/16 features + small trainable heads ---------
+# (StyleGAN-T / VAR-style, as CODA's losses/dino.py). Five token maps are read from the frozen
+# ViT: after the patch + position embedding and after blocks 2, 5, 8 and 11, each as patch tokens
+# plus the CLS token. Each gets a head of spectral-normalised 1-D convolutions over the 196 tokens.
+
+DINO_URL = "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth"
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block with DINO's parameter names (norm1, attn.qkv, attn.proj, norm2,
+    mlp.fc1, mlp.fc2); GELU with the tanh approximation, as CODA's frozen copy."""
+
+    def __init__(self, dim=384, heads=6):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = nn.Module()
+        self.attn.qkv, self.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        B, L, C = x.shape
+        q, k, v = self.attn.qkv(self.norm1(x)).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x)), approximate="tanh"))
+
+
+class DinoDiscriminator(nn.Module):
+    def __init__(self, dino_weights=None, depth=12, taps=(2, 5, 8, 11), dim=384, kernel=9):
+        super().__init__()
+        self.taps = taps
+        self.patch_embed = nn.Conv2d(3, dim, 16, 16)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 197, dim))
+        self.blocks = nn.ModuleList(ViTBlock(dim) for _ in range(max(taps) + 1))
+        mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+        self.register_buffer("x_scale", (0.5 / std).view(1, 3, 1, 1), persistent=False)  # [-1, 1] -> ImageNet-normalised
+        self.register_buffer("x_shift", ((0.5 - mean) / std).view(1, 3, 1, 1), persistent=False)
+        if dino_weights is not None:
+            self.load_dino(dino_weights)
+        self.requires_grad_(False)
+
+        def block(k):
+            conv = nn.utils.spectral_norm(nn.Conv1d(dim, dim, k, padding=k // 2, padding_mode="circular"), eps=1e-12)
+            return nn.Sequential(conv, nn.BatchNorm1d(dim, eps=1e-6), nn.LeakyReLU(0.2))
+        self.heads = nn.ModuleList(nn.ModuleDict(dict(a=block(1), b=block(kernel), out=nn.utils.spectral_norm(nn.Conv1d(dim, 1, 1))))
+                                   for _ in range(len(taps) + 1))
+        for m in self.heads.modules():  # official: trunc-normal(0.02) convs, zero biases
+            if isinstance(m, nn.Conv1d):
+                nn.init.trunc_normal_(m.weight_orig, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def load_dino(self, path):
+        """DINO's released ViT-S/16 (dino_deitsmall16_pretrain.pth: patch_embed.proj.*, cls_token,
+        pos_embed, blocks.N.*). The key part of each qkv bias is zeroed, as the official code does
+        (it cancels in the softmax anyway)."""
+        state = mar.load_checkpoint(path)
+        state = {k.replace("patch_embed.proj.", "patch_embed."): v for k, v in state.items()
+                 if not k.startswith("norm.") and not (k.startswith("blocks.") and int(k.split(".")[1]) >= len(self.blocks))}
+        for k, v in state.items():
+            if k.endswith("attn.qkv.bias"):
+                v[v.numel() // 3: 2 * v.numel() // 3] = 0
+        own = {k for k in self.state_dict() if not k.startswith("heads.")}
+        if set(state) != own:
+            raise ValueError(f"{path} is not DINO ViT-S/16 (missing {sorted(own - set(state))[:3]}, unexpected {sorted(set(state) - own)[:3]})")
+        self.load_state_dict(state, strict=False)
+
+    def features(self, x):
+        """Images in [-1, 1] -> five (B, 384, 196) token maps (patch tokens + CLS: the "readout")."""
+        x = self.x_scale * x.float() + self.x_shift
+        H, W = x.shape[-2:]
+        if H > 224 and W > 224 and torch.rand(()) < 0.5:      # half the time a random 224 crop...
+            top, left = (torch.randint(0, n - 223, ()) for n in (H, W))
+            x = x[:, :, top:top + 224, left:left + 224]
+        else:                                                  # ...else a resize to 224
+            x = F.interpolate(x, size=(224, 224), mode="area" if H > 224 else "bicubic")
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), self.patch_embed(x).flatten(2).transpose(1, 2)], 1)
+        x = x + self.pos_embed                                 # (B, 197, 384)
+        maps = [(x[:, 1:] + x[:, :1]).transpose(1, 2)]
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i in self.taps:
+                maps.append((x[:, 1:] + x[:, :1]).transpose(1, 2))
+        return maps
+
+    def forward(self, x):
+        logits = []
+        for head, h in zip(self.heads, self.features(x)):
+            h = head["a"](h)
+            h = (head["b"](h) + h) / math.sqrt(2)             # residual block, variance preserving
+            logits.append(head["out"](h).flatten(1))          # (B, 196)
+        return torch.cat(logits, 1)                           # (B, 5 * 196)
+
+
+def dino_weights_path():
+    """The DINO ViT-S/16 file in the torch hub cache, downloaded on first use (83 MB)."""
+    import os
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(DINO_URL))
+    if not os.path.exists(path):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(DINO_URL, path)
+        except Exception as e:
+            raise FileNotFoundError(f"cannot download the DINO weights ({type(e).__name__}); put {DINO_URL} at {path}, "
+                                    f"pass --dino-weights FILE, or use --disc patch (no pretrained weights)") from None
+    return path
+
+
+def make_lpips():
+    """LPIPS-VGG (Zhang et al. 2018; the `lpips` package, whose linear weights ship with it). Its
+    VGG16 trunk comes from torchvision's download (vgg16-397923af.pth, 528 MB, torch hub cache);
+    offline without that file this raises one line instead of training with a random trunk."""
+    import lpips
+    import warnings
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision's "pretrained is deprecated"
+            net = lpips.LPIPS(net="vgg", verbose=False)
+    except Exception as e:
+        raise FileNotFoundError(f"LPIPS needs torchvision's VGG16 weights ({type(e).__name__}: {str(e)[:120]}); put "
+                                "https://download.pytorch.org/models/vgg16-397923af.pth in the torch hub cache "
+                                "(checkpoints/), or train without it: --lpips-weight 0") from None
+    return net.eval().requires_grad_(False)
+
+
+class TokenizerLoss(nn.Module):
+    """The tokenizer's image losses: reconstruction (0.2 L1 + 1.0 L2 + 1.0 LPIPS, official CODA
+    weights) and the hinge GAN with the adaptive weight, ramped in linearly over the run."""
+
+    def __init__(self, l1=0.2, l2=1.0, lpips_weight=1.0, disc="dino", disc_weight=1.0, dino_weights=None, patch_ch=64, lpips=None):
+        super().__init__()
+        self.l1, self.l2, self.lpips_weight, self.disc_weight = l1, l2, lpips_weight, disc_weight
+        self.lpips = (lpips or make_lpips()) if lpips_weight > 0 else None
+        if disc == "dino":
+            self.disc = DinoDiscriminator(dino_weights or dino_weights_path())
+        else:
+            self.disc = PatchDiscriminator(patch_ch) if disc == "patch" else None
+
+    def reconstruction(self, x, recon):
+        """(nll, parts): the weighted reconstruction loss and its detached parts for logging."""
+        l1, l2 = F.l1_loss(recon, x), F.mse_loss(recon, x)
+        nll = self.l1 * l1 + self.l2 * l2
+        parts = dict(l1=l1.detach(), l2=l2.detach())
+        if self.lpips is not None:
+            p = self.lpips(x, recon).mean()                   # inputs in [-1, 1]
+            nll = nll + self.lpips_weight * p
+            parts["lpips"] = p.detach()
+        return nll, parts
+
+    def generator_loss(self, x, recon, last_layer, ramp, disc=None):
+        """nll + ramp * lambda * (-mean D(recon)). `disc` (default self.disc) is called with its
+        parameters frozen: the generator step must not train the discriminator. (The official
+        script lets this step's gradient reach the discriminator heads too, adding to their next
+        update; we keep the two players' gradients apart.)"""
+        nll, parts = self.reconstruction(x, recon)
+        disc = disc or self.disc
+        if disc is None or ramp <= 0:
+            return nll, parts
+        params = [p for p in disc.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            g_loss = -disc(recon).mean()
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+        lam = adaptive_weight(nll, g_loss, last_layer, self.disc_weight)
+        parts.update(g_loss=g_loss.detach(), d_weight=lam)
+        return nll + ramp * lam * g_loss, parts
+
+    def discriminator_loss(self, x, recon, disc=None):
+        """Hinge loss on real images and detached reconstructions (the D step)."""
+        disc = disc or self.disc
+        real, fake = disc(x.detach()), disc(recon.detach())
+        d_loss = hinge_d_loss(real, fake)
+        return d_loss, dict(d_loss=d_loss.detach(), logits_real=real.detach().mean(), logits_fake=fake.detach().mean())

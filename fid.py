@@ -360,8 +360,8 @@ class Scorer:
         result = scorer.compute(load_statistics("adm_in256_stats.npz"))  # {'fid', 'is_mean', ...}
     """
 
-    def __init__(self, net):
-        self.net, self.pool, self.logits = net, [], []
+    def __init__(self, net, distributed=True):
+        self.net, self.pool, self.logits, self.distributed = net, [], [], distributed
 
     @torch.no_grad()
     def update(self, images):
@@ -381,7 +381,8 @@ class Scorer:
     def features(self):
         """(pool3 (N, 2048), logits (N, 1008)) of all images on all ranks, in rank order."""
         cat = lambda xs, d: torch.cat(xs) if xs else torch.zeros(0, d)
-        return gather(cat(self.pool, 2048)), gather(cat(self.logits, 1008))
+        collect = gather if self.distributed else (lambda t: t)
+        return collect(cat(self.pool, 2048)), collect(cat(self.logits, 1008))
 
     def compute(self, reference=None):
         """{'num_images', 'mu', 'sigma', 'is_mean', 'is_std', and 'fid' if reference=(mu, sigma)}."""
@@ -500,8 +501,9 @@ class ReconstructionMetrics:
     (net built with pytorch_fid=True, CODA's protocol) or their rounded uint8 (TF pipeline); PSNR and
     SSIM use uint8 images made by truncation, (x * 255).astype(uint8), as CODA's code does."""
 
-    def __init__(self, net):
-        self.real, self.fake, self.psnr, self.ssim = Scorer(net), Scorer(net), [], []
+    def __init__(self, net, distributed=True):
+        self.real, self.fake, self.psnr, self.ssim = Scorer(net, distributed), Scorer(net, distributed), [], []
+        self.collect = gather if distributed else (lambda t: t)
 
     def update(self, originals, reconstructions):
         a, b = [((x.float() + 1) / 2).clamp(0, 1) for x in (originals, reconstructions)]
@@ -515,7 +517,7 @@ class ReconstructionMetrics:
     def compute(self):
         real, fake = self.real.compute(), self.fake.compute()
         return dict(rfid=frechet_distance(fake["mu"], fake["sigma"], real["mu"], real["sigma"]),
-                    psnr=gather(torch.cat(self.psnr)).mean().item(), ssim=gather(torch.cat(self.ssim)).mean().item(),
+                    psnr=self.collect(torch.cat(self.psnr)).mean().item(), ssim=self.collect(torch.cat(self.ssim)).mean().item(),
                     num_images=real["num_images"])
 
 

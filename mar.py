@@ -246,6 +246,11 @@ class AutoencoderKL(nn.Module):
         """z (B, embed_dim, h, w), unscaled -> image (B, 3, h*stride, w*stride), roughly in [-1, 1]."""
         return self.decoder(self.post_quant_conv(z))
 
+    def forward(self, x, generator=None):
+        """The training pass (train.py --model vae): image -> (reconstruction of a posterior sample, posterior)."""
+        posterior = self.encode(x)
+        return self.decode(posterior.sample(generator)), posterior
+
 
 def kl16():
     """The VAE of MAR's released models (LTH14/mar `kl16.ckpt`)."""
@@ -788,20 +793,20 @@ class MAR(nn.Module):
 # pixel patches: Diffusion Loss does not care what the continuous values are.
 
 @torch.no_grad()
-def images_to_latents(vae, images, generator=None):
-    """images in [-1, 1] -> a sample of the posterior, times VAE_SCALE (MAR trains on samples,
-    not means, so the latent is re-drawn every time)."""
+def images_to_latents(vae, images, generator=None, scale=VAE_SCALE):
+    """images in [-1, 1] -> a sample of the posterior, times the VAE's scale (MAR trains on
+    samples, not means, so the latent is re-drawn every time)."""
     if vae is None:
         return images
-    return vae.encode(images.float()).sample(generator) * VAE_SCALE
+    return vae.encode(images.float()).sample(generator) * scale
 
 
 @torch.no_grad()
-def latents_to_images(vae, latents):
+def latents_to_images(vae, latents, scale=VAE_SCALE):
     """Scaled latents -> images in [-1, 1] (clamped)."""
     if vae is None:
         return latents.clamp(-1, 1)
-    return vae.decode(latents.float() / VAE_SCALE).clamp(-1, 1)
+    return vae.decode(latents.float() / scale).clamp(-1, 1)
 
 
 # =============================================================================================

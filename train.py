@@ -40,6 +40,7 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import coda
 import fid
 import mar
 
@@ -273,24 +274,65 @@ def save_grid(images, path, nrow):
 #################################################################################
 #                                 Model recipes                                 #
 #################################################################################
-# What the loop needs from a model: `model` (an nn.Module whose forward(x, labels) returns the
-# training loss), `config` (architecture facts a resume must match), `inputs(batch, flip)` (a data
-# batch -> the model's inputs on the device), `no_weight_decay(name, param)` and
-# `samples(model, labels, generator)` (images in [-1, 1] for the grids).
+# What the loop needs from a model, as a small class: `model` (the nn.Module the main optimizer
+# trains: its parameters with requires_grad), `config` (architecture facts a resume must match),
+# `inputs(batch, flip)` (a data batch -> the model's inputs on the device), `loss(model, x, y,
+# progress)`, `no_weight_decay(name, param)`, `betas`, and hooks for what only some models have:
+# a second player (`after_step`, the GAN discriminator), EMA warm-up, extra state, metrics, the
+# image grid and the end-of-run report. `Recipe` holds the defaults.
 
-class MarRecipe:
+class Recipe:
+    betas = (0.9, 0.95)
+
+    def loss(self, model, x, y, progress):  # progress = step / total steps, in [0, 1)
+        return model(x, y)
+
+    @staticmethod
+    def no_weight_decay(name, param):
+        return False
+
+    def ema_decay(self, step, epoch):
+        return self.args.ema
+
+    def wrap(self, world, device):  # DDP-wrap trainable modules the recipe owns (a discriminator)
+        pass
+
+    def after_step(self, lr):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def metrics(self):  # called at log steps only (it may synchronise with the device)
+        return {}
+
+    def report(self, ema, images, labels):
+        return []
+
+    def checkpoint_extras(self, ema):  # extra entries for the checkpoint file
+        return {}
+
+
+def holdout_images(args, n):
+    """n images the model does not train on, uint8 (n, 3, H, W): toy images of another seed, or the
+    first n of --val-path (default: of --data-path)."""
+    if not (args.data_path or args.val_path):
+        return ToyDataset(args.img_size, n, seed=args.seed + 1000).images.permute(0, 3, 1, 2)
+    data = ImageFolder(args.val_path or args.data_path, args.img_size)
+    return torch.stack([((data[i][0] + 1) * 127.5).round().byte() for i in range(min(n, len(data)))])
+
+
+class MarRecipe(Recipe):
     """MAR (mar.py): images or cached VAE moments -> scaled latents (or pixel patches, without a
     VAE) -> Diffusion Loss."""
 
     def __init__(self, args, num_classes, device):
-        self.args, self.device, self.vae = args, device, None
+        self.args, self.device, self.vae, self.scale = args, device, None, mar.VAE_SCALE
         if args.vae:
-            self.vae = mar.kl16()
-            try:
-                mar.load_weights(self.vae, args.vae, "model")
-            except (ValueError, FileNotFoundError) as e:
-                fail(f"--vae: {e}")
-            self.vae = self.vae.eval().requires_grad_(False).to(device)
+            self.vae, self.scale, _ = load_vae(args.vae, device)
         stride = self.vae.stride if self.vae else 1
         patch = args.patch_size or (1 if self.vae else 4)  # pixels: 4x4 patches (48 values) per token
         if args.img_size % (stride * patch):
@@ -308,9 +350,9 @@ class MarRecipe:
         labels = batch[-2].to(self.device, non_blocking=True)
         if self.args.use_cached:  # official main_cache.py: moments of the image and of its flip
             moments = torch.where(flip, batch[1].to(self.device, non_blocking=True), batch[0].to(self.device, non_blocking=True))
-            return mar.DiagonalGaussian(moments).sample() * mar.VAE_SCALE, labels
+            return mar.DiagonalGaussian(moments).sample() * self.scale, labels
         images = batch[0].to(self.device, non_blocking=True)
-        return mar.images_to_latents(self.vae, torch.where(flip, images.flip(3), images)), labels
+        return mar.images_to_latents(self.vae, torch.where(flip, images.flip(3), images), scale=self.scale), labels
 
     @staticmethod
     def no_weight_decay(name, param):
@@ -322,10 +364,237 @@ class MarRecipe:
         a = self.args
         tokens = model.sample_tokens(len(labels), a.num_iter, a.cfg, a.cfg_schedule, labels, a.temperature,
                                      generator=generator)
-        return mar.latents_to_images(self.vae, tokens)
+        return mar.latents_to_images(self.vae, tokens, self.scale)
+
+    def grid(self, ema, num_classes, generator):
+        """EMA samples, one row per class (8 classes x 8 for ImageNet, all 10 toy classes x 10)."""
+        rows = list(range(num_classes)) if num_classes <= 10 else [207, 360, 388, 113, 355, 980, 323, 979]
+        cols = 10 if num_classes <= 10 else 8
+        labels = torch.tensor(rows, device=self.device).repeat_interleave(cols)
+        return self.samples(ema, labels, generator), labels, cols
+
+    def report(self, ema, images, labels):
+        a = self.args
+        if a.data_path or a.use_cached or a.img_size != 32:
+            return []
+        pred = toy_classifier()(images.float().cpu()).argmax(1)
+        return [f"class accuracy of the final samples, judged by a small classifier trained on the built-in data: "
+                f"{(pred == labels.cpu()).float().mean().item():.0%}"]
 
 
-RECIPES = {"mar": MarRecipe}
+def load_vae(path, device):
+    """A frozen KL-VAE and its latent scale from the official kl16.ckpt (scale 0.2325) or from a
+    `train.py --model vae` run (its EMA weights; scale = 1 / std of its latents, measured and saved
+    by that run) -> (vae, scale, config)."""
+    try:
+        ckpt = mar.load_checkpoint(path)
+    except (ValueError, FileNotFoundError) as e:
+        fail(f"--vae: {e}")
+    if ckpt.get("model_name") == "vae":
+        vae = mar.AutoencoderKL(**ckpt["config"]["arch"])
+        vae.load_state_dict(ckpt["model_ema"])
+        scale, config = ckpt["latent_scale"], dict(ckpt["config"]["arch"], file=os.path.basename(path))
+    else:
+        vae, scale, config = mar.kl16(), mar.VAE_SCALE, dict(file="kl16")
+        try:
+            mar.load_weights(vae, path, "model")
+        except ValueError as e:
+            fail(f"--vae: {e}")
+    return vae.eval().requires_grad_(False).to(device), scale, config
+
+
+VAE_PRESETS = {"kl16": dict(embed_dim=16, ch_mult=(1, 1, 2, 2, 4)),  # MAR's (LDM's KL-16) architecture
+               "tiny": dict(embed_dim=4, ch_mult=(1, 2, 2), ch=32, num_res_blocks=1, attn_resolutions=(), resolution=32)}
+CODA_PRESETS = {"mar": dict(codebook_size=16384, levels=coda.MAR_LEVELS),   # the released CODA-MAR
+                "tiny": dict(codebook_size=256, levels=(1, 2, 3, 4, 6, 8))}   # the built-in data, 8x8 latents
+
+
+class TokenizerRecipe(Recipe):
+    """--model vae: mar.py's KL-VAE trained from scratch (L1 + L2 + LPIPS + KL, optional GAN).
+    --model coda: the CODA tokenizer on a frozen --vae (coda.py): LoRA + quantizer, trained with
+    the reconstruction, GAN, quantization and entropy losses. Both: AdamW (0.5, 0.9) and a
+    discriminator updated after every generator step (hinge loss, its own AdamW)."""
+    betas = (0.5, 0.9)  # official CODA (and VQGAN / LDM autoencoders)
+
+    def __init__(self, args, num_classes, device):
+        self.args, self.device = args, device
+        if args.model == "coda":
+            vae, scale, vae_config = load_vae(args.vae, device)
+            parts = {"both": ("encoder", "decoder"), "encoder": ("encoder",), "decoder": ("decoder",), "none": ()}[args.lora]
+            coda.add_lora(vae, args.lora_rank, parts)
+            preset = CODA_PRESETS[args.preset]
+            levels = tuple(args.levels or preset["levels"])
+            if levels[-1] != args.img_size // vae.stride:
+                fail(f"the last level ({levels[-1]}) must equal the latent size {args.img_size // vae.stride} (--levels)")
+            quantizer = coda.CODAQuantizer(vae.embed_dim, args.codebook_size or preset["codebook_size"], levels, args.quantizer)
+            self.model = coda.CODA(vae, quantizer, scale)
+            self.config = dict(preset=args.preset, img_size=args.img_size, vae=vae_config, codebook_size=quantizer.codebook_size,
+                               levels=levels, quantizer=args.quantizer, lora=args.lora, lora_rank=args.lora_rank)
+            lora_ups = [m.lora_layer.up.weight for m in vae.decoder.modules() if isinstance(m, coda.LoRAConv2d)]
+            # official: the LoRA of the decoder's first upsample conv (for kl16: up[-1].upsample)
+            ups = [m.upsample.conv for m in reversed(vae.decoder.up) if hasattr(m, "upsample")]
+            self.last_layer = (ups[0].lora_layer.up.weight if ups and isinstance(ups[0], coda.LoRAConv2d)
+                               else lora_ups[-1] if lora_ups else quantizer.codebooks.weight)
+        else:
+            self.config = dict(preset=args.preset, img_size=args.img_size, arch=VAE_PRESETS[args.preset])
+            self.model = mar.AutoencoderKL(**self.config["arch"])
+            self.last_layer = self.model.decoder.conv_out.weight  # LDM / VQGAN's choice
+        try:
+            self.criterion = coda.TokenizerLoss(args.l1_weight, args.l2_weight, args.lpips_weight, args.disc,
+                                                args.disc_weight, args.dino_weights).to(device)
+        except (ValueError, FileNotFoundError) as e:
+            fail(str(e))
+        self.disc = self.criterion.disc
+        self.d_opt = (torch.optim.AdamW([p for p in self.disc.parameters() if p.requires_grad], lr=0.0, betas=self.betas,
+                                        weight_decay=args.disc_weight_decay) if self.disc else None)
+        self.sums, self.count, self.usage = {}, 0, None
+
+    def wrap(self, world, device):
+        self.train_disc = self.disc
+        if self.disc is not None and world > 1:
+            if device.type == "cuda":  # official: SyncBatchNorm in the DINO heads
+                self.disc = nn.SyncBatchNorm.convert_sync_batchnorm(self.disc)
+                self.criterion.disc = self.disc
+            self.train_disc = DDP(self.disc, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def inputs(self, batch, flip):
+        images = batch[0].to(self.device, non_blocking=True)
+        if self.args.model == "vae":  # CODA's official pipeline uses no flip
+            images = torch.where(flip.to(self.device, non_blocking=True)[:, None, None, None], images.flip(3), images)
+        return images, None
+
+    def loss(self, model, x, y, progress):
+        if self.args.model == "coda":
+            recon, q_loss, e_loss, indices = model(x)
+            extra = self.args.vq_weight * q_loss + self.args.entropy_weight * e_loss
+            logs = dict(q_loss=q_loss.detach(), entropy=e_loss.detach())
+            counts = sum(torch.bincount(i.flatten(), minlength=self.model.quantizer.codebook_size) for i in indices)
+            self.usage = counts if self.usage is None else self.usage + counts
+        else:
+            recon, posterior = model(x)
+            kl = posterior.kl().mean() / x[0].numel()         # LDM: KL per image, relative to per-pixel losses
+            extra, logs = self.args.kl_weight * kl, dict(kl=kl.detach())
+        loss, parts = self.criterion.generator_loss(x, recon, self.last_layer, progress)
+        self.real, self.fake = x, recon.detach()
+        self.accumulate(dict(parts, **logs))
+        return loss + extra
+
+    def after_step(self, lr):
+        """The discriminator step on this step's real images and reconstructions (official order:
+        after the generator step and the EMA update), same lr schedule, grad clip as the generator."""
+        if self.disc is None:
+            return
+        d_loss, logs = self.criterion.discriminator_loss(self.real, self.fake, self.train_disc)
+        for group in self.d_opt.param_groups:
+            group["lr"] = lr
+        self.d_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.d_opt.param_groups[0]["params"], self.args.grad_clip)
+        self.d_opt.step()
+        self.accumulate(logs, count=False)
+
+    def accumulate(self, logs, count=True):
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+        self.count += count
+
+    def ema_decay(self, step, epoch):
+        """Official CODA: the EMA copies the weights until --ema-start-epoch, then averages with
+        decay min(0.9999, (step/2 + 1) / (step/2 + 10))."""
+        if self.args.model != "coda":
+            return self.args.ema
+        return 0.0 if epoch < self.args.ema_start_epoch else min(self.args.ema, (step // 2 + 1) / (step // 2 + 10))
+
+    def state_dict(self):
+        return dict(disc=self.disc.state_dict(), d_opt=self.d_opt.state_dict()) if self.disc else {}
+
+    @torch.no_grad()
+    def checkpoint_extras(self, ema):
+        """A VAE run records the scale that makes its latents unit-variance (LDM's practice), for
+        the models trained on them (--vae): 1 / std of EMA posterior samples of held-out images."""
+        if self.args.model != "vae":
+            return {}
+        z = ema.encode(train_images(self.holdout(256).to(self.device))).sample(torch.Generator(self.device).manual_seed(0))
+        return dict(latent_scale=1 / z.float().std().item())
+
+    def load_state_dict(self, state):
+        if self.disc is not None and state:
+            self.disc.load_state_dict(state["disc"])
+            self.d_opt.load_state_dict(state["d_opt"])
+
+    def metrics(self):
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        stats = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float32, device=self.device) for k in keys])
+        if dist.is_initialized():
+            dist.all_reduce(stats)
+        out = {k: v / max(self.count, 1) / (dist.get_world_size() if dist.is_initialized() else 1)
+               for k, v in zip(keys, stats.tolist())}
+        if self.usage is not None:  # fraction of the codebook used in this logging window, all ranks
+            if dist.is_initialized():
+                dist.all_reduce(self.usage)
+            out["codebook_usage"] = (self.usage > 0).float().mean().item()
+        self.sums, self.count, self.usage = {}, 0, None
+        return out
+
+    @torch.no_grad()
+    def reconstruct(self, model, images):
+        """uint8 images -> reconstructions in [-1, 1] (and the indices, for CODA)."""
+        x = train_images(images.to(self.device))
+        if self.args.model == "coda":
+            recon, _, _, indices = model(x)
+            return recon, indices
+        return model.decode(model.encode(x).mean), None
+
+    def grid(self, ema, num_classes, generator):
+        """8 held-out images: each original followed by its reconstruction by the EMA weights."""
+        images = self.holdout(8)
+        recon, _ = self.reconstruct(ema, images)
+        pairs = torch.stack([train_images(images.to(self.device)), recon.float()], 1).flatten(0, 1)  # orig, recon, ...
+        return pairs, None, 8
+
+    def holdout(self, n):
+        if getattr(self, "_holdout", None) is None or len(self._holdout) < n:
+            self._holdout = holdout_images(self.args, n)
+        return self._holdout[:n]
+
+    def report(self, ema, images, labels):
+        """Reconstruction quality of the EMA weights on --num-images held-out images: PSNR, SSIM,
+        codebook usage and, when the Inception weights are at hand, rFID (CODA's protocol)."""
+        a, held = self.args, self.holdout(self.args.num_images)
+        net = None
+        if a.inception_weights or os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(fid.URLS["pytorch-fid"]))):
+            net = fid.load_inception(a.inception_weights, pytorch_fid=True, device=self.device)
+        metrics = fid.ReconstructionMetrics(net, distributed=False) if net is not None else None
+        psnr, ssim, all_indices = [], [], []
+        for chunk in held.split(a.batch_size):
+            recon, indices = self.reconstruct(ema, chunk)
+            real = chunk.to(self.device)
+            fake = ((recon.float().clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8)  # CODA: truncation
+            psnr.append(fid.psnr(real, fake))
+            ssim.append(fid.ssim(real, fake))
+            all_indices += indices or []
+            if metrics is not None:
+                metrics.update(train_images(real), recon)
+        lines = [f"reconstruction of {len(held)} held-out images (EMA weights): PSNR {torch.cat(psnr).mean().item():.2f} dB, "
+                 f"SSIM {torch.cat(ssim).mean().item():.4f}"]
+        if all_indices:
+            usage, _ = coda.codebook_usage(all_indices, self.model.quantizer.codebook_size)
+            lines.append(f"codebook usage: {usage:.1%} of {self.model.quantizer.codebook_size} codes")
+        if metrics is not None:
+            lines.append(f"rFID (pytorch-fid Inception, as CODA): {metrics.compute()['rfid']:.3f}")
+        else:
+            lines.append("rFID skipped: no Inception weights (give --inception-weights or run `python fid.py` once online)")
+        return lines
+
+
+def train_images(images):
+    """uint8 (B, 3, H, W) -> float in [-1, 1]."""
+    return images.float() / 127.5 - 1
+
+
+RECIPES = {"mar": MarRecipe, "vae": TokenizerRecipe, "coda": TokenizerRecipe}
 
 
 @torch.no_grad()
@@ -396,8 +665,10 @@ def learning_rate(step, lr, warmup_steps, total_steps, schedule):
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * param, for every parameter, in one fused kernel list."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    """ema <- decay * ema + (1 - decay) * param for every trained parameter (frozen ones, like
+    CODA's VAE, never change), in one fused kernel list."""
+    pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
+    torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - decay)
 
 
 def rng_state(device, aug):
@@ -567,10 +838,12 @@ def main(args):
         f"{len(dataset)} images of {num_classes} classes, {steps_per_epoch} steps per epoch")
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if recipe.no_weight_decay(name, p) else decay).append(p)
+        if p.requires_grad:  # CODA: only LoRA and the quantizer; the VAE stays frozen
+            (no_decay if recipe.no_weight_decay(name, p) else decay).append(p)
+    trainable = decay + no_decay
     lr = args.lr or args.blr * args.batch_size * world / 256  # the paper's linear scaling rule
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=recipe.betas)
     aug = torch.Generator().manual_seed(args.seed * 1000 + rank)  # data augmentation draws
     step = 0
     ckpt_path = os.path.join(args.output_dir, "checkpoint-last.pth")
@@ -587,11 +860,13 @@ def main(args):
             fail(f"{resume} was trained with another config: " + ", ".join(f"{k} {a} (checkpoint) vs {b} (now)" for k, (a, b) in diff.items()))
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
+        recipe.load_state_dict(ckpt.get("recipe", {}))
         step = ckpt["step"]
     # compile (optional) before DDP; checkpoints are always written from the plain `model`
     train_model = torch.compile(model) if args.compile else model
     if world > 1:
         train_model = DDP(train_model, device_ids=[device.index] if cuda else None)
+    recipe.wrap(world, device)
     ema = copy.deepcopy(model).requires_grad_(False)  # after the DDP wrap, so every rank starts equal
     if resume:
         ema.load_state_dict(ckpt["model_ema"])
@@ -610,25 +885,25 @@ def main(args):
             dist.gather_object(rng_state(device, aug), states, dst=0)
         else:
             states = [rng_state(device, aug)]
+        extras = recipe.checkpoint_extras(ema) if rank == 0 else {}
         if rank == 0:
             torch.save({"model": model.state_dict(), "model_ema": ema.state_dict(), "optimizer": opt.state_dict(),
                         "step": step, "epoch": step / steps_per_epoch, "args": vars(args), "model_name": args.model,
-                        "config": recipe.config, "rng": states, "world_size": world}, ckpt_path + ".tmp")
+                        "config": recipe.config, "rng": states, "world_size": world, "recipe": recipe.state_dict(),
+                        **extras}, ckpt_path + ".tmp")
             os.replace(ckpt_path + ".tmp", ckpt_path)
         if world > 1:
             dist.barrier()
 
     def grid(name):
-        """EMA samples, one row per class (8 classes x 8 for ImageNet, all 10 toy classes x 10)."""
+        """The recipe's picture of the EMA model (MAR: samples, one row per class; tokenizers:
+        originals next to reconstructions), on rank 0."""
         if rank == 0:
-            rows = list(range(num_classes)) if num_classes <= 10 else [207, 360, 388, 113, 355, 980, 323, 979]
-            cols = 10 if num_classes <= 10 else 8
-            labels = torch.tensor(rows, device=device).repeat_interleave(cols)
             ema.eval()
             with amp:
-                images = recipe.samples(ema, labels, torch.Generator().manual_seed(args.seed))
+                images, labels, cols = recipe.grid(ema, num_classes, torch.Generator().manual_seed(args.seed))
             save_grid(images, os.path.join(args.output_dir, f"samples-{name}.png"), cols)
-            return images.float().cpu(), labels.cpu()
+            return images.float().cpu(), labels
         return None, None
 
     # ---- the loop ----
@@ -654,12 +929,14 @@ def main(args):
             for group in opt.param_groups:
                 group["lr"] = cur_lr
             with amp:
-                loss = train_model(x, y)
+                loss = recipe.loss(train_model, x, y, step / total_steps)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            update_ema(ema, model, args.ema)
+            update_ema(ema, model, recipe.ema_decay(step, epoch))
+            with amp:
+                recipe.after_step(cur_lr)  # a second player (the GAN discriminator), if any
             loss_sum += loss.detach()
             step, n_window = step + 1, n_window + 1
             pbar.update()
@@ -669,16 +946,18 @@ def main(args):
                 if world > 1:
                     dist.all_reduce(stats)
                 avg_loss, stop = stats[0].item() / (n_window * world), stats[1].item() > 0
+                extra = recipe.metrics()
                 if not math.isfinite(avg_loss):
                     good = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
                     log(f"loss is {avg_loss} at step {step}: stopping; {good}")
                     fail(f"loss is {avg_loss} at step {step} (try a lower --blr); {good}")
                 ips = n_window * args.batch_size * world / (time.time() - t_window)
-                pbar.set_postfix(loss=f"{avg_loss:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}")
+                pbar.set_postfix(loss=f"{avg_loss:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}",
+                                 **{k: f"{v:.3g}" for k, v in extra.items() if k in ("codebook_usage", "l1", "d_loss")})
                 if rank == 0:
                     metrics.write(json.dumps(dict(step=step, epoch=round(step / steps_per_epoch, 4), loss=avg_loss, lr=cur_lr,
                                                   grad_norm=grad_norm.item(), images_per_s=ips, skipped_images=skipped,
-                                                  time=time.time())) + "\n")
+                                                  time=time.time(), **extra)) + "\n")
                     metrics.flush()
                 loss_sum.zero_()
                 t_window, n_window = time.time(), 0
@@ -704,11 +983,9 @@ def main(args):
         log(f"skipped {skipped} unreadable images (replaced by the next readable one)")
     images, labels = grid("final")
     if rank == 0 and images is not None:
-        log(f"wrote {os.path.join(args.output_dir, 'samples-final.png')} (EMA samples, one row per class)")
-        if not args.data_path and not args.use_cached and args.img_size == 32:
-            pred = toy_classifier()(images).argmax(1)
-            log(f"class accuracy of the final samples, judged by a small classifier trained on the built-in data: "
-                f"{(pred == labels).float().mean().item():.0%}")
+        log(f"wrote {os.path.join(args.output_dir, 'samples-final.png')}")
+        for line in recipe.report(ema, images, labels):
+            log(line)
     log(f"done: {step} steps, checkpoint {ckpt_path}")
 
 
@@ -718,36 +995,54 @@ def main(args):
 
 # The paper's ImageNet recipe (MAR paper Sec. 5 / App. B and the official README), used with
 # --data-path, --use-cached or --eval --fid-stats; and the CPU-sized values used on the built-in data.
-PAPER = dict(preset="base", img_size=256, epochs=400, warmup_epochs=100, batch_size=64, blr=1e-4, ema=0.9999,
-             diffusion_batch_mul=4, log_every=20, ckpt_every=1000, sample_every=5000, num_iter=64, cfg=2.9,
-             num_images=50000)
-BUILTIN = dict(preset="tiny", img_size=32, epochs=25, warmup_epochs=1, batch_size=64, blr=4e-3, ema=0.999,
-               diffusion_batch_mul=1, log_every=20, ckpt_every=500, sample_every=1000, num_iter=8, cfg=6.0,
-               num_images=1000)
+# Per model: the paper's recipe (used with --data-path, --use-cached or --eval --fid-stats) and the
+# CPU-sized values used on the built-in data. MAR: paper Sec. 5 / App. B and the official README.
+# CODA: the official MAR config (AdamW 5e-4 cosine, 10 epochs, global batch 16 x 4 accumulation x 8
+# GPUs = 512 -> 64 per GPU on 8 GPUs here). VAE: LDM's KL-16 recipe as MAR retrained it (LTH14/mar#3).
+COMMON = dict(log_every=20, warmup_epochs=0, lr_schedule="cosine", weight_decay=0.0, grad_clip=10.0, ema=0.9999,
+              num_iter=64, cfg=2.9, diffusion_batch_mul=4, lpips_weight=1.0, disc="patch")
+DEFAULTS = {
+    "mar": (dict(COMMON, preset="base", img_size=256, epochs=400, warmup_epochs=100, batch_size=64, blr=1e-4,
+                 lr_schedule="constant", weight_decay=0.02, grad_clip=3.0, ckpt_every=1000, sample_every=5000, num_images=50000),
+            dict(COMMON, preset="tiny", img_size=32, epochs=25, warmup_epochs=1, batch_size=64, blr=4e-3, ema=0.999,
+                 lr_schedule="constant", weight_decay=0.02, grad_clip=3.0, diffusion_batch_mul=1, ckpt_every=500,
+                 sample_every=1000, num_iter=8, cfg=6.0, num_images=1000)),
+    "coda": (dict(COMMON, preset="mar", img_size=256, epochs=10, batch_size=64, lr=5e-4, weight_decay=0.005, disc="dino",
+                  ckpt_every=1000, sample_every=1000, num_images=5000),
+             dict(COMMON, preset="tiny", img_size=32, epochs=10, batch_size=64, lr=5e-4, weight_decay=0.005, ema=0.999,
+                  lpips_weight=0.0, disc="none", ckpt_every=500, sample_every=500, num_images=1000)),
+    "vae": (dict(COMMON, preset="kl16", img_size=256, epochs=40, batch_size=32, lr=1e-4, ckpt_every=1000, sample_every=1000,
+                 num_images=5000),
+            dict(COMMON, preset="tiny", img_size=32, epochs=10, batch_size=64, lr=1e-3, ema=0.999, lpips_weight=0.0,
+                 disc="none", ckpt_every=500, sample_every=500, num_images=1000)),
+}
+PRESETS = {"mar": list(mar.PRESETS), "coda": list(CODA_PRESETS), "vae": list(VAE_PRESETS)}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="mar", choices=list(RECIPES))
-    p.add_argument("--preset", choices=list(mar.PRESETS), help="default: base on ImageNet, tiny on the built-in data")
+    p.add_argument("--preset", help="mar: tiny/base/large/huge; coda: tiny/mar; vae: tiny/kl16. Default: the paper's on "
+                                    "ImageNet (base, mar, kl16), tiny on the built-in data")
     # data
     p.add_argument("--data-path", help="ImageNet-style folder (one subfolder per class); default: built-in data")
+    p.add_argument("--val-path", help="held-out images for the tokenizers' grids and final report (default: --data-path)")
     p.add_argument("--img-size", type=int, help="default: 256 (paper), 32 on the built-in data")
-    p.add_argument("--vae", help="KL-VAE checkpoint (official kl16.ckpt); without it MAR models pixel patches")
+    p.add_argument("--vae", help="KL-VAE: official kl16.ckpt or a --model vae run's checkpoint; MAR without it models pixels")
     p.add_argument("--patch-size", type=int, help="latent/pixel patch per token; default 1 with a VAE (paper), 4 without")
     p.add_argument("--cache-latents", action="store_true", help="encode --data-path once into --cache-path, then exit")
     p.add_argument("--use-cached", action="store_true", help="train from the latents in --cache-path")
     p.add_argument("--cache-path")
     p.add_argument("--num-workers", type=int, default=8 if torch.cuda.is_available() else 0)
-    # optimization (paper values, see PAPER; each can be overridden)
+    # optimization (None = the paper's value for the model, see DEFAULTS)
     p.add_argument("--epochs", type=int, help="default: 400 (paper's ablations; the released B/L/H used 800)")
     p.add_argument("--warmup-epochs", type=int, help="default: 100 (paper)")
     p.add_argument("--batch-size", type=int, help="per process; default 64 (paper: 64 x 32 GPUs = 2048)")
     p.add_argument("--blr", type=float, help="base lr; lr = blr x global batch / 256. Default 1e-4 (paper)")
     p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
-    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])  # paper: constant
-    p.add_argument("--weight-decay", type=float, default=0.02)  # paper
-    p.add_argument("--grad-clip", type=float, default=3.0)  # paper
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], help="MAR: constant (paper); CODA: cosine (official)")
+    p.add_argument("--weight-decay", type=float, help="MAR 0.02 (paper), CODA 0.005 (official)")
+    p.add_argument("--grad-clip", type=float, help="MAR 3.0 (paper), CODA 10.0 (official)")
     p.add_argument("--ema", type=float, help="EMA decay; default 0.9999 (paper), 0.999 on the built-in data")
     p.add_argument("--diffusion-batch-mul", type=int, help="default: 4 (official README), 1 on the built-in data")
     p.add_argument("--num-sampling-steps", type=int, default=100)  # paper
@@ -766,6 +1061,24 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, help="CFG scale for sample grids; default 2.9 (MAR-B), 6.0 built-in")
     p.add_argument("--cfg-schedule", default="linear", choices=["linear", "constant"])  # paper
     p.add_argument("--temperature", type=float, default=1.0)  # paper (with CFG)
+    # tokenizers (--model coda / vae); defaults are the official CODA-MAR config
+    p.add_argument("--codebook-size", type=int, help="default: 16384 (CODA-MAR release), 256 on the built-in data")
+    p.add_argument("--levels", type=int, nargs="+", help="residual level sides; default 1 2 3 4 5 6 8 10 13 16 (CODA-MAR)")
+    p.add_argument("--quantizer", default="attention", choices=["attention", "nearest"], help="nearest: plain (residual) VQ")
+    p.add_argument("--lora", default="both", choices=["both", "encoder", "decoder", "none"])  # official: both
+    p.add_argument("--lora-rank", type=int, default=32)  # official
+    p.add_argument("--l1-weight", type=float, default=0.2)  # official
+    p.add_argument("--l2-weight", type=float, default=1.0)  # official
+    p.add_argument("--lpips-weight", type=float, help="1.0 (official); 0 on the built-in data (no VGG download)")
+    p.add_argument("--disc", choices=["dino", "patch", "none"], help="GAN discriminator: dino (paper, downloads DINO ViT-S/16), "
+                                                                  "patch (PatchGAN, no pretrained weights), none")
+    p.add_argument("--dino-weights", help="dino_deitsmall16_pretrain.pth (default: download once)")
+    p.add_argument("--disc-weight", type=float, default=1.0)  # official
+    p.add_argument("--disc-weight-decay", type=float, default=0.0005)  # official
+    p.add_argument("--vq-weight", type=float, default=1.0)  # official
+    p.add_argument("--entropy-weight", type=float, default=0.05)  # official
+    p.add_argument("--kl-weight", type=float, default=1e-6)  # LDM's KL-VAE
+    p.add_argument("--ema-start-epoch", type=int, default=4)  # official CODA: EMA copies the weights before
     # generate and score
     p.add_argument("--eval", action="store_true", help="generate --num-images samples from --resume and print FID / IS")
     p.add_argument("--num-images", type=int, help="default: 50000 (paper, FID-50K), 1000 on the built-in data")
@@ -777,10 +1090,14 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
 
     imagenet = args.data_path or args.use_cached or (args.eval and args.fid_stats)  # else: the built-in data
-    defaults = PAPER if imagenet else BUILTIN
+    defaults = DEFAULTS[args.model][0 if imagenet else 1]
     for key, value in defaults.items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.preset not in PRESETS[args.model]:
+        fail(f"--preset {args.preset} is not a {args.model} preset (choose from {', '.join(PRESETS[args.model])})")
+    if args.model == "coda" and not args.vae:
+        fail("--model coda needs --vae: the official kl16.ckpt, or the checkpoint of a `--model vae` run")
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.model}-{args.preset}")
     # flags that contradict each other
     if args.use_cached and not args.cache_path:
