@@ -413,6 +413,51 @@ def test_train_resume_is_exact_and_sigterm_saves():
         assert same_state(final_weights(f"{d}/pre"), full), "preempted + resumed run differs from the uninterrupted one"
 
 
+def test_train_vae_then_coda_resumes_exactly_and_runs_ddp():
+    """The tokenizer pipeline on a small folder: --model vae, then --model coda on it (LoRA, attention
+    quantizer, PatchGAN discriminator); a stopped and resumed CODA run ends bit-identical to an
+    uninterrupted one (discriminator and its optimizer included); 2-process gloo DDP keeps ranks equal."""
+    with tempfile.TemporaryDirectory() as d:
+        data = make_folder(os.path.join(d, "data"))
+        tok = ["--data-path", data, *FAST, "--lpips-weight", "0", "--disc", "patch", "--log-every", "5"]
+        run_train("--model", "vae", *tok, "--epochs", "2", "--output-dir", f"{d}/vae")
+        vae_ckpt = final_weights(f"{d}/vae")
+        assert vae_ckpt["latent_scale"] > 0 and vae_ckpt["config"]["arch"]["embed_dim"] == 4
+        vae_log = open(f"{d}/vae/log.txt").read()
+        assert "PSNR" in vae_log and os.path.exists(f"{d}/vae/samples-final.png")
+        common = ["--model", "coda", "--vae", f"{d}/vae/checkpoint-last.pth", *tok, "--ema-start-epoch", "1"]
+        run_train(*common, "--epochs", "4", "--output-dir", f"{d}/full")
+        full = final_weights(f"{d}/full")
+        # the lr (cosine) and the GAN ramp depend on the run's length: interrupt the same command
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        proc = subprocess.Popen(TRAIN + common + ["--epochs", "4", "--output-dir", f"{d}/resumed"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        metrics, t0 = f"{d}/resumed/metrics.jsonl", time.time()
+        while not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 2) and time.time() - t0 < 120:
+            time.sleep(0.1)
+        proc.send_signal(15)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and 0 < final_weights(f"{d}/resumed")["step"] < 40, err[-2000:]
+        run_train(*common, "--epochs", "4", "--output-dir", f"{d}/resumed")
+        resumed = final_weights(f"{d}/resumed")
+        assert full["step"] == resumed["step"] == 40 and same_state(resumed, full), "resumed CODA run differs"
+        assert all(torch.equal(full["recipe"]["disc"][k], resumed["recipe"]["disc"][k]) for k in full["recipe"]["disc"])
+        trained = [k for k in full["model"] if "lora_layer" in k or k.startswith("quantizer.")]
+        frozen = [k for k in full["model"] if k not in trained]
+        assert trained and all(torch.equal(full["model"][k], full["model_ema"][k]) for k in frozen)
+        assert all(torch.equal(full["model"][k], vae_ckpt["model_ema"][k[4:]]) for k in frozen if k.startswith("vae."))
+        log = open(f"{d}/full/log.txt").read()
+        assert "codebook usage:" in log and "PSNR" in log, log[-1500:]
+        rows = [json.loads(l) for l in open(f"{d}/full/metrics.jsonl")]
+        assert all(k in rows[-1] for k in ("codebook_usage", "q_loss", "entropy", "d_loss", "l1")), rows[-1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN[1],
+               *common, "--epochs", "1", "--output-dir", f"{d}/ddp"]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "parameters identical on all 2 ranks: yes" in open(f"{d}/ddp/log.txt").read()
+
+
 def test_train_nan_loss_stops_and_keeps_last_good_checkpoint():
     with tempfile.TemporaryDirectory() as d:
         data = make_folder(os.path.join(d, "data"))
@@ -636,6 +681,78 @@ def test_coda_release_layout_and_plain_vq_modes():
     assert torch.allclose(f.grad, torch.ones_like(f.grad), atol=1e-5), f.grad
     usage, counts = coda.codebook_usage(indices, 32)
     assert counts.sum() == 3 * (1 + 4 + 16) and usage == (counts > 0).float().mean().item()
+
+
+def test_coda_losses_lpips_gan_and_adaptive_weight():
+    import lpips
+    torch.manual_seed(0)
+    net = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)    # tests only: random VGG trunk, offline
+    crit = coda.TokenizerLoss(lpips=net, disc="patch", patch_ch=16)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    nll, parts = crit.reconstruction(x, x)
+    assert nll.item() == 0 and parts["lpips"].item() == 0
+    w = torch.nn.Parameter(torch.randn(3, 3, 3, 3) * 0.1)           # a stand-in "last layer"
+    recon = torch.tanh(torch.nn.functional.conv2d(x, w, padding=1))
+    nll, parts = crit.reconstruction(x, recon)
+    expect = 0.2 * (x - recon).abs().mean() + ((x - recon) ** 2).mean() + net(x, recon).mean()
+    assert torch.allclose(nll, expect, atol=1e-6)
+    loss0, _ = crit.generator_loss(x, recon, w, ramp=0.0)               # start of training: no GAN term
+    assert torch.allclose(loss0, nll)
+    loss, parts = crit.generator_loss(x, recon, w, ramp=0.5)
+    g = -crit.disc(recon).mean()
+    gn = torch.autograd.grad(nll, w, retain_graph=True)[0].norm()
+    gg = torch.autograd.grad(g, w, retain_graph=True)[0].norm()
+    assert torch.allclose(parts["d_weight"], gn / (gg + 1e-6), rtol=1e-5)  # VQGAN Eq. 7
+    assert torch.allclose(loss, nll + 0.5 * parts["d_weight"] * g, rtol=1e-5)
+    loss.backward()
+    assert w.grad is not None and all(p.grad is None for p in crit.disc.parameters()), "G step trained D"
+    d_loss, logs = crit.discriminator_loss(x, recon)
+    real, fake = crit.disc(x), crit.disc(recon.detach())
+    assert torch.allclose(d_loss, 0.5 * ((1 - real).clamp(min=0).mean() + (1 + fake).clamp(min=0).mean()), rtol=1e-5)
+    d_loss.backward()
+    assert all(p.grad is not None for p in crit.disc.parameters()) and w.grad is not None
+
+
+def dino_layout_state(seed):
+    """DINO ViT-S/16 tensors under the names of dino_deitsmall16_pretrain.pth."""
+    d = coda.DinoDiscriminator()
+    state = {k.replace("patch_embed.", "patch_embed.proj."): v for k, v in d.state_dict().items() if not k.startswith("heads.")}
+    state.update({"norm.weight": torch.ones(384), "norm.bias": torch.zeros(384)})
+    return seeded_state(state, seed)
+
+
+def test_coda_dino_discriminator_matches_official_backbone():
+    r = ref("coda_ref.pt")
+    with tempfile.TemporaryDirectory() as d:
+        state = dino_layout_state(11)
+        torch.save(state, f"{d}/dino.pth")
+        disc = coda.DinoDiscriminator(f"{d}/dino.pth")
+        maps = disc.features(r["dino_x"])                              # 64x64 -> bicubic 224, as the official
+        assert len(maps) == 5 and all(m.shape == (2, 384, 196) for m in maps)
+        for k, m in enumerate(maps):
+            assert_close(m[:, :16, :16], r["dino_maps"][k], 1e-4, f"DINO token map {k}")
+        qkv = disc.blocks[0].attn.qkv.bias
+        assert (qkv[384:768] == 0).all() and torch.equal(qkv[:384], state["blocks.0.attn.qkv.bias"][:384])
+        assert disc(r["dino_x"]).shape == (2, 5 * 196) and not disc.blocks[0].attn.qkv.weight.requires_grad
+        assert all(p.requires_grad for p in disc.heads.parameters())
+        torch.save({"encoder.conv_in.weight": torch.zeros(3)}, f"{d}/other.pth")
+        try:
+            coda.DinoDiscriminator(f"{d}/other.pth")
+            raise AssertionError("no error")
+        except ValueError as e:
+            assert "is not DINO ViT-S/16" in str(e)
+    hub_dir, download = torch.hub.get_dir(), torch.hub.download_url_to_file
+    with tempfile.TemporaryDirectory() as d:
+        torch.hub.set_dir(d)
+        torch.hub.download_url_to_file = lambda *a, **k: (_ for _ in ()).throw(OSError("offline"))
+        try:
+            coda.dino_weights_path()
+            raise AssertionError("no error")
+        except FileNotFoundError as e:
+            assert "--disc patch" in str(e) and "dino_deitsmall16_pretrain.pth" in str(e)
+        finally:
+            torch.hub.set_dir(hub_dir)
+            torch.hub.download_url_to_file = download
 
 
 # ---------------------------------------------------------------------------------------------
