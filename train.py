@@ -540,17 +540,19 @@ class TokenizerRecipe(Recipe):
 
     @torch.no_grad()
     def reconstruct(self, model, images):
-        """uint8 images -> reconstructions in [-1, 1] (and the indices, for CODA)."""
+        """uint8 images -> (reconstructions in [-1, 1], indices, squared latent quantization error
+        per image); the VAE alone reconstructs from the posterior mean."""
         x = train_images(images.to(self.device))
         if self.args.model == "coda":
-            recon, _, _, indices = model(x)
-            return recon, indices
-        return model.decode(model.encode(x).mean), None
+            f = model.encode(x)
+            indices, f_hat, _, _ = model.quantizer(f)
+            return model.vae.decode(f_hat / model.scale), indices, (f_hat - f).pow(2).flatten(1).mean(1)
+        return model.decode(model.encode(x).mean), None, None
 
     def grid(self, ema, num_classes, generator):
         """8 held-out images: each original followed by its reconstruction by the EMA weights."""
         images = self.holdout(8)
-        recon, _ = self.reconstruct(ema, images)
+        recon, _, _ = self.reconstruct(ema, images)
         pairs = torch.stack([train_images(images.to(self.device)), recon.float()], 1).flatten(0, 1)  # orig, recon, ...
         return pairs, None, 8
 
@@ -561,32 +563,76 @@ class TokenizerRecipe(Recipe):
 
     def report(self, ema, images, labels):
         """Reconstruction quality of the EMA weights on --num-images held-out images: PSNR, SSIM,
-        codebook usage and, when the Inception weights are at hand, rFID (CODA's protocol)."""
+        pixel MSE, latent quantization error, codebook usage and, when the Inception weights are at
+        hand, rFID (CODA's protocol). Also written to <output-dir>/report.json."""
         a, held = self.args, self.holdout(self.args.num_images)
         net = None
         if a.inception_weights or os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(fid.URLS["pytorch-fid"]))):
             net = fid.load_inception(a.inception_weights, pytorch_fid=True, device=self.device)
         metrics = fid.ReconstructionMetrics(net, distributed=False) if net is not None else None
-        psnr, ssim, all_indices = [], [], []
+        psnr, ssim, mse, q_err, all_indices = [], [], [], [], []
         for chunk in held.split(a.batch_size):
-            recon, indices = self.reconstruct(ema, chunk)
+            recon, indices, err = self.reconstruct(ema, chunk)
             real = chunk.to(self.device)
             fake = ((recon.float().clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8)  # CODA: truncation
             psnr.append(fid.psnr(real, fake))
             ssim.append(fid.ssim(real, fake))
-            all_indices += indices or []
+            mse.append((recon.float().clamp(-1, 1) - train_images(real)).pow(2).flatten(1).mean(1))
+            if indices is not None:
+                all_indices += indices
+                q_err.append(err)
             if metrics is not None:
                 metrics.update(train_images(real), recon)
-        lines = [f"reconstruction of {len(held)} held-out images (EMA weights): PSNR {torch.cat(psnr).mean().item():.2f} dB, "
-                 f"SSIM {torch.cat(ssim).mean().item():.4f}"]
+        out = dict(images=len(held), psnr=torch.cat(psnr).mean().item(), ssim=torch.cat(ssim).mean().item(),
+                   mse=torch.cat(mse).mean().item())
+        lines = [f"reconstruction of {len(held)} held-out images (EMA weights): PSNR {out['psnr']:.2f} dB, "
+                 f"SSIM {out['ssim']:.4f}, MSE {out['mse']:.5f}"]
         if all_indices:
-            usage, _ = coda.codebook_usage(all_indices, self.model.quantizer.codebook_size)
-            lines.append(f"codebook usage: {usage:.1%} of {self.model.quantizer.codebook_size} codes")
+            out["usage"], _ = coda.codebook_usage(all_indices, self.model.quantizer.codebook_size)
+            out["quant_error"] = torch.cat(q_err).mean().item()
+            lines.append(f"codebook usage: {out['usage']:.1%} of {self.model.quantizer.codebook_size} codes; "
+                         f"latent quantization error (MSE) {out['quant_error']:.5f}")
         if metrics is not None:
-            lines.append(f"rFID (pytorch-fid Inception, as CODA): {metrics.compute()['rfid']:.3f}")
+            out["rfid"] = metrics.compute()["rfid"]
+            lines.append(f"rFID (pytorch-fid Inception, as CODA): {out['rfid']:.3f}")
         else:
             lines.append("rFID skipped: no Inception weights (give --inception-weights or run `python fid.py` once online)")
+        with open(os.path.join(a.output_dir, "report.json"), "w") as f:
+            json.dump(out, f)
         return lines
+
+
+QUANTIZER_TABLE = [  # paper Table 1 / Sec. 4, each step adding one ingredient
+    ("plain VQ (one level, nearest code)", ["--quantizer", "nearest", "--lora", "none", "--levels", "LAST"]),
+    ("+ residual levels (nearest code)", ["--quantizer", "nearest", "--lora", "none"]),
+    ("+ attention-based assignment", ["--quantizer", "attention", "--lora", "none"]),
+    ("+ LoRA on the VAE (CODA)", ["--quantizer", "attention", "--lora", "both"]),
+]
+
+
+def compare_quantizers(argv):
+    """--compare-quantizers: re-run the paper's Table 1 progression with the given flags (one run per
+    row, in <output-dir>/<row>, each resumable) and print the table."""
+    base = parse_args(argv)
+    rows = []
+    for i, (name, flags) in enumerate(QUANTIZER_TABLE):
+        last = str(base.img_size // 4 if base.preset == "tiny" else base.img_size // 16)
+        flags = [last if f == "LAST" else f for f in flags]
+        args = parse_args([a for a in argv if a != "--compare-quantizers"] + flags +
+                          ["--output-dir", os.path.join(base.output_dir, f"table1-{i}")])
+        main(args)
+        with open(os.path.join(args.output_dir, "report.json")) as f:
+            rows.append((name, json.load(f)))
+    lines = ["", f"Table 1 on {'the built-in data' if not base.data_path else base.data_path} "
+             f"({base.epochs} epochs each, {rows[0][1]['images']} held-out images):",
+             f"{'quantizer':40s} {'usage':>7s} {'quant. err':>10s} {'MSE':>8s} {'PSNR':>6s} {'SSIM':>6s}" +
+             (f" {'rFID':>7s}" if "rfid" in rows[0][1] else "")]
+    for name, r in rows:
+        lines.append(f"{name:40s} {r['usage']:7.1%} {r['quant_error']:10.5f} {r['mse']:8.5f} {r['psnr']:6.2f} {r['ssim']:6.3f}" +
+                     (f" {r['rfid']:7.2f}" if "rfid" in r else ""))
+    print("\n".join(lines))
+    with open(os.path.join(base.output_dir, "table1.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def train_images(images):
@@ -1007,9 +1053,9 @@ DEFAULTS = {
             dict(COMMON, preset="tiny", img_size=32, epochs=25, warmup_epochs=1, batch_size=64, blr=4e-3, ema=0.999,
                  lr_schedule="constant", weight_decay=0.02, grad_clip=3.0, diffusion_batch_mul=1, ckpt_every=500,
                  sample_every=1000, num_iter=8, cfg=6.0, num_images=1000)),
-    "coda": (dict(COMMON, preset="mar", img_size=256, epochs=10, batch_size=64, lr=5e-4, weight_decay=0.005, disc="dino",
+    "coda": (dict(COMMON, preset="mar", img_size=256, epochs=10, batch_size=64, lr=5e-4, weight_decay=0.005, disc="dino", lora_rank=32,
                   ckpt_every=1000, sample_every=1000, num_images=5000),
-             dict(COMMON, preset="tiny", img_size=32, epochs=10, batch_size=64, lr=5e-4, weight_decay=0.005, ema=0.999,
+             dict(COMMON, preset="tiny", img_size=32, epochs=10, batch_size=64, lr=5e-4, weight_decay=0.005, ema=0.999, lora_rank=8,
                   lpips_weight=0.0, disc="none", ckpt_every=500, sample_every=500, num_images=1000)),
     "vae": (dict(COMMON, preset="kl16", img_size=256, epochs=40, batch_size=32, lr=1e-4, ckpt_every=1000, sample_every=1000,
                  num_images=5000),
@@ -1066,7 +1112,7 @@ def parse_args(argv=None):
     p.add_argument("--levels", type=int, nargs="+", help="residual level sides; default 1 2 3 4 5 6 8 10 13 16 (CODA-MAR)")
     p.add_argument("--quantizer", default="attention", choices=["attention", "nearest"], help="nearest: plain (residual) VQ")
     p.add_argument("--lora", default="both", choices=["both", "encoder", "decoder", "none"])  # official: both
-    p.add_argument("--lora-rank", type=int, default=32)  # official
+    p.add_argument("--lora-rank", type=int, help="32 (official); 8 on the built-in data's small VAE")
     p.add_argument("--l1-weight", type=float, default=0.2)  # official
     p.add_argument("--l2-weight", type=float, default=1.0)  # official
     p.add_argument("--lpips-weight", type=float, help="1.0 (official); 0 on the built-in data (no VGG download)")
@@ -1079,6 +1125,8 @@ def parse_args(argv=None):
     p.add_argument("--entropy-weight", type=float, default=0.05)  # official
     p.add_argument("--kl-weight", type=float, default=1e-6)  # LDM's KL-VAE
     p.add_argument("--ema-start-epoch", type=int, default=4)  # official CODA: EMA copies the weights before
+    p.add_argument("--compare-quantizers", action="store_true", help="--model coda: run the paper's Table 1 "
+                   "progression (VQ, residual VQ, attention, + LoRA) with these flags and print the table")
     # generate and score
     p.add_argument("--eval", action="store_true", help="generate --num-images samples from --resume and print FID / IS")
     p.add_argument("--num-images", type=int, help="default: 50000 (paper, FID-50K), 1000 on the built-in data")
@@ -1096,6 +1144,8 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.preset not in PRESETS[args.model]:
         fail(f"--preset {args.preset} is not a {args.model} preset (choose from {', '.join(PRESETS[args.model])})")
+    if args.eval and args.model != "mar":
+        fail(f"--eval generates and scores samples: not for --model {args.model} (its report runs at the end of training)")
     if args.model == "coda" and not args.vae:
         fail("--model coda needs --vae: the official kl16.ckpt, or the checkpoint of a `--model vae` run")
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.model}-{args.preset}")
@@ -1125,4 +1175,7 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    if "--compare-quantizers" in sys.argv:
+        compare_quantizers(sys.argv[1:])
+    else:
+        main(parse_args())
