@@ -25,6 +25,7 @@ import torch
 import coda
 import fid
 import mar
+import maskgit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REF = os.path.join(HERE, ".ci", "reference")
@@ -456,6 +457,23 @@ def test_train_vae_then_coda_resumes_exactly_and_runs_ddp():
                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
         assert p.returncode == 0, p.stderr[-3000:]
         assert "parameters identical on all 2 ranks: yes" in open(f"{d}/ddp/log.txt").read()
+        # MaskGIT on the CODA tokens: tokens cached once (image and flip), trained, sampled, scored
+        mg = ["--model", "maskgit", "--tokenizer", f"{d}/full/checkpoint-last.pth", "--data-path", data, *FAST,
+              "--output-dir", f"{d}/mg"]
+        run_train(*mg, "--epochs", "2")
+        tokens = np.load(f"{d}/mg/tokens.npy")
+        assert tokens.shape == (40, 2, 1 + 4 + 9 + 16 + 36 + 64) and tokens.max() < 256
+        ckpt = final_weights(f"{d}/mg")
+        assert ckpt["step"] == 20 and ckpt["config"]["levels"] == (1, 2, 3, 4, 6, 8)
+        assert os.path.exists(f"{d}/mg/samples-final.png")
+        tf, _ = inception_files(d)
+        save_pngs(ref("fid_ref.pt")["B"], f"{d}/real")
+        assert run_fid(f"{d}/real", "--save-stats", f"{d}/real.npz", "--weights", tf).returncode == 0
+        p = run_train(*mg, "--eval", "--num-images", "20", "--eval-batch-size", "10", "--inception-weights", tf,
+                      "--fid-stats", f"{d}/real.npz")
+        assert p.stdout.strip().splitlines()[-1].startswith("FID: ") and printed(p, "FID") > 0, p.stdout[-500:]
+        bad = run_train(*mg[:2], "--tokenizer", f"{d}/vae/checkpoint-last.pth", *mg[4:], check=False)
+        assert bad.returncode != 0 and "is not a checkpoint of --model coda" in bad.stderr, bad.stderr[-300:]
 
 
 def test_train_nan_loss_stops_and_keeps_last_good_checkpoint():
@@ -753,6 +771,76 @@ def test_coda_dino_discriminator_matches_official_backbone():
         finally:
             torch.hub.set_dir(hub_dir)
             torch.hub.download_url_to_file = download
+
+
+# ---------------------------------------------------------------------------------------------
+# maskgit.py: decoding exactly as google-research/maskgit's parallel_decode.py
+# ---------------------------------------------------------------------------------------------
+
+def test_maskgit_schedule_matches_official_counts():
+    """The number of tokens still masked after every step equals the official decode's (run with
+    JAX on random logits), for several lengths and step counts, 680 (CODA-MAR) included."""
+    r = ref("maskgit_ref.pt")
+    for (n, steps), expected in r["masked_counts"].items():
+        trace = []
+        g = torch.Generator().manual_seed(n + steps)
+        out = maskgit.decode(lambda x: torch.randn(*x.shape, 11, generator=g), 2, n, 11, steps, generator=g, trace=trace)
+        assert [int((s == 11).sum(1)[0]) for s in trace[1:]] == expected, (n, steps)
+        assert all(int((s == 11).sum(1)[1]) == m for s, m in zip(trace[1:], expected))
+        assert (out != 11).all(), "the result must have no [MASK] left"
+        for before, after in zip(trace, trace[1:] + [out]):   # decoded tokens never change
+            known = before != 11
+            assert torch.equal(after[known], before[known])
+
+
+def test_maskgit_remasking_matches_official_step_by_step():
+    """Given the official decode's samples at every step (deterministic logits, choice temperature
+    0), remask() reproduces the official next state exactly."""
+    r = ref("maskgit_ref.pt")
+    states, samples = r["det_states"], r["det_final"]                  # (T, N) each, [MASK] = -1
+    T, N = states.shape
+    for t in range(T - 1):
+        unknown = states[t] == -1
+        logits = r["det_table"] + 0.5 * (~unknown).sum().float() * r["det_extra"]
+        probs = logits.softmax(-1).gather(-1, samples[t][:, None])[:, 0]
+        masked = maskgit.remask(probs[None], unknown[None], torch.full((1, 1), float(N)), t, T, 0.0, torch.zeros(1, N))
+        assert torch.equal(torch.where(masked[0], -1, samples[t]), states[t + 1]), t
+    assert (samples[-1] != -1).all()
+
+
+def test_maskgit_layout_loss_and_determinism():
+    levels = coda.MAR_LEVELS
+    lv, rows, cols = maskgit.level_layout(levels)
+    offsets = np.cumsum([0] + [p * p for p in levels])
+    positions = offsets[lv.numpy()] + rows.numpy() * np.array(levels)[lv.numpy()] + cols.numpy()
+    assert len(lv) == 680 and sorted(positions.tolist()) == list(range(680))   # a bijection, in order
+    indices = [torch.randint(0, 50, (3, p, p)) for p in levels]
+    tokens = maskgit.flatten_levels(indices)
+    assert tokens.shape == (3, 680) and all(torch.equal(a, b) for a, b in zip(maskgit.unflatten_levels(tokens, levels), indices))
+    k, i, j = 7, 5, 9                                                     # level 7 (10x10), row 5, col 9
+    assert tokens[1, offsets[k] + i * levels[k] + j] == indices[k][1, i, j]
+    # the loss sees masked positions only
+    logits = torch.randn(2, 30, 16, requires_grad=True)
+    targets = torch.randint(0, 16, (2, 30))
+    mask = torch.rand(2, 30) < 0.5
+    loss = maskgit.masked_cross_entropy(logits, targets, mask)
+    loss.backward()
+    assert logits.grad[~mask].abs().max() == 0 and logits.grad[mask].abs().max() > 0
+    expect = torch.nn.functional.cross_entropy(logits[mask], targets[mask], label_smoothing=0.1)
+    assert torch.allclose(loss, expect, atol=1e-6)
+    # training masks: ceil(gamma(r) L) positions, at least one
+    m = maskgit.random_mask(1000, 20, "cpu", torch.Generator().manual_seed(0))
+    assert m.sum(1).min() >= 1 and abs(m.float().mean().item() - 2 / math.pi) < 0.03   # E[cos(pi r / 2)] = 2 / pi
+    # a fixed generator fixes the samples, with and without CFG
+    model = maskgit.maskgit_tiny().eval()
+    labels = torch.tensor([0, 3, 7])
+    for cfg in (1.0, 3.0):
+        a = model.generate(labels, 8, cfg=cfg, generator=torch.Generator().manual_seed(1))
+        b = model.generate(labels, 8, cfg=cfg, generator=torch.Generator().manual_seed(1))
+        c = model.generate(labels, 8, cfg=cfg, generator=torch.Generator().manual_seed(2))
+        assert torch.equal(a, b) and not torch.equal(a, c) and (a < model.codebook_size).all()
+    with torch.device("meta"):
+        assert sum(p.numel() for p in maskgit.maskgit_large().parameters()) == 196592896  # MaskGIT-L, V = 16384
 
 
 # ---------------------------------------------------------------------------------------------

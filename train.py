@@ -43,6 +43,7 @@ from tqdm import tqdm
 import coda
 import fid
 import mar
+import maskgit
 
 
 def fail(message):
@@ -312,6 +313,9 @@ class Recipe:
     def report(self, ema, images, labels):
         return []
 
+    def training_data(self, dataset, rank, world):  # what the loop iterates over (MaskGIT: cached tokens)
+        return dataset
+
     def checkpoint_extras(self, ema):  # extra entries for the checkpoint file
         return {}
 
@@ -428,8 +432,9 @@ class TokenizerRecipe(Recipe):
                 fail(f"the last level ({levels[-1]}) must equal the latent size {args.img_size // vae.stride} (--levels)")
             quantizer = coda.CODAQuantizer(vae.embed_dim, args.codebook_size or preset["codebook_size"], levels, args.quantizer)
             self.model = coda.CODA(vae, quantizer, scale)
-            self.config = dict(preset=args.preset, img_size=args.img_size, vae=vae_config, codebook_size=quantizer.codebook_size,
-                               levels=levels, quantizer=args.quantizer, lora=args.lora, lora_rank=args.lora_rank)
+            self.config = dict(preset=args.preset, img_size=args.img_size, vae=vae_config, scale=scale, levels=levels,
+                               codebook_size=quantizer.codebook_size, quantizer=args.quantizer, lora=args.lora,
+                               lora_rank=args.lora_rank)
             lora_ups = [m.lora_layer.up.weight for m in vae.decoder.modules() if isinstance(m, coda.LoRAConv2d)]
             # official: the LoRA of the decoder's first upsample conv (for kl16: up[-1].upsample)
             ups = [m.upsample.conv for m in reversed(vae.decoder.up) if hasattr(m, "upsample")]
@@ -499,11 +504,12 @@ class TokenizerRecipe(Recipe):
         self.count += count
 
     def ema_decay(self, step, epoch):
-        """Official CODA: the EMA copies the weights until --ema-start-epoch, then averages with
-        decay min(0.9999, (step/2 + 1) / (step/2 + 10))."""
-        if self.args.model != "coda":
-            return self.args.ema
-        return 0.0 if epoch < self.args.ema_start_epoch else min(self.args.ema, (step // 2 + 1) / (step // 2 + 10))
+        """Official CODA: the EMA copies the weights until --ema-start-epoch, then averages with a
+        warm-up, decay min(0.9999, (step/2 + 1) / (step/2 + 10)), so that it never lags far behind
+        in a short run (the VAE uses the same warm-up, from the start)."""
+        if self.args.model == "coda" and epoch < self.args.ema_start_epoch:
+            return 0.0
+        return min(self.args.ema, (step // 2 + 1) / (step // 2 + 10))
 
     def state_dict(self):
         return dict(disc=self.disc.state_dict(), d_opt=self.d_opt.state_dict()) if self.disc else {}
@@ -640,7 +646,103 @@ def train_images(images):
     return images.float() / 127.5 - 1
 
 
-RECIPES = {"mar": MarRecipe, "vae": TokenizerRecipe, "coda": TokenizerRecipe}
+def load_tokenizer(path, device):
+    """The EMA weights of a `train.py --model coda` run as a frozen CODA tokenizer -> (model, config)."""
+    try:
+        ckpt = mar.load_checkpoint(path)
+    except (ValueError, FileNotFoundError) as e:
+        fail(f"--tokenizer: {e}")
+    if ckpt.get("model_name") != "coda":
+        fail(f"--tokenizer {path} is not a checkpoint of --model coda (it is {ckpt.get('model_name', 'not from train.py')})")
+    c = ckpt["config"]
+    arch = {k: v for k, v in c["vae"].items() if k != "file"}
+    vae = mar.AutoencoderKL(**arch) if arch else mar.kl16()
+    parts = {"both": ("encoder", "decoder"), "encoder": ("encoder",), "decoder": ("decoder",), "none": ()}[c["lora"]]
+    coda.add_lora(vae, c["lora_rank"], parts)
+    model = coda.CODA(vae, coda.CODAQuantizer(vae.embed_dim, c["codebook_size"], c["levels"], c["quantizer"]), c["scale"])
+    model.load_state_dict(ckpt["model_ema"])
+    return model.eval().requires_grad_(False).to(device), c
+
+
+class TokenData(torch.utils.data.Dataset):
+    """Cached token sequences: item = (tokens of the image and of its flip (2, L), label, 0)."""
+
+    def __init__(self, tokens, labels, classes):
+        self.tokens, self.labels, self.classes = tokens, labels, classes
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.tokens[i].astype(np.int64)), int(self.labels[i]), 0
+
+
+class MaskGITRecipe(Recipe):
+    """MaskGIT (maskgit.py) on the multi-level tokens of a frozen CODA tokenizer (--tokenizer). The
+    tokens of every training image and of its horizontal flip are computed once and cached
+    (<output-dir>/tokens.npy), so training never runs the VAE; the flip picks one of the two."""
+    betas = (0.9, 0.96)  # official MaskGIT config
+
+    def __init__(self, args, num_classes, device):
+        self.args, self.device = args, device
+        self.tokenizer, tok = load_tokenizer(args.tokenizer, device)
+        if tok["img_size"] != args.img_size:
+            fail(f"--tokenizer was trained on {tok['img_size']} px images, not --img-size {args.img_size}")
+        self.config = dict(preset=args.preset, img_size=args.img_size, class_num=num_classes, codebook_size=tok["codebook_size"],
+                           levels=tuple(tok["levels"]), tokenizer=os.path.basename(args.tokenizer))
+        self.model = maskgit.PRESETS[args.preset](tok["codebook_size"], tuple(tok["levels"]), num_classes)
+
+    @torch.no_grad()
+    def training_data(self, dataset, rank, world):
+        path = self.args.cache_path or os.path.join(self.args.output_dir, "tokens.npy")
+        labels = (np.array([label for _, label in dataset.samples]) if hasattr(dataset, "samples")
+                  else np.arange(len(dataset)) % 10)  # the built-in data: label = index % 10
+        if not os.path.exists(path):
+            mine = range(rank * len(dataset) // world, (rank + 1) * len(dataset) // world)
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=self.args.batch_size,
+                                                 num_workers=self.args.num_workers)
+            shard, skipped = [], 0
+            for images, _, bad in tqdm(loader, desc="tokenizing the training set", disable=rank != 0):
+                images = images.to(self.device)
+                both = [maskgit.flatten_levels(self.tokenizer.tokenize(x)) for x in (images, images.flip(3))]
+                shard.append(torch.stack(both, 1).to(torch.int16 if self.model.codebook_size <= 32767 else torch.int32).cpu())
+                skipped += int(bad.sum())
+            np.save(f"{path}.rank{rank}.npy", torch.cat(shard).numpy())
+            if world > 1:
+                dist.barrier()
+            if rank == 0:
+                parts = [np.load(f"{path}.rank{r}.npy") for r in range(world)]
+                np.save(path + ".tmp.npy", np.concatenate(parts))
+                os.replace(path + ".tmp.npy", path)
+                for r in range(world):
+                    os.remove(f"{path}.rank{r}.npy")
+            if world > 1:
+                dist.barrier()
+        tokens = np.load(path, mmap_mode="r")
+        if len(tokens) != len(labels) or tokens.shape[2] != self.model.length:
+            fail(f"{path} holds tokens of another dataset or tokenizer ({tokens.shape}); delete it to re-tokenize")
+        return TokenData(tokens, labels, dataset.classes)
+
+    def inputs(self, batch, flip):
+        tokens = batch[0].to(self.device, non_blocking=True)                    # (B, 2, L)
+        tokens = tokens[torch.arange(len(tokens), device=self.device), flip.to(self.device, non_blocking=True).long()]
+        return tokens, batch[1].to(self.device, non_blocking=True)
+
+    @staticmethod
+    def no_weight_decay(name, param):
+        return param.ndim < 2 or name.endswith(".bias") or name == "pos_emb"
+
+    @torch.no_grad()
+    def samples(self, model, labels, generator):
+        a = self.args
+        tokens = model.generate(labels, a.num_iter, a.choice_temperature, a.temperature, a.cfg, a.cfg_schedule, generator)
+        return self.tokenizer.detokenize(maskgit.unflatten_levels(tokens, model.levels)).float().clamp(-1, 1)
+
+    grid = MarRecipe.grid
+    report = MarRecipe.report
+
+
+RECIPES = {"mar": MarRecipe, "vae": TokenizerRecipe, "coda": TokenizerRecipe, "maskgit": MaskGITRecipe}
 
 
 @torch.no_grad()
@@ -872,13 +974,14 @@ def main(args):
     else:
         dataset = ToyDataset(args.img_size, seed=args.seed, progress=rank == 0)
     num_classes = len(dataset.classes)
+
+    # ---- model, EMA, optimizer ----
+    recipe = RECIPES[args.model](args, num_classes, device)
+    dataset = recipe.training_data(dataset, rank, world)
     steps_per_epoch = len(dataset) // world // args.batch_size
     if steps_per_epoch == 0:
         fail(f"{len(dataset)} images are fewer than one global batch ({args.batch_size} x {world} processes)")
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-
-    # ---- model, EMA, optimizer ----
-    recipe = RECIPES[args.model](args, num_classes, device)
     model = recipe.model.to(device)
     log(f"{args.model} ({args.preset}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{len(dataset)} images of {num_classes} classes, {steps_per_epoch} steps per epoch")
@@ -1062,7 +1165,12 @@ DEFAULTS = {
             dict(COMMON, preset="tiny", img_size=32, epochs=10, batch_size=64, lr=1e-3, ema=0.999, lpips_weight=0.0,
                  disc="none", ckpt_every=500, sample_every=500, num_images=1000)),
 }
-PRESETS = {"mar": list(mar.PRESETS), "coda": list(CODA_PRESETS), "vae": list(VAE_PRESETS)}
+DEFAULTS["maskgit"] = (  # official MaskGIT config (Adam 1e-4 at batch 256, betas (0.9, 0.96), wd 0.045, 5k warmup)
+    dict(COMMON, preset="large", img_size=256, epochs=300, warmup_epochs=1, batch_size=32, blr=1e-4, weight_decay=0.045,
+         grad_clip=1.0, ema=0.999, num_iter=8, cfg=1.0, ckpt_every=1000, sample_every=5000, num_images=50000),
+    dict(COMMON, preset="tiny", img_size=32, epochs=20, warmup_epochs=1, batch_size=64, blr=1e-3, weight_decay=0.045,
+         grad_clip=1.0, ema=0.999, num_iter=8, cfg=3.0, ckpt_every=500, sample_every=1000, num_images=1000))
+PRESETS = {"mar": list(mar.PRESETS), "coda": list(CODA_PRESETS), "vae": list(VAE_PRESETS), "maskgit": list(maskgit.PRESETS)}
 
 
 def parse_args(argv=None):
@@ -1125,6 +1233,8 @@ def parse_args(argv=None):
     p.add_argument("--entropy-weight", type=float, default=0.05)  # official
     p.add_argument("--kl-weight", type=float, default=1e-6)  # LDM's KL-VAE
     p.add_argument("--ema-start-epoch", type=int, default=4)  # official CODA: EMA copies the weights before
+    p.add_argument("--tokenizer", help="--model maskgit: the checkpoint of a --model coda run")
+    p.add_argument("--choice-temperature", type=float, default=4.5)  # official MaskGIT
     p.add_argument("--compare-quantizers", action="store_true", help="--model coda: run the paper's Table 1 "
                    "progression (VQ, residual VQ, attention, + LoRA) with these flags and print the table")
     # generate and score
@@ -1144,7 +1254,9 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.preset not in PRESETS[args.model]:
         fail(f"--preset {args.preset} is not a {args.model} preset (choose from {', '.join(PRESETS[args.model])})")
-    if args.eval and args.model != "mar":
+    if args.model == "maskgit" and not args.tokenizer:
+        fail("--model maskgit needs --tokenizer: the checkpoint of a `--model coda` run")
+    if args.eval and args.model not in ("mar", "maskgit"):
         fail(f"--eval generates and scores samples: not for --model {args.model} (its report runs at the end of training)")
     if args.model == "coda" and not args.vae:
         fail("--model coda needs --vae: the official kl16.ckpt, or the checkpoint of a `--model vae` run")
@@ -1160,7 +1272,7 @@ def parse_args(argv=None):
         fail("--cache-latents and --use-cached are two separate runs: cache first, then train")
     if args.use_cached and args.data_path:
         fail("--use-cached reads --cache-path; drop --data-path (or drop --use-cached to train from images)")
-    if args.cache_path and not (args.use_cached or args.cache_latents):
+    if args.cache_path and not (args.use_cached or args.cache_latents or args.model == "maskgit"):
         fail("--cache-path is only used with --cache-latents or --use-cached")
     if args.eval and imagenet and not args.fid_stats:
         fail("--eval on ImageNet needs --fid-stats (MAR's fid_stats/adm_in256_stats.npz, or `python fid.py DIR --save-stats`)")

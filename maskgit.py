@@ -1,0 +1,290 @@
+"""
+MaskGIT over CODA's multi-level tokens, all of it in one file.
+
+Paper: H. Chang, H. Zhang, L. Jiang, C. Liu, W. T. Freeman, "MaskGIT: Masked Generative Image
+Transformer", CVPR 2022 (arXiv:2202.04200). Official code (inference only):
+github.com/google-research/maskgit. CODA (arXiv:2503.17760, Sec. 5.1) trains a MaskGIT on its
+residual multi-level tokens but never released that code; this file follows MaskGIT's official
+decoding exactly and the CODA paper's description of the inputs.
+
+Read it top to bottom:
+  1. The token layout: CODA's 10 residual levels (1x1 ... 16x16 = 680 tokens) as one sequence.
+  2. The mask schedule gamma (paper Sec. 3.2) and the training objective (Sec. 3.1, Eq. 1).
+  3. The bidirectional transformer: class token first, a shared code embedding plus a [MASK] token,
+     learned position embeddings per level plus a level embedding, logits over the codebook.
+  4. Iterative decoding (Sec. 3.2, Fig. 3), step for step as the official parallel_decode.py:
+     sample every masked token, keep the most confident ones, re-mask the rest by the schedule.
+  5. Presets and a benchmark (python maskgit.py --bench).
+"""
+import argparse
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import coda
+
+# =============================================================================================
+# 1. Token layout: levels coarse -> fine, each row-major
+# =============================================================================================
+
+def level_layout(levels):
+    """For a sequence of sum(p^2) tokens: the level, row and column of every position (three
+    (L,) long tensors). Position = offset(level) + row * p + col; offsets are cumulative p^2."""
+    lv, rows, cols = [], [], []
+    for k, p in enumerate(levels):
+        lv.append(torch.full((p * p,), k))
+        rows.append(torch.arange(p).repeat_interleave(p))
+        cols.append(torch.arange(p).repeat(p))
+    return torch.cat(lv), torch.cat(rows), torch.cat(cols)
+
+
+def flatten_levels(indices):
+    """CODA indices [(B, p1, p1), ..., (B, pK, pK)] -> one sequence (B, L)."""
+    return torch.cat([i.flatten(1) for i in indices], 1)
+
+
+def unflatten_levels(tokens, levels):
+    """(B, L) -> [(B, p, p) for each level]: the inverse of flatten_levels."""
+    return [t.view(len(tokens), p, p) for t, p in zip(tokens.split([p * p for p in levels], 1), levels)]
+
+
+# =============================================================================================
+# 2. Mask schedule and training objective (paper Sec. 3.1-3.2)
+# =============================================================================================
+
+def gamma(r):
+    """The cosine mask schedule gamma(r) = cos(pi r / 2), clipped to [1e-6, 1] as the official
+    mask_schedule.py: the fraction of tokens masked at "time" r in [0, 1)."""
+    return torch.cos(math.pi / 2 * r).clamp(1e-6, 1.0)
+
+
+def random_mask(batch, length, device, generator=None):
+    """Training masks (B, L) bool: per image, r ~ U[0, 1) and ceil(gamma(r) * L) positions chosen
+    uniformly at random (paper Sec. 3.1)."""
+    g_device = generator.device if generator is not None else device
+    r = torch.rand(batch, generator=generator, device=g_device).to(device)
+    n = torch.ceil(gamma(r) * length)                                      # (B,), at least 1
+    order = torch.rand(batch, length, generator=generator, device=g_device).to(device).argsort(1).argsort(1)
+    return order < n[:, None]                                             # the n positions ranked first
+
+
+# =============================================================================================
+# 3. The bidirectional transformer
+# =============================================================================================
+
+class Block(nn.Module):
+    """Pre-norm transformer block with full (bidirectional) attention through SDPA."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, dropout=0.1):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        B, L, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        h = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.drop(self.proj(h.transpose(1, 2).reshape(B, L, C)))   # (B, L, C)
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class MaskGIT(nn.Module):
+    """Input sequence: [class token] + L code tokens, [MASK] = codebook_size. Output: logits over the
+    codebook for every code position (the class token's output is unused)."""
+
+    def __init__(self, codebook_size, levels, num_classes=1000, dim=768, depth=24, heads=16, mlp_ratio=4.0,
+                 dropout=0.1, class_dropout=0.1, label_smoothing=0.1):
+        super().__init__()
+        self.codebook_size, self.levels, self.num_classes = codebook_size, tuple(levels), num_classes
+        self.mask_id, self.length = codebook_size, sum(p * p for p in levels)
+        self.class_dropout, self.label_smoothing = class_dropout, label_smoothing
+        self.tok_emb = nn.Embedding(codebook_size + 1, dim)                 # the codes (shared by all levels) + [MASK]
+        self.class_emb = nn.Embedding(num_classes + 1, dim)                 # + the null class, for CFG
+        # "learnable positional embeddings specific to each quantization level" (CODA Sec. 5.1):
+        # one table per level, concatenated, plus one embedding per level (as VAR)
+        self.pos_emb = nn.Parameter(torch.zeros(1, 1 + self.length, dim))
+        self.level_emb = nn.Embedding(len(levels), dim)
+        self.register_buffer("level_of", level_layout(levels)[0], persistent=False)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, codebook_size)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():  # trunc-normal(0.02), as the official config
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_emb, std=0.02)
+
+    def logits(self, tokens, labels):
+        """tokens (B, L) with mask_id at unknown positions, labels (B,) (num_classes = null) ->
+        logits (B, L, codebook_size)."""
+        x = torch.cat([self.class_emb(labels)[:, None], self.tok_emb(tokens) + self.level_emb(self.level_of)], 1)
+        x = x + self.pos_emb                                                # (B, 1 + L, C)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x[:, 1:]))                               # (B, L, V)
+
+    def forward(self, tokens, labels, generator=None):
+        """Training loss (paper Eq. 1): cross-entropy on the masked positions only, with label
+        smoothing 0.1; class labels dropped to the null class with probability class_dropout."""
+        B, L = tokens.shape
+        mask = random_mask(B, L, tokens.device, generator)
+        if self.training and self.class_dropout > 0:
+            g_device = generator.device if generator is not None else tokens.device
+            drop = torch.rand(B, generator=generator, device=g_device).to(tokens.device) < self.class_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        logits = self.logits(torch.where(mask, self.mask_id, tokens), labels)
+        return masked_cross_entropy(logits, tokens, mask, self.label_smoothing)
+
+    # -----------------------------------------------------------------------------------------
+    # 4. Iterative decoding (paper Sec. 3.2; official libml/parallel_decode.py)
+    # -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, labels, num_iter=8, choice_temperature=4.5, temperature=1.0, cfg=1.0, cfg_schedule="linear",
+                 generator=None, trace=None):
+        """Class labels (B,) -> code tokens (B, L) by iterative decoding (see `decode`)."""
+        return decode(lambda x: self.guided_logits(x, labels, cfg, cfg_schedule), len(labels), self.length, self.mask_id,
+                      num_iter, choice_temperature, temperature, generator, labels.device, trace)
+
+    def guided_logits(self, x, labels, cfg, schedule):
+        """Classifier-free guidance on the logits, l_u + s (l_c - l_u). 'linear' grows s from 1 with
+        the fraction of tokens already decoded (as MAR's schedule); 'constant' uses s = cfg."""
+        if cfg == 1.0:
+            return self.logits(x, labels).float()
+        null = torch.full_like(labels, self.num_classes)
+        lc, lu = self.logits(torch.cat([x, x]), torch.cat([labels, null])).float().chunk(2)
+        s = cfg
+        if schedule == "linear":
+            s = 1 + (cfg - 1) * (x != self.mask_id).sum(1, keepdim=True)[..., None] / self.length  # (B, 1, 1)
+        return lu + s * (lc - lu)
+
+
+@torch.no_grad()
+def decode(logits_fn, batch, length, mask_id, num_iter=8, choice_temperature=4.5, temperature=1.0, generator=None,
+           device="cpu", trace=None):
+    """MaskGIT's iterative decoding (paper Sec. 3.2), step for step as the official
+    parallel_decode.py. Starting from all [MASK], each step t of T:
+      1. logits for every position (logits_fn, which may apply CFG);
+      2. sample a token at every position (categorical, as Gumbel-max), keep the known ones;
+      3. unless it is the last step, re-mask the least confident (`remask`).
+    As the official code, the result is the last step's sample BEFORE re-masking: complete, although
+    the schedule keeps at least one token masked in the state. `trace` (a list) receives the state
+    entering every step."""
+    x = torch.full((batch, length), mask_id, device=device)
+    n0 = torch.full((batch, 1), float(length), device=device)              # unknown tokens at the start
+    for t in range(num_iter):
+        if trace is not None:
+            trace.append(x.clone())
+        unknown = x == mask_id                                              # (B, L)
+        logits = logits_fn(x).float() / temperature                         # (B, L, V)
+        sampled = (logits + sample_noise(logits.shape, generator, device)).argmax(-1)
+        sampled = torch.where(unknown, sampled, x)                          # decoded tokens are kept
+        if t == num_iter - 1:
+            return sampled
+        probs = logits.softmax(-1).gather(-1, sampled[..., None])[..., 0]   # p(sampled token)
+        noise = sample_noise((batch, length), generator, device)
+        x = torch.where(remask(probs, unknown, n0, t, num_iter, choice_temperature, noise), mask_id, sampled)
+    return x
+
+
+def remask(probs, unknown, n0, step, num_iter, choice_temperature, noise):
+    """Which tokens go back to [MASK] after step `step` (official mask_by_random_topk):
+      mask_len   = floor(N0 * gamma((t+1)/T)), clamped to [1, #unknown - 1] (at least one token is
+                   revealed per step and at least one kept for the next; float32 as the JAX code);
+      confidence = log p(sampled) + choice_temperature * (1 - (t+1)/T) * Gumbel noise, and +inf for
+                   the tokens known before this step, so they are never re-masked;
+      the mask_len lowest confidences are re-masked."""
+    ratio = torch.tensor(float(step + 1), dtype=torch.float32) / num_iter
+    mask_len = torch.floor(n0 * gamma(ratio).to(n0.device))                # (B, 1)
+    mask_len = torch.maximum(torch.ones_like(mask_len), torch.minimum(unknown.sum(1, keepdim=True) - 1.0, mask_len))
+    confidence = torch.where(unknown, probs.log(), torch.inf) + choice_temperature * (1.0 - ratio.item()) * noise
+    cutoff = confidence.sort(-1).values.gather(-1, mask_len.long())        # the (mask_len + 1)-th lowest score
+    return confidence < cutoff
+
+
+def sample_noise(shape, generator, device):
+    """Gumbel(0, 1) noise of `shape`, drawn on the generator's device (reproducible anywhere)."""
+    g_device = generator.device if generator is not None else device
+    u = torch.rand(shape, generator=generator, device=g_device).to(device)
+    e = -torch.log(u.clamp_min(1e-20))                                      # Exponential(1)
+    return -torch.log(e.clamp_min(1e-20))
+
+
+def masked_cross_entropy(logits, targets, mask, label_smoothing=0.1):
+    """Mean cross-entropy over the masked positions only; unmasked positions get zero weight."""
+    loss = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none", label_smoothing=label_smoothing)
+    return (loss * mask).sum() / mask.sum().clamp_min(1)
+
+
+# =============================================================================================
+# 5. Presets and benchmark
+# =============================================================================================
+
+def maskgit_large(codebook_size=16384, levels=coda.MAR_LEVELS, num_classes=1000, **kw):
+    """MaskGIT-L: 24 layers, width 768, 16 heads, MLP 3072 (official config)."""
+    return MaskGIT(codebook_size, levels, num_classes, dim=768, depth=24, heads=16, **kw)
+
+
+def maskgit_tiny(codebook_size=256, levels=(1, 2, 3, 4, 6, 8), num_classes=10, **kw):
+    """CPU-sized, for the built-in data."""
+    return MaskGIT(codebook_size, levels, num_classes, dim=128, depth=4, heads=4, **kw)
+
+
+PRESETS = {"tiny": maskgit_tiny, "large": maskgit_large}
+
+
+def benchmark(preset="large", batch_size=32, sample_batch=64, steps=10, iters=(8, 32), cfg=2.0):
+    """Training images/s and generation images/s (tokens only, no VAE decode) on the current device."""
+    from contextlib import nullcontext
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model = PRESETS[preset]().to(device)
+    print(f"maskgit_{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{model.length} tokens, codebook {model.codebook_size}, on {device}")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.96))
+    tokens = torch.randint(0, model.codebook_size, (batch_size, model.length), device=device)
+    labels = torch.randint(0, model.num_classes, (batch_size,), device=device)
+    for i in range(steps + 3):  # 3 warm-up steps
+        if i == 3:
+            sync()
+            t0 = time.perf_counter()
+        with amp:
+            loss = model(tokens, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync()
+    print(f"training: {batch_size * steps / (time.perf_counter() - t0):.1f} images/s (batch {batch_size})")
+    model.eval()
+    labels = torch.arange(sample_batch, device=device) % model.num_classes
+    for num_iter in iters:
+        sync()
+        t0 = time.perf_counter()
+        with amp:
+            model.generate(labels, num_iter, cfg=cfg)
+        sync()
+        print(f"generation: {sample_batch / (time.perf_counter() - t0):.1f} images/s ({num_iter} steps, cfg {cfg}, "
+              f"batch {sample_batch}, tokens only)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="MaskGIT benchmark (training and generation images/s)")
+    parser.add_argument("--bench", action="store_true", required=True)
+    parser.add_argument("--preset", default="large", choices=list(PRESETS))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--sample-batch", type=int, default=64)
+    parser.add_argument("--num-iter", type=int, nargs="+", default=[8, 32])
+    args = parser.parse_args()
+    benchmark(args.preset, args.batch_size, args.sample_batch, iters=args.num_iter)
