@@ -1162,7 +1162,7 @@ DEFAULTS = {
                   lpips_weight=0.0, disc="none", ckpt_every=500, sample_every=500, num_images=1000)),
     "vae": (dict(COMMON, preset="kl16", img_size=256, epochs=40, batch_size=32, lr=1e-4, ckpt_every=1000, sample_every=1000,
                  num_images=5000),
-            dict(COMMON, preset="tiny", img_size=32, epochs=10, batch_size=64, lr=1e-3, ema=0.999, lpips_weight=0.0,
+            dict(COMMON, preset="tiny", img_size=32, epochs=5, batch_size=64, lr=1e-3, ema=0.999, lpips_weight=0.0,
                  disc="none", ckpt_every=500, sample_every=500, num_images=1000)),
 }
 DEFAULTS["maskgit"] = (  # official MaskGIT config (Adam 1e-4 at batch 256, betas (0.9, 0.96), wd 0.045, 5k warmup)
