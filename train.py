@@ -1168,7 +1168,7 @@ DEFAULTS = {
 DEFAULTS["maskgit"] = (  # official MaskGIT config (Adam 1e-4 at batch 256, betas (0.9, 0.96), wd 0.045, 5k warmup)
     dict(COMMON, preset="large", img_size=256, epochs=300, warmup_epochs=1, batch_size=32, blr=1e-4, weight_decay=0.045,
          grad_clip=1.0, ema=0.999, num_iter=8, cfg=1.0, ckpt_every=1000, sample_every=5000, num_images=50000),
-    dict(COMMON, preset="tiny", img_size=32, epochs=8, warmup_epochs=1, batch_size=64, blr=1e-3, weight_decay=0.045,
+    dict(COMMON, preset="tiny", img_size=32, epochs=8, warmup_epochs=1, batch_size=64, blr=4e-3, weight_decay=0.045,
          grad_clip=1.0, ema=0.999, num_iter=8, cfg=3.0, ckpt_every=500, sample_every=1000, num_images=1000))
 PRESETS = {"mar": list(mar.PRESETS), "coda": list(CODA_PRESETS), "vae": list(VAE_PRESETS), "maskgit": list(maskgit.PRESETS)}
 
