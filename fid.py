@@ -223,11 +223,16 @@ URLS = {  # the two tools' copies of the same converted TF weights (the file nam
 }
 
 
+def cached_weights(pytorch_fid=False):
+    """Where the weight file lives once downloaded (it may not exist yet)."""
+    url = URLS["pytorch-fid" if pytorch_fid else "torch-fidelity"]
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
 def weights_path(pytorch_fid=False):
     """The cached weight file (downloaded on first use) in the torch hub cache, where the two tools
     also keep it: $TORCH_HOME/hub/checkpoints/<file name>."""
-    url = URLS["pytorch-fid" if pytorch_fid else "torch-fidelity"]
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    url, path = URLS["pytorch-fid" if pytorch_fid else "torch-fidelity"], cached_weights(pytorch_fid)
     if not os.path.exists(path):
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         if rank0:

@@ -887,6 +887,23 @@ def load_weights(module, path, key="model"):
 # 5. Benchmark: python mar.py --bench --preset base
 # =============================================================================================
 
+def training_speed(model, inputs, steps, amp, sync, betas):
+    """Images/s of full AdamW training steps (forward, backward, update) on fixed inputs, after 3
+    warm-up steps; model(*inputs) must return the loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=betas)
+    for i in range(steps + 3):
+        if i == 3:
+            sync()
+            t0 = time.perf_counter()
+        with amp:
+            loss = model(*inputs)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync()
+    return len(inputs[0]) * steps / (time.perf_counter() - t0)
+
+
 def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64, 256), cfg=2.9):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -898,21 +915,11 @@ def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64
     side = model.seq_h * model.patch_size
     print(f"mar_{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     x = torch.randn(batch_size, model.vae_embed_dim, side, side, device=device)
     y = torch.randint(0, model.class_emb.num_embeddings, (batch_size,), device=device)
-    for i in range(steps + 3):  # 3 warm-up steps
-        if i == 3:
-            sync()
-            t0 = time.perf_counter()
-        with amp:
-            loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    sync()
+    speed = training_speed(model, (x, y), steps, amp, sync, betas=(0.9, 0.95))
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
-    print(f"training: {batch_size * steps / (time.perf_counter() - t0):.1f} images/s (batch {batch_size}, {precision})")
+    print(f"training: {speed:.1f} images/s (batch {batch_size}, {precision})")
 
     model.eval()
     labels = torch.arange(sample_batch, device=device) % model.class_emb.num_embeddings

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import coda
+import mar  # upstream of coda: the shared benchmark helper
 
 # =============================================================================================
 # 1. Token layout: levels coarse -> fine, each row-major
@@ -55,6 +56,13 @@ def unflatten_levels(tokens, levels):
 # 2. Mask schedule and training objective (paper Sec. 3.1-3.2)
 # =============================================================================================
 
+def rand(shape, generator, device):
+    """U[0, 1) noise, drawn on the generator's device (a CPU generator gives the same numbers on
+    every machine) and moved to `device`."""
+    g_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=g_device).to(device)
+
+
 def gamma(r):
     """The cosine mask schedule gamma(r) = cos(pi r / 2), clipped to [1e-6, 1] as the official
     mask_schedule.py: the fraction of tokens masked at "time" r in [0, 1)."""
@@ -64,10 +72,9 @@ def gamma(r):
 def random_mask(batch, length, device, generator=None):
     """Training masks (B, L) bool: per image, r ~ U[0, 1) and ceil(gamma(r) * L) positions chosen
     uniformly at random (paper Sec. 3.1)."""
-    g_device = generator.device if generator is not None else device
-    r = torch.rand(batch, generator=generator, device=g_device).to(device)
+    r = rand((batch,), generator, device)
     n = torch.ceil(gamma(r) * length)                                      # (B,), at least 1
-    order = torch.rand(batch, length, generator=generator, device=g_device).to(device).argsort(1).argsort(1)
+    order = rand((batch, length), generator, device).argsort(1).argsort(1)
     return order < n[:, None]                                             # the n positions ranked first
 
 
@@ -139,8 +146,7 @@ class MaskGIT(nn.Module):
         B, L = tokens.shape
         mask = random_mask(B, L, tokens.device, generator)
         if self.training and self.class_dropout > 0:
-            g_device = generator.device if generator is not None else tokens.device
-            drop = torch.rand(B, generator=generator, device=g_device).to(tokens.device) < self.class_dropout
+            drop = rand((B,), generator, tokens.device) < self.class_dropout
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         logits = self.logits(torch.where(mask, self.mask_id, tokens), labels)
         return masked_cross_entropy(logits, tokens, mask, self.label_smoothing)
@@ -212,9 +218,8 @@ def remask(probs, unknown, n0, step, num_iter, choice_temperature, noise):
 
 
 def sample_noise(shape, generator, device):
-    """Gumbel(0, 1) noise of `shape`, drawn on the generator's device (reproducible anywhere)."""
-    g_device = generator.device if generator is not None else device
-    u = torch.rand(shape, generator=generator, device=g_device).to(device)
+    """Gumbel(0, 1) noise of `shape`."""
+    u = rand(shape, generator, device)
     e = -torch.log(u.clamp_min(1e-20))                                      # Exponential(1)
     return -torch.log(e.clamp_min(1e-20))
 
@@ -253,20 +258,10 @@ def benchmark(preset="large", batch_size=32, sample_batch=64, steps=10, iters=(8
     model = PRESETS[preset]().to(device)
     print(f"maskgit_{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{model.length} tokens, codebook {model.codebook_size}, on {device}")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.96))
     tokens = torch.randint(0, model.codebook_size, (batch_size, model.length), device=device)
     labels = torch.randint(0, model.num_classes, (batch_size,), device=device)
-    for i in range(steps + 3):  # 3 warm-up steps
-        if i == 3:
-            sync()
-            t0 = time.perf_counter()
-        with amp:
-            loss = model(tokens, labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    sync()
-    print(f"training: {batch_size * steps / (time.perf_counter() - t0):.1f} images/s (batch {batch_size})")
+    speed = mar.training_speed(model, (tokens, labels), steps, amp, sync, betas=(0.9, 0.96))
+    print(f"training: {speed:.1f} images/s (batch {batch_size})")
     model.eval()
     labels = torch.arange(sample_batch, device=device) % model.num_classes
     for num_iter in iters:

@@ -573,7 +573,7 @@ class TokenizerRecipe(Recipe):
         hand, rFID (CODA's protocol). Also written to <output-dir>/report.json."""
         a, held = self.args, self.holdout(self.args.num_images)
         net = None
-        if a.inception_weights or os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(fid.URLS["pytorch-fid"]))):
+        if a.inception_weights or os.path.exists(fid.cached_weights(pytorch_fid=True)):
             net = fid.load_inception(a.inception_weights, pytorch_fid=True, device=self.device)
         metrics = fid.ReconstructionMetrics(net, distributed=False) if net is not None else None
         psnr, ssim, mse, q_err, all_indices = [], [], [], [], []
@@ -802,6 +802,13 @@ def setup_distributed(device_flag):
     return rank, world, torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
 
+def check_config(path, saved, current):
+    """Stop with one line naming every architecture fact that differs from the checkpoint's."""
+    if saved != current:
+        diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+        fail(f"{path} was trained with another config: " + ", ".join(f"{k} {a} (checkpoint) vs {b} (now)" for k, (a, b) in diff.items()))
+
+
 def learning_rate(step, lr, warmup_steps, total_steps, schedule):
     """Linear warmup from 0 over `warmup_steps`, then constant (the paper) or cosine down to 0."""
     if step < warmup_steps:
@@ -882,9 +889,8 @@ def evaluate(args, rank, world, device):
     if args.num_images % num_classes:
         fail(f"--num-images {args.num_images} must be a multiple of the {num_classes} classes (class-balanced samples)")
     recipe = RECIPES[args.model](args, num_classes, device)
-    if "config" in ckpt and ckpt["config"] != recipe.config:
-        diff = {k: (ckpt["config"].get(k), v) for k, v in recipe.config.items() if ckpt["config"].get(k) != v}
-        fail(f"{ckpt_path} was trained with another config: " + ", ".join(f"{k} {a} (checkpoint) vs {b} (now)" for k, (a, b) in diff.items()))
+    if "config" in ckpt:  # official MAR files carry none
+        check_config(ckpt_path, ckpt["config"], recipe.config)
     model = recipe.model
     try:
         mar.load_weights(model, ckpt_path, "model_ema")       # the EMA weights, as the paper evaluates
@@ -1004,9 +1010,7 @@ def main(args):
             fail(f"--resume: {e}")
         if ckpt.get("model_name") != args.model:
             fail(f"{resume} is a checkpoint of --model {ckpt.get('model_name', '(not written by train.py)')}, not {args.model}")
-        if ckpt["config"] != recipe.config:
-            diff = {k: (ckpt["config"].get(k), v) for k, v in recipe.config.items() if ckpt["config"].get(k) != v}
-            fail(f"{resume} was trained with another config: " + ", ".join(f"{k} {a} (checkpoint) vs {b} (now)" for k, (a, b) in diff.items()))
+        check_config(resume, ckpt["config"], recipe.config)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         recipe.load_state_dict(ckpt.get("recipe", {}))
