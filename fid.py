@@ -504,10 +504,13 @@ class ReconstructionMetrics:
     """rFID, PSNR and SSIM of reconstructions against their originals, as CODA evaluates them:
     images in [-1, 1] are mapped to [0, 1] and clamped; the Inception sees those floats directly
     (net built with pytorch_fid=True, CODA's protocol) or their rounded uint8 (TF pipeline); PSNR and
-    SSIM use uint8 images made by truncation, (x * 255).astype(uint8), as CODA's code does."""
+    SSIM use uint8 images made by truncation, (x * 255).astype(uint8), as CODA's code does. With
+    net=None only PSNR and SSIM are computed (no Inception weights at hand)."""
 
     def __init__(self, net, distributed=True):
-        self.real, self.fake, self.psnr, self.ssim = Scorer(net, distributed), Scorer(net, distributed), [], []
+        self.net, self.psnr, self.ssim = net, [], []
+        if net is not None:
+            self.real, self.fake = Scorer(net, distributed), Scorer(net, distributed)
         self.collect = gather if distributed else (lambda t: t)
 
     def update(self, originals, reconstructions):
@@ -515,15 +518,17 @@ class ReconstructionMetrics:
         ua, ub = (a * 255).to(torch.uint8), (b * 255).to(torch.uint8)
         self.psnr.append(psnr(ua, ub).cpu())
         self.ssim.append(ssim(ua, ub).cpu())
-        feed = (lambda x: x) if self.real.net.pytorch_fid else (lambda x: (x * 255).round().to(torch.uint8))
-        self.real.update(feed(a))
-        self.fake.update(feed(b))
+        if self.net is not None:
+            feed = (lambda x: x) if self.net.pytorch_fid else (lambda x: (x * 255).round().to(torch.uint8))
+            self.real.update(feed(a))
+            self.fake.update(feed(b))
 
     def compute(self):
-        real, fake = self.real.compute(), self.fake.compute()
-        return dict(rfid=frechet_distance(fake["mu"], fake["sigma"], real["mu"], real["sigma"]),
-                    psnr=self.collect(torch.cat(self.psnr)).mean().item(), ssim=self.collect(torch.cat(self.ssim)).mean().item(),
-                    num_images=real["num_images"])
+        out = dict(psnr=self.collect(torch.cat(self.psnr)).mean().item(), ssim=self.collect(torch.cat(self.ssim)).mean().item())
+        if self.net is not None:
+            real, fake = self.real.compute(), self.fake.compute()
+            out.update(rfid=frechet_distance(fake["mu"], fake["sigma"], real["mu"], real["sigma"]), num_images=real["num_images"])
+        return out
 
 
 def main(argv=None):

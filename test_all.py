@@ -426,7 +426,8 @@ def test_train_vae_then_coda_resumes_exactly_and_runs_ddp():
         assert vae_ckpt["latent_scale"] > 0 and vae_ckpt["config"]["arch"]["embed_dim"] == 4
         vae_log = open(f"{d}/vae/log.txt").read()
         assert "PSNR" in vae_log and os.path.exists(f"{d}/vae/samples-final.png")
-        common = ["--model", "coda", "--vae", f"{d}/vae/checkpoint-last.pth", *tok, "--ema-start-epoch", "1"]
+        common = ["--model", "coda", "--vae", f"{d}/vae/checkpoint-last.pth", *tok, "--ema-start-epoch", "1",
+                  "--lr", "5e-4", "--quantizer-lr", "2e-3"]
         run_train(*common, "--epochs", "4", "--output-dir", f"{d}/full")
         full = final_weights(f"{d}/full")
         # the lr (cosine) and the GAN ramp depend on the run's length: interrupt the same command
@@ -443,6 +444,9 @@ def test_train_vae_then_coda_resumes_exactly_and_runs_ddp():
         resumed = final_weights(f"{d}/resumed")
         assert full["step"] == resumed["step"] == 40 and same_state(resumed, full), "resumed CODA run differs"
         assert all(torch.equal(full["recipe"]["disc"][k], resumed["recipe"]["disc"][k]) for k in full["recipe"]["disc"])
+        groups = full["optimizer"]["param_groups"]  # --quantizer-lr: the quantizer's lr is 4x the LoRA's
+        assert {g["lr_scale"] for g in groups} == {1.0, 4.0} and len({g["lr"] / g["lr_scale"] for g in groups}) == 1
+        assert sum(len(g["params"]) for g in groups if g["lr_scale"] == 4.0) == sum(k.startswith("quantizer.") for k in full["model"])
         trained = [k for k in full["model"] if "lora_layer" in k or k.startswith("quantizer.")]
         frozen = [k for k in full["model"] if k not in trained]
         assert trained and all(torch.equal(full["model"][k], full["model_ema"][k]) for k in frozen)
@@ -997,6 +1001,9 @@ def test_fid_reconstruction_metrics_match_coda():
     assert out["num_images"] == 20 and out["rfid"] > 1, out
     # PSNR / SSIM of the truncated uint8 images (CODA's conversion) are within rounding of the exact ones
     assert abs(out["psnr"] - fid.psnr(a, b).mean().item()) < 0.3 and abs(out["ssim"] - fid.ssim(a, b).mean().item()) < 1e-2, out
+    plain = fid.ReconstructionMetrics(None)                         # no Inception weights: PSNR / SSIM only
+    plain.update(x, x.flip(2))
+    assert plain.compute() == {k: out[k] for k in ("psnr", "ssim")}, plain.compute()
     metrics = fid.ReconstructionMetrics(metrics.real.net)
     metrics.update(x, x)
     assert abs(metrics.compute()["rfid"]) < 1e-5 * np.trace(metrics.real.compute()["sigma"])
