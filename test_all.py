@@ -555,6 +555,15 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             assert p.returncode != 0, (flags, p.stderr[-500:])
             assert expect in lines[-1] and lines[-1].startswith("train.py: error:"), (flags, p.stderr[-1000:])
             assert "Traceback" not in p.stderr, (flags, p.stderr[-1000:])
+        import fcntl  # a second process training into a folder in use is refused, with the holder's pid
+        with open(f"{d}/tiny/.lock", "a+") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            held.truncate(0)
+            held.write("4242")
+            held.flush()
+            p = run_train("--data-path", data, *FAST, "--epochs", "2", "--output-dir", f"{d}/tiny", check=False)
+        assert p.returncode != 0 and "another process (pid 4242) is training into" in p.stderr.strip().splitlines()[-1], p.stderr[-500:]
+        run_train("--data-path", data, *FAST, "--epochs", "2", "--output-dir", f"{d}/tiny")  # released: resumes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ The loop itself never changes.
 import argparse
 import colorsys
 import copy
+import fcntl
 import hashlib
 import json
 import math
@@ -49,6 +50,29 @@ import maskgit
 def fail(message):
     """Stop with a one-line error and exit code 1 (no traceback: the problem is the input)."""
     raise SystemExit(f"train.py: error: {message}")
+
+
+LOCKS = {}  # output folder -> its open lock file, held until this process ends
+
+
+def lock_output_dir(path):
+    """One training process per --output-dir: a second one (a requeued job started before the old
+    one saved its stop checkpoint) would resume from a stale checkpoint and overwrite the other's.
+    An flock on <dir>/.lock, released by the OS when the process ends, however it ends."""
+    path = os.path.abspath(path)
+    if path in LOCKS:
+        return
+    f = open(os.path.join(path, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        fail(f"another process (pid {f.read().strip() or '?'}) is training into {path}: wait until it exits "
+             f"(it saves a checkpoint first) or use another --output-dir")
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    LOCKS[path] = f
 
 
 #################################################################################
@@ -963,6 +987,8 @@ def main(args):
 
     # ---- output folder and logging (rank 0 writes) ----
     os.makedirs(args.output_dir, exist_ok=True)
+    if rank == 0:
+        lock_output_dir(args.output_dir)
     log_file = open(os.path.join(args.output_dir, "log.txt"), "a") if rank == 0 else None
 
     def log(msg):
