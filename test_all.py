@@ -455,6 +455,17 @@ def test_train_vae_then_coda_resumes_exactly_and_runs_ddp():
         assert "codebook usage:" in log and "PSNR" in log, log[-1500:]
         rows = [json.loads(l) for l in open(f"{d}/full/metrics.jsonl")]
         assert all(k in rows[-1] for k in ("codebook_usage", "q_loss", "entropy", "d_loss", "l1")), rows[-1]
+        # --compare-quantizers: one run per Table 1 row with that row's flags, the printed table = their reports
+        p = run_train(*common[:-4], "--compare-quantizers", "--epochs", "1", "--output-dir", f"{d}/cmp")
+        table = p.stdout.strip().splitlines()[-5:]
+        assert table == open(f"{d}/cmp/table1.txt").read().strip().splitlines()[-5:], p.stdout[-2000:]
+        expect = [("nearest", (8,), "none"), ("nearest", (1, 2, 3, 4, 6, 8), "none"), ("attention", (1, 2, 3, 4, 6, 8), "none"),
+                  ("attention", (1, 2, 3, 4, 6, 8), "decoder"), ("attention", (1, 2, 3, 4, 6, 8), "both")]
+        for i, (line, (assign, levels, lora)) in enumerate(zip(table, expect)):
+            c, r = final_weights(f"{d}/cmp/table1-{i}")["config"], json.load(open(f"{d}/cmp/table1-{i}/report.json"))
+            assert (c["quantizer"], c["levels"], c["lora"]) == (assign, levels, lora), c
+            assert line.split()[-5:] == [f"{r['usage']:.1%}", f"{r['quant_error']:.5f}", f"{r['mse']:.5f}",
+                                         f"{r['psnr']:.2f}", f"{r['ssim']:.3f}"], (line, r)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN[1],
                *common, "--epochs", "1", "--output-dir", f"{d}/ddp"]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,

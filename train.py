@@ -65,10 +65,12 @@ def lock_output_dir(path):
     f = open(os.path.join(path, ".lock"), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         f.seek(0)
         fail(f"another process (pid {f.read().strip() or '?'}) is training into {path}: wait until it exits "
              f"(it saves a checkpoint first) or use another --output-dir")
+    except OSError:  # a file system without flock (some network mounts): run unlocked
+        return
     f.truncate(0)
     f.write(str(os.getpid()))
     f.flush()
