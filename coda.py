@@ -494,7 +494,7 @@ class TokenizerLoss(nn.Module):
         update; we keep the two players' gradients apart.)"""
         nll, parts = self.reconstruction(x, recon)
         disc = disc or self.disc
-        if disc is None or ramp <= 0:
+        if disc is None or ramp <= 0 or not recon.requires_grad:  # frozen VAE + plain VQ: nothing to train
             return nll, parts
         params = [p for p in disc.parameters() if p.requires_grad]
         for p in params:
