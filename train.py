@@ -651,7 +651,7 @@ def compare_quantizers(argv):
     base = parse_args(argv)
     rows = []
     for i, (name, flags) in enumerate(QUANTIZER_TABLE):
-        last = str(base.img_size // 4 if base.preset == "tiny" else base.img_size // 16)
+        last = str((base.levels or CODA_PRESETS[base.preset]["levels"])[-1])  # the latent's side
         flags = [last if f == "LAST" else f for f in flags]
         args = parse_args([a for a in argv if a != "--compare-quantizers"] + flags +
                           ["--output-dir", os.path.join(base.output_dir, f"table1-{i}")])
