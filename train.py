@@ -70,6 +70,7 @@ def lock_output_dir(path):
         fail(f"another process (pid {f.read().strip() or '?'}) is training into {path}: wait until it exits "
              f"(it saves a checkpoint first) or use another --output-dir")
     except OSError:  # a file system without flock (some network mounts): run unlocked
+        f.close()
         return
     f.truncate(0)
     f.write(str(os.getpid()))
@@ -649,9 +650,8 @@ def compare_quantizers(argv):
     """--compare-quantizers: re-run the paper's Table 1 progression with the given flags (one run per
     row, in <output-dir>/<row>, each resumable) and print the table."""
     base = parse_args(argv)
-    rows = []
+    rows, last = [], str((base.levels or CODA_PRESETS[base.preset]["levels"])[-1])  # the latent's side
     for i, (name, flags) in enumerate(QUANTIZER_TABLE):
-        last = str((base.levels or CODA_PRESETS[base.preset]["levels"])[-1])  # the latent's side
         flags = [last if f == "LAST" else f for f in flags]
         args = parse_args([a for a in argv if a != "--compare-quantizers"] + flags +
                           ["--output-dir", os.path.join(base.output_dir, f"table1-{i}")])
