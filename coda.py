@@ -20,7 +20,8 @@ The argument of the paper (Sec. 4), in the order this file follows it:
      every code used (rFID 7.06, 100% usage).
   4. Finally the frozen VAE is adapted with LoRA on its convolutions (rFID 1.34).
 Then: the tokenizer (encode -> quantize -> decode, indices <-> images) and loading the release.
-The training losses (L1 + L2 + LPIPS, GAN, quantization and entropy terms) follow in section 5.
+The training losses (L1 + L2 + LPIPS, GAN, quantization and entropy terms) follow in section 5,
+and how train.py trains the VAE and CODA with them (and re-runs Table 1) in section 6.
 
 Every module and parameter name equals the official one, so the released `vae.pth` /
 `quantizer.pth` load with strict=True; test_all.py checks outputs and gradients against tensors
@@ -29,6 +30,7 @@ produced by running the official modules.
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -514,3 +516,307 @@ class TokenizerLoss(nn.Module):
         real, fake = disc(x.detach()), disc(recon.detach())
         d_loss = hinge_d_loss(real, fake)
         return d_loss, dict(d_loss=d_loss.detach(), logits_real=real.detach().mean(), logits_fake=fake.detach().mean())
+
+
+# =============================================================================================
+# 6. Training the tokenizers with train.py (--model vae, then --model coda)
+# =============================================================================================
+# Official train_mar.py of CODA: AdamW (0.5, 0.9), lr 5e-4 (LoRA and codebook alike) with cosine
+# decay, weight decay 0.005, global batch 512 (16 x 4 accumulation x 8 GPUs -> 64 per GPU on 8
+# GPUs here), 10 epochs, grad clip 10, EMA copying the weights for 4 epochs and then averaging with
+# a warm-up; the discriminator is updated after every generator step with its own AdamW.
+# --model vae trains mar.py's KL-VAE from scratch with the same losses plus LDM's KL term (LDM's
+# KL-16 recipe as MAR retrained it, LTH14/mar#3): the VAE the built-in pipeline's CODA sits on.
+
+PRESETS = {"mar": dict(codebook_size=16384, levels=MAR_LEVELS),        # the released CODA-MAR
+           "tiny": dict(codebook_size=256, levels=(1, 2, 3, 4, 6, 8))}  # the built-in data, 8x8 latents
+VAE_PRESETS = {"kl16": dict(embed_dim=16, ch_mult=(1, 1, 2, 2, 4)),  # MAR's (LDM's KL-16) architecture
+               "tiny": dict(embed_dim=4, ch_mult=(1, 2, 2), ch=32, num_res_blocks=1, attn_resolutions=(), resolution=32)}
+VAE_PRESETS["tiny16"] = dict(VAE_PRESETS["tiny"], embed_dim=16)  # kl16's latent width, for the Table 1 comparison
+LORA_PARTS = {"both": ("encoder", "decoder"), "encoder": ("encoder",), "decoder": ("decoder",), "none": ()}
+
+PAPER = dict(preset="mar", img_size=256, epochs=10, warmup_epochs=0, batch_size=64, lr=5e-4, lr_schedule="cosine",
+             weight_decay=0.005, grad_clip=10.0, ema=0.9999, ckpt_every=1000, sample_every=1000, num_images=5000,
+             lora_rank=32, lpips_weight=1.0, disc="dino")
+BUILTIN = dict(PAPER, preset="tiny", img_size=32, epochs=5, lr=2e-3, ema=0.999, ckpt_every=500, sample_every=500,
+               num_images=1000, lora_rank=8, lpips_weight=0.0, disc="none")  # no VGG / DINO download on the built-in data
+VAE_PAPER = dict(PAPER, preset="kl16", epochs=40, batch_size=32, lr=1e-4, weight_decay=0.0, disc="patch")
+VAE_BUILTIN = dict(BUILTIN, preset="tiny", lr=1e-3, weight_decay=0.0)
+
+
+def add_loss_args(p):
+    """The image losses both tokenizers train with (official CODA weights)."""
+    p.add_argument("--l1-weight", type=float, default=0.2)  # official
+    p.add_argument("--l2-weight", type=float, default=1.0)  # official
+    p.add_argument("--lpips-weight", type=float, help="LPIPS-VGG weight (official 1.0; needs torchvision's VGG16 file)")
+    p.add_argument("--disc", choices=["dino", "patch", "none"], help="GAN discriminator: dino (paper, downloads DINO "
+                   "ViT-S/16), patch (PatchGAN, no pretrained weights), none")
+    p.add_argument("--dino-weights", help="dino_deitsmall16_pretrain.pth (default: download once)")
+    p.add_argument("--disc-weight", type=float, default=1.0)  # official
+    p.add_argument("--disc-weight-decay", type=float, default=0.0005)  # official
+    p.add_argument("--inception-weights", help="pytorch-fid Inception weights for the rFID of the final report")
+
+
+def add_vae_args(p):
+    add_loss_args(p)
+    p.add_argument("--kl-weight", type=float, default=1e-6)  # LDM's KL-VAE
+
+
+def add_args(p):
+    """CODA's own flags (train.py adds the shared ones)."""
+    p.add_argument("--vae", required=True, help="the frozen VAE: official kl16.ckpt or a --model vae run's checkpoint")
+    p.add_argument("--codebook-size", type=int, help="default: the preset's (16384 for CODA-MAR, 256 tiny)")
+    p.add_argument("--levels", type=int, nargs="+", help="residual level sides; default: the preset's "
+                                                         "(1 2 3 4 5 6 8 10 13 16 for CODA-MAR)")
+    p.add_argument("--quantizer", default="attention", choices=["attention", "nearest"], help="nearest: plain (residual) VQ")
+    p.add_argument("--lora", default="both", choices=list(LORA_PARTS), help="where LoRA adapts the VAE (official: both)")
+    p.add_argument("--lora-rank", type=int, help="LoRA rank (official 32)")
+    p.add_argument("--quantizer-lr", type=float, help="the quantizer's lr (official codebook_learning_rate); default --lr")
+    p.add_argument("--vq-weight", type=float, default=1.0)  # official
+    p.add_argument("--entropy-weight", type=float, default=0.05)  # official
+    p.add_argument("--ema-start-epoch", type=int, default=4)  # official: the EMA copies the weights before
+    p.add_argument("--compare-quantizers", action="store_true", help="run the paper's Table 1 progression (VQ, residual "
+                   "VQ, attention, + LoRA) with these flags, one run per row, and print the table")
+    add_loss_args(p)
+
+
+class TokenizerTraining(nn.Module):
+    """What train.py needs to train a tokenizer (the VAE or CODA, below): the image losses of
+    section 5, a discriminator updated after every generator step, the EMA warm-up, logged
+    metrics and the reconstruction report. The subclasses add the model and its own loss terms."""
+    betas = (0.5, 0.9)  # official CODA (and VQGAN / LDM autoencoders)
+
+    def __init__(self, args, num_classes, device):
+        super().__init__()
+        self.args, self.device = args, device
+        self.build(args, device)
+        self.criterion = TokenizerLoss(args.l1_weight, args.l2_weight, args.lpips_weight, args.disc,
+                                       args.disc_weight, args.dino_weights).to(device)
+        self.disc = self.train_disc = self.criterion.disc
+        self.d_opt = (torch.optim.AdamW([p for p in self.disc.parameters() if p.requires_grad], lr=0.0, betas=self.betas,
+                                        weight_decay=args.disc_weight_decay) if self.disc else None)
+        self.sums, self.count, self.usage = {}, 0, None
+
+    def wrap(self, ddp):
+        """DDP-wrap the discriminator with train.py's `ddp` (official: SyncBatchNorm on GPUs)."""
+        if self.disc is not None and dist.is_initialized() and dist.get_world_size() > 1:
+            if self.device.type == "cuda":
+                self.disc = self.criterion.disc = nn.SyncBatchNorm.convert_sync_batchnorm(self.disc)
+            self.train_disc = ddp(self.disc)
+
+    def image_loss(self, x, recon, progress, extra, logs):
+        """Reconstruction + ramped GAN term (section 5) + the model's own terms `extra`."""
+        loss, parts = self.criterion.generator_loss(x, recon, self.last_layer, progress)
+        self.real, self.fake = x, recon.detach()
+        self.accumulate(dict(parts, **logs))
+        return loss + extra
+
+    @staticmethod
+    def no_weight_decay(name, param):
+        return False
+
+    def lr_scale(self, name):
+        return 1.0
+
+    def ema_decay(self, step, epoch):
+        """Official CODA: a warm-up, decay min(0.9999, (step/2 + 1) / (step/2 + 10)), so that the
+        EMA never lags far behind in a short run."""
+        return min(self.args.ema, (step // 2 + 1) / (step // 2 + 10))
+
+    def after_step(self, lr):
+        """The discriminator step on this step's real images and reconstructions (official order:
+        after the generator step and the EMA update), same lr schedule and grad clip."""
+        if self.disc is None:
+            return
+        d_loss, logs = self.criterion.discriminator_loss(self.real, self.fake, self.train_disc)
+        for group in self.d_opt.param_groups:
+            group["lr"] = lr
+        self.d_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.d_opt.param_groups[0]["params"], self.args.grad_clip)
+        self.d_opt.step()
+        self.accumulate(logs, count=False)
+
+    def accumulate(self, logs, count=True):
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0) + v
+        self.count += count
+
+    def metrics(self):
+        """Means of the logged loss parts over this logging window and all ranks, and the fraction
+        of the codebook used in it. Called at log steps only (it synchronises with the device)."""
+        if not self.sums:
+            return {}
+        keys, world = sorted(self.sums), dist.get_world_size() if dist.is_initialized() else 1
+        stats = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float32, device=self.device) for k in keys])
+        if world > 1:
+            dist.all_reduce(stats)
+        out = {k: v / max(self.count, 1) / world for k, v in zip(keys, stats.tolist())}
+        if self.usage is not None:
+            if world > 1:
+                dist.all_reduce(self.usage)
+            out["codebook_usage"] = (self.usage > 0).float().mean().item()
+        self.sums, self.count, self.usage = {}, 0, None
+        return out
+
+    def checkpoint_state(self, ema, held_out):
+        """Extra checkpoint entries: the discriminator and its optimizer."""
+        return dict(second_player=dict(disc=self.disc.state_dict(), d_opt=self.d_opt.state_dict()) if self.disc else {})
+
+    def load_checkpoint_state(self, ckpt):
+        state = ckpt.get("second_player", ckpt.get("recipe", {}))  # "recipe": checkpoints before the restructuring
+        if self.disc is not None and state:
+            self.disc.load_state_dict(state["disc"])
+            self.d_opt.load_state_dict(state["d_opt"])
+
+    @torch.no_grad()
+    def report(self, ema, images, metrics, batch_size):
+        """Reconstruction quality of the EMA weights on held-out images (in [-1, 1]): PSNR, SSIM,
+        pixel MSE, latent quantization error and codebook usage, and rFID when `metrics` (train.py's
+        fid.ReconstructionMetrics, CODA's protocol) has the Inception weights -> (lines, numbers)."""
+        mse, q_err, all_indices = [], [], []
+        for real in images.split(batch_size):
+            real = real.to(self.device)
+            recon, indices, err = self.reconstruct(ema, real)
+            metrics.update(real, recon)
+            mse.append((recon.float().clamp(-1, 1) - real).pow(2).flatten(1).mean(1))
+            if indices is not None:
+                all_indices, q_err = all_indices + indices, q_err + [err]
+        out = dict(images=len(images), mse=torch.cat(mse).mean().item(), **metrics.compute())
+        lines = [f"reconstruction of {len(images)} held-out images (EMA weights): PSNR {out['psnr']:.2f} dB, "
+                 f"SSIM {out['ssim']:.4f}, MSE {out['mse']:.5f}"]
+        if all_indices:
+            size = self.model.quantizer.codebook_size
+            out["usage"], _ = codebook_usage(all_indices, size)
+            out["quant_error"] = torch.cat(q_err).mean().item()
+            lines.append(f"codebook usage: {out['usage']:.1%} of {size} codes; latent quantization error (MSE) "
+                         f"{out['quant_error']:.5f}")
+        lines.append(f"rFID (pytorch-fid Inception, as CODA): {out['rfid']:.3f}" if "rfid" in out else
+                     "rFID skipped: no Inception weights (give --inception-weights or run `python fid.py` once online)")
+        return lines, out
+
+
+class VAETraining(TokenizerTraining):
+    """train.py --model vae: mar.py's KL-VAE from scratch, trained with L1 + L2 + LPIPS + KL and an
+    optional GAN."""
+    PRESETS, PAPER, BUILTIN, add_args = VAE_PRESETS, VAE_PAPER, VAE_BUILTIN, staticmethod(add_vae_args)
+
+    def build(self, args, device):
+        stride = 2 ** (len(VAE_PRESETS[args.preset]["ch_mult"]) - 1)
+        if args.img_size % stride:
+            raise ValueError(f"--img-size {args.img_size} is not a multiple of the VAE's stride {stride}")
+        self.config = dict(preset=args.preset, img_size=args.img_size, arch=VAE_PRESETS[args.preset])
+        self.model = mar.AutoencoderKL(**self.config["arch"])
+        self.last_layer = self.model.decoder.conv_out.weight  # LDM / VQGAN's choice for the adaptive weight
+
+    def inputs(self, batch, flip):
+        images = batch[0].to(self.device, non_blocking=True)
+        return torch.where(flip.to(self.device, non_blocking=True)[:, None, None, None], images.flip(3), images), None
+
+    def loss(self, model, x, y, progress):
+        recon, posterior = model(x)
+        kl = posterior.kl().mean() / x[0].numel()  # LDM: KL per image, relative to the per-pixel losses
+        return self.image_loss(x, recon, progress, self.args.kl_weight * kl, dict(kl=kl.detach()))
+
+    def checkpoint_state(self, ema, held_out):
+        """+ the scale that makes the VAE's latents unit-variance (LDM's practice) for the models
+        trained on them: 1 / std of EMA posterior samples of 256 held-out images."""
+        with torch.no_grad():
+            z = ema.encode(held_out(256).to(self.device)).sample(torch.Generator(self.device).manual_seed(0))
+        return dict(super().checkpoint_state(ema, held_out), latent_scale=1 / z.float().std().item())
+
+    @torch.no_grad()
+    def reconstruct(self, model, x):
+        """Images in [-1, 1] -> (reconstructions, indices, squared latent quantization error per
+        image); the VAE reconstructs from the posterior mean and has no indices."""
+        return model.decode(model.encode(x).mean), None, None
+
+
+class Training(TokenizerTraining):
+    """train.py --model coda: the CODA tokenizer on a frozen --vae: LoRA + quantizer, trained with
+    the reconstruction, GAN, quantization and entropy losses (section 5)."""
+    PRESETS, PAPER, BUILTIN, add_args = PRESETS, PAPER, BUILTIN, staticmethod(add_args)
+
+    def build(self, args, device):
+        vae, scale, vae_config = mar.load_vae(args.vae, device)
+        add_lora(vae, args.lora_rank, LORA_PARTS[args.lora])
+        preset = PRESETS[args.preset]
+        levels = tuple(args.levels or preset["levels"])
+        if args.img_size % vae.stride:
+            raise ValueError(f"--img-size {args.img_size} is not a multiple of the VAE's stride {vae.stride}")
+        if levels[-1] != args.img_size // vae.stride:
+            raise ValueError(f"the last level ({levels[-1]}) must equal the latent size {args.img_size // vae.stride} (--levels)")
+        quantizer = CODAQuantizer(vae.embed_dim, args.codebook_size or preset["codebook_size"], levels, args.quantizer)
+        self.model = CODA(vae, quantizer, scale)
+        self.config = dict(preset=args.preset, img_size=args.img_size, vae=vae_config, scale=scale, levels=levels,
+                           codebook_size=quantizer.codebook_size, quantizer=args.quantizer, lora=args.lora,
+                           lora_rank=args.lora_rank)
+        # official: the adaptive weight at the LoRA of the decoder's first upsample conv (kl16: up[-1].upsample)
+        lora_ups = [m.lora_layer.up.weight for m in vae.decoder.modules() if isinstance(m, LoRAConv2d)]
+        ups = [m.upsample.conv for m in reversed(vae.decoder.up) if hasattr(m, "upsample")]
+        self.last_layer = (ups[0].lora_layer.up.weight if ups and isinstance(ups[0], LoRAConv2d)
+                           else lora_ups[-1] if lora_ups else quantizer.codebooks.weight)
+
+    def inputs(self, batch, flip):
+        return batch[0].to(self.device, non_blocking=True), None  # CODA's official pipeline uses no flip
+
+    def loss(self, model, x, y, progress):
+        recon, q_loss, e_loss, indices = model(x)
+        counts = sum(torch.bincount(i.flatten(), minlength=self.model.quantizer.codebook_size) for i in indices)
+        self.usage = counts if self.usage is None else self.usage + counts
+        extra = self.args.vq_weight * q_loss + self.args.entropy_weight * e_loss  # sections 1-3
+        return self.image_loss(x, recon, progress, extra, dict(q_loss=q_loss.detach(), entropy=e_loss.detach()))
+
+    def lr_scale(self, name):
+        """The quantizer has its own lr (official codebook_learning_rate; 5e-4 as the LoRA's)."""
+        return (self.args.quantizer_lr or self.args.lr) / self.args.lr if name.startswith("quantizer.") else 1.0
+
+    def ema_decay(self, step, epoch):
+        """Official CODA: the EMA copies the weights until --ema-start-epoch, then the warm-up."""
+        return 0.0 if epoch < self.args.ema_start_epoch else super().ema_decay(step, epoch)
+
+    @torch.no_grad()
+    def reconstruct(self, model, x):
+        f = model.encode(x)
+        indices, f_hat, _, _ = model.quantizer(f)
+        return model.vae.decode(f_hat / model.scale), indices, (f_hat - f).pow(2).flatten(1).mean(1)
+
+
+def load_trained(path, device):
+    """The EMA weights of a `train.py --model coda` run as a frozen CODA tokenizer -> (model, config)."""
+    ckpt = mar.load_checkpoint(path)
+    if ckpt.get("model_name") != "coda":
+        raise ValueError(f"{path} is not a checkpoint of --model coda (it is {ckpt.get('model_name', 'not from train.py')})")
+    c = ckpt["config"]
+    arch = {k: v for k, v in c["vae"].items() if k != "file"}
+    vae = add_lora(mar.AutoencoderKL(**arch) if arch else mar.kl16(), c["lora_rank"], LORA_PARTS[c["lora"]])
+    model = CODA(vae, CODAQuantizer(vae.embed_dim, c["codebook_size"], c["levels"], c["quantizer"]), c["scale"])
+    model.load_state_dict(ckpt["model_ema"])
+    return model.eval().requires_grad_(False).to(device), c
+
+
+# ---- Table 1 (paper Sec. 4): each row adds one ingredient -----------------------------------
+TABLE1 = [
+    ("plain VQ (one level, nearest code)", ["--quantizer", "nearest", "--lora", "none", "--levels", "LAST"]),
+    ("+ residual levels (nearest code)", ["--quantizer", "nearest", "--lora", "none"]),
+    ("+ attention-based assignment", ["--quantizer", "attention", "--lora", "none"]),
+    ("+ LoRA on the VAE decoder", ["--quantizer", "attention", "--lora", "decoder"]),
+    ("+ LoRA on encoder and decoder (CODA)", ["--quantizer", "attention", "--lora", "both"]),
+]
+
+
+def table1_rows(args):
+    """-> [(row name, the flags that make that row)] for --compare-quantizers ("LAST": the latent's side)."""
+    last = str((args.levels or PRESETS[args.preset]["levels"])[-1])
+    return [(name, [last if f == "LAST" else f for f in flags]) for name, flags in TABLE1]
+
+
+def format_table1(rows, where, epochs):
+    """rows: [(row name, its report numbers)] -> the printed table, one line per row."""
+    rfid = "rfid" in rows[0][1]
+    lines = ["", f"Table 1 on {where} ({epochs} epochs each, {rows[0][1]['images']} held-out images):",
+             f"{'quantizer':40s} {'usage':>7s} {'quant. err':>10s} {'MSE':>8s} {'PSNR':>6s} {'SSIM':>6s}" + (f" {'rFID':>7s}" if rfid else "")]
+    for name, r in rows:
+        lines.append(f"{name:40s} {r['usage']:7.1%} {r['quant_error']:10.5f} {r['mse']:8.5f} {r['psnr']:6.2f} {r['ssim']:6.3f}" +
+                     (f" {r['rfid']:7.2f}" if rfid else ""))
+    return lines

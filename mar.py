@@ -11,7 +11,9 @@ Read it top to bottom beside the paper:
      a condition vector z, trained and sampled with a Gaussian diffusion (paper Sec. 3.2, 4.1).
   3. MAR: a bidirectional MAE-style transformer that produces z for every unknown token, trained
      with random orders and masks, and generating a set of tokens per step (paper Sec. 3.3, 3.4, 4.2).
-  4. Presets (MAR-B/L/H and a CPU-sized one), loading the released weights, and a benchmark.
+  4. Presets (MAR-B/L/H and a CPU-sized one) and loading the released weights.
+  5. Training with train.py: the paper's recipe, the inputs of a batch, the loss, sampling.
+  6. A benchmark (python mar.py --bench).
 
 Every module and parameter name equals the official one, so the released `kl16.ckpt` and
 `checkpoint-last.pth` files load with strict=True, and test_all.py checks the outputs against
@@ -19,6 +21,7 @@ tensors produced by the official code on the same weights.
 """
 import argparse
 import math
+import os
 import time
 from contextlib import nullcontext
 
@@ -883,8 +886,136 @@ def load_weights(module, path, key="model"):
     return ckpt
 
 
+def load_vae(path, device):
+    """A frozen KL-VAE and its latent scale -> (vae, scale, config). From the official kl16.ckpt
+    (scale 0.2325) or from a `train.py --model vae` run (its EMA weights; scale = 1 / std of its
+    latents, measured and saved by that run). Raises ValueError / FileNotFoundError in one line."""
+    try:
+        ckpt = load_checkpoint(path)
+        if ckpt.get("model_name") == "vae":
+            vae = AutoencoderKL(**ckpt["config"]["arch"])
+            vae.load_state_dict(ckpt["model_ema"])
+            scale, config = ckpt["latent_scale"], dict(ckpt["config"]["arch"], file=os.path.basename(path))
+        else:
+            vae, scale, config = kl16(), VAE_SCALE, dict(file="kl16")
+            load_weights(vae, path, "model")
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"--vae: {e}") from None
+    return vae.eval().requires_grad_(False).to(device), scale, config
+
+
 # =============================================================================================
-# 5. Benchmark: python mar.py --bench --preset base
+# 5. Training with train.py --model mar (paper Sec. 5 and App. B)
+# =============================================================================================
+# The paper's ImageNet recipe (Sec. 5 / App. B and the official README): AdamW (0.9, 0.95), weight
+# decay 0.02, lr = 1e-4 x global batch / 256 (8e-4 at 2048), 100 linear warm-up epochs then
+# constant, EMA 0.9999, gradient clip 3.0, random horizontal flips, 400 epochs for the ablations
+# (800 for the released B/L/H). The built-in data gets a CPU-sized version.
+
+PAPER = dict(preset="base", img_size=256, epochs=400, warmup_epochs=100, batch_size=64, blr=1e-4, lr_schedule="constant",
+             weight_decay=0.02, grad_clip=3.0, ema=0.9999, ckpt_every=1000, sample_every=5000, num_images=50000,
+             num_iter=64, cfg=2.9, cfg_schedule="linear", diffusion_batch_mul=4)
+BUILTIN = dict(PAPER, preset="tiny", img_size=32, epochs=25, warmup_epochs=1, blr=4e-3, ema=0.999, diffusion_batch_mul=1,
+               ckpt_every=500, sample_every=1000, num_iter=8, cfg=6.0, num_images=1000)
+
+
+def add_sampling_args(p):
+    """Generation flags shared with maskgit.py (defaults per model: see PAPER / BUILTIN)."""
+    p.add_argument("--num-iter", type=int, help="generation steps for sample grids and --eval")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale")
+    p.add_argument("--cfg-schedule", choices=["linear", "constant"], help="linear: the scale grows with the tokens known")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0 with CFG)")
+
+
+def add_args(p):
+    """MAR's own flags (train.py adds the shared ones)."""
+    p.add_argument("--vae", help="KL-VAE: the official kl16.ckpt or a --model vae run's checkpoint; without it MAR "
+                                 "models pixels")
+    p.add_argument("--patch-size", type=int, help="latent / pixel patch per token (default: 1 with a VAE as the paper, "
+                                                  "4 on pixels)")
+    p.add_argument("--cache-latents", action="store_true", help="encode --data-path once into --cache-path, then exit")
+    p.add_argument("--use-cached", action="store_true", help="train from the latents in --cache-path")
+    p.add_argument("--cache-path", help="folder of cached latents (official main_cache.py layout)")
+    p.add_argument("--diffusion-batch-mul", type=int, help="noise draws per token and step (official: 4)")
+    p.add_argument("--num-sampling-steps", type=int, default=100, help="diffusion steps per token when sampling (paper)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    add_sampling_args(p)
+
+
+def check_args(args):
+    """-> an error message for flags that contradict each other, else None (train.py fails with it)."""
+    if args.use_cached and not args.cache_path:
+        return "--use-cached needs --cache-path (the folder written by --cache-latents)"
+    if args.use_cached and not args.vae:
+        return "--use-cached trains on VAE latents: give the same --vae that cached them (needed to decode samples)"
+    if args.cache_latents and not (args.data_path and args.vae and args.cache_path):
+        return "--cache-latents needs --data-path, --vae and --cache-path"
+    if args.cache_latents and (args.use_cached or args.eval):
+        return "--cache-latents is a run of its own: cache first, then train or evaluate"
+    if args.use_cached and args.data_path:
+        return "--use-cached reads --cache-path; drop --data-path (or drop --use-cached to train from images)"
+    if args.cache_path and not (args.use_cached or args.cache_latents):
+        return "--cache-path is only used with --cache-latents or --use-cached"
+    return None
+
+
+class Training(nn.Module):
+    """What train.py needs to train MAR: the model (`model`), the frozen VAE between images and
+    tokens, the inputs of a data batch, the loss, the optimizer's groups and sampling."""
+    betas = (0.9, 0.95)  # paper App. B
+    PRESETS, PAPER, BUILTIN = PRESETS, PAPER, BUILTIN
+    add_args, check_args = staticmethod(add_args), staticmethod(check_args)
+
+    def __init__(self, args, num_classes, device):
+        super().__init__()
+        self.args, self.device, self.vae, self.scale = args, device, None, VAE_SCALE
+        if args.vae:
+            self.vae, self.scale, _ = load_vae(args.vae, device)
+        stride = self.vae.stride if self.vae else 1
+        patch = args.patch_size or (1 if self.vae else 4)  # pixels: 4x4 patches (48 values) per token
+        if args.img_size % (stride * patch):
+            raise ValueError(f"--img-size {args.img_size} is not a multiple of VAE stride x patch size = {stride * patch}")
+        # the architecture facts a resumed or evaluated checkpoint must match
+        self.config = dict(preset=args.preset, img_size=args.img_size, vae_stride=stride, patch_size=patch,
+                           vae_embed_dim=self.vae.embed_dim if self.vae else 3, class_num=num_classes)
+        arch = {k: v for k, v in self.config.items() if k != "preset"}
+        self.model = PRESETS[args.preset](**arch, diffusion_batch_mul=args.diffusion_batch_mul,
+                                          num_sampling_steps=args.num_sampling_steps,
+                                          grad_checkpointing=args.grad_checkpointing,
+                                          clip_denoised=self.vae is None)  # pixels are bounded: clip x0
+
+    def inputs(self, batch, flip):
+        """A data batch (images or cached moments, labels) and its flip draws -> (scaled latents, labels)."""
+        flip = flip.to(self.device, non_blocking=True)[:, None, None, None]  # the random horizontal flip
+        labels = batch[-2].to(self.device, non_blocking=True)
+        if self.args.use_cached:  # official main_cache.py: moments of the image and of its flip
+            moments = torch.where(flip, batch[1].to(self.device, non_blocking=True), batch[0].to(self.device, non_blocking=True))
+            return DiagonalGaussian(moments).sample() * self.scale, labels
+        images = batch[0].to(self.device, non_blocking=True)
+        return images_to_latents(self.vae, torch.where(flip, images.flip(3), images), scale=self.scale), labels
+
+    def loss(self, model, x, labels, progress):
+        return model(x, labels)  # Diffusion Loss of the masked tokens (Eq. 2), random order and mask ratio
+
+    @staticmethod
+    def no_weight_decay(name, param):
+        """As the official code: no decay on 1-D parameters (norms), biases, and the whole MLP."""
+        return param.ndim < 2 or name.endswith(".bias") or "diffloss" in name
+
+    def ema_decay(self, step, epoch):
+        return self.args.ema
+
+    @torch.no_grad()
+    def sample(self, model, labels, generator):
+        """Class labels (B,) -> images (B, 3, H, W) in [-1, 1] (Sec. 3.4: num_iter steps, CFG)."""
+        a = self.args
+        tokens = model.sample_tokens(len(labels), a.num_iter, a.cfg, a.cfg_schedule, labels, a.temperature,
+                                     generator=generator)
+        return latents_to_images(self.vae, tokens, self.scale)
+
+
+# =============================================================================================
+# 6. Benchmark: python mar.py --bench --preset base
 # =============================================================================================
 
 def training_speed(model, inputs, steps, amp, sync, betas):

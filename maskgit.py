@@ -14,10 +14,13 @@ Read it top to bottom:
      learned position embeddings per level plus a level embedding, logits over the codebook.
   4. Iterative decoding (Sec. 3.2, Fig. 3), step for step as the official parallel_decode.py:
      sample every masked token, keep the most confident ones, re-mask the rest by the schedule.
-  5. Presets and a benchmark (python maskgit.py --bench).
+  5. Presets.
+  6. Training with train.py: the recipe, cached tokens as inputs, the loss, sampling.
+  7. A benchmark (python maskgit.py --bench).
 """
 import argparse
 import math
+import os
 import time
 
 import torch
@@ -25,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import coda
-import mar  # upstream of coda: the shared benchmark helper
+import mar  # upstream of coda: the shared sampling flags and benchmark helper
 
 # =============================================================================================
 # 1. Token layout: levels coarse -> fine, each row-major
@@ -231,7 +234,7 @@ def masked_cross_entropy(logits, targets, mask, label_smoothing=0.1):
 
 
 # =============================================================================================
-# 5. Presets and benchmark
+# 5. Presets
 # =============================================================================================
 
 def maskgit_large(codebook_size=16384, levels=coda.MAR_LEVELS, num_classes=1000, **kw):
@@ -247,6 +250,82 @@ def maskgit_tiny(codebook_size=256, levels=(1, 2, 3, 4, 6, 8), num_classes=10, d
 
 PRESETS = {"tiny": maskgit_tiny, "large": maskgit_large}
 
+
+# =============================================================================================
+# 6. Training with train.py --model maskgit (on the tokens of a --model coda run)
+# =============================================================================================
+# Official MaskGIT config: Adam(W) betas (0.9, 0.96), lr 1e-4 at batch 256 with 5k warm-up steps
+# (about one epoch), weight decay 0.045, grad clip 1.0, EMA 0.999, 300 epochs. The tokens of every
+# training image and of its horizontal flip are computed once by train.py (`encode`) and cached, so
+# training never runs the VAE; the flip draw picks one of the two.
+
+PAPER = dict(preset="large", img_size=256, epochs=300, warmup_epochs=1, batch_size=32, blr=1e-4, lr_schedule="cosine",
+             weight_decay=0.045, grad_clip=1.0, ema=0.999, ckpt_every=1000, sample_every=5000, num_images=50000,
+             num_iter=8, cfg=1.0, cfg_schedule="linear")
+BUILTIN = dict(PAPER, preset="tiny", img_size=32, epochs=20, batch_size=64, blr=1.2e-2, ckpt_every=500,
+               sample_every=1000, num_images=1000, cfg=3.0, cfg_schedule="constant")
+# measured on the built-in data: 20 epochs at lr 3e-3 (blr 1.2e-2) -> 86% class accuracy; 8 epochs at 1e-3 -> 24%
+
+
+def add_args(p):
+    """MaskGIT's own flags (train.py adds the shared ones)."""
+    p.add_argument("--tokenizer", required=True, help="the checkpoint of a --model coda run (frozen)")
+    p.add_argument("--cache-path", help="the cached tokens (default: <output-dir>/tokens.npy)")
+    p.add_argument("--choice-temperature", type=float, default=4.5)  # official MaskGIT
+    mar.add_sampling_args(p)
+
+
+class Training(nn.Module):
+    """What train.py needs to train MaskGIT: the model, the frozen CODA tokenizer (images <->
+    tokens), the inputs of a batch of cached tokens, the loss and decoding."""
+    betas = (0.9, 0.96)  # official MaskGIT config
+    PRESETS, PAPER, BUILTIN, add_args = PRESETS, PAPER, BUILTIN, staticmethod(add_args)
+
+    def __init__(self, args, num_classes, device):
+        super().__init__()
+        self.args, self.device = args, device
+        try:
+            self.tokenizer, tok = coda.load_trained(args.tokenizer, device)
+        except (ValueError, FileNotFoundError) as e:
+            raise ValueError(f"--tokenizer: {e}") from None
+        if tok["img_size"] != args.img_size:
+            raise ValueError(f"--tokenizer was trained on {tok['img_size']} px images, not --img-size {args.img_size}")
+        self.config = dict(preset=args.preset, img_size=args.img_size, class_num=num_classes, codebook_size=tok["codebook_size"],
+                           levels=tuple(tok["levels"]), tokenizer=os.path.basename(args.tokenizer))
+        self.model = PRESETS[args.preset](tok["codebook_size"], tuple(tok["levels"]), num_classes)
+
+    @torch.no_grad()
+    def encode(self, images):
+        """Images (B, 3, H, W) in [-1, 1] -> the tokens of each image and of its flip (B, 2, L), for the cache."""
+        both = [flatten_levels(self.tokenizer.tokenize(x)) for x in (images, images.flip(3))]
+        return torch.stack(both, 1).to(torch.int16 if self.model.codebook_size <= 32767 else torch.int32)
+
+    def inputs(self, batch, flip):
+        tokens = batch[0].to(self.device, non_blocking=True)                    # (B, 2, L)
+        tokens = tokens[torch.arange(len(tokens), device=self.device), flip.to(self.device, non_blocking=True).long()]
+        return tokens.long(), batch[1].to(self.device, non_blocking=True)
+
+    def loss(self, model, tokens, labels, progress):
+        return model(tokens, labels)  # masked cross-entropy (Eq. 1)
+
+    @staticmethod
+    def no_weight_decay(name, param):
+        return param.ndim < 2 or name.endswith(".bias") or name == "pos_emb"
+
+    def ema_decay(self, step, epoch):
+        return self.args.ema
+
+    @torch.no_grad()
+    def sample(self, model, labels, generator):
+        """Class labels (B,) -> images (B, 3, H, W) in [-1, 1]: decode tokens (section 4), then detokenize."""
+        a = self.args
+        tokens = model.generate(labels, a.num_iter, a.choice_temperature, a.temperature, a.cfg, a.cfg_schedule, generator)
+        return self.tokenizer.detokenize(unflatten_levels(tokens, model.levels)).float().clamp(-1, 1)
+
+
+# =============================================================================================
+# 7. Benchmark: python maskgit.py --bench
+# =============================================================================================
 
 def benchmark(preset="large", batch_size=32, sample_batch=64, steps=10, iters=(8, 32), cfg=2.0):
     """Training images/s and generation images/s (tokens only, no VAE decode) on the current device."""

@@ -10,14 +10,17 @@ so that the zero-initialised layers are not zero. Every official RNG draw was pi
 recorded and passed in, torch draws from seeded global generators, which our code reproduces from
 a seeded torch.Generator. No official code is in this repository.
 """
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import urllib.error
 
 import numpy as np
 import torch
@@ -45,6 +48,53 @@ def assert_close(actual, expected, rtol=1e-5, what=""):
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     err, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
     assert err <= rtol * max(scale, 1e-12), f"{what}: max error {err:.3g} > {rtol:g} * {scale:.3g}"
+
+
+def raises(error, fn, *args):
+    """Call fn(*args), which must raise `error`; -> the exception (to check its message)."""
+    try:
+        fn(*args)
+    except error as e:
+        return e
+    raise AssertionError(f"{getattr(fn, '__name__', fn)} raised no {error.__name__}")
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")  # one thread each: two processes share 2 cores
+
+
+def run_script(script, *flags, nproc=1, check=True, timeout=600):
+    """Run one of the repository's scripts as a user would: `python script ...`, or under torchrun
+    with `nproc` gloo processes, in an empty working directory (default outputs never land in the repo)."""
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  f"--nproc_per_node={nproc}"]
+    with tempfile.TemporaryDirectory() as cwd:
+        p = subprocess.run(launch + [script] + [str(f) for f in flags], capture_output=True, text=True, env=ENV,
+                           timeout=timeout, cwd=cwd)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{os.path.basename(script)} exited {p.returncode}:\n{p.stderr[-3000:]}")
+    return p
+
+
+def expect_error(p, text, prog):
+    """A failed run printed one line, `<prog>: error: ...` containing `text`, and no traceback."""
+    lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
+    assert p.returncode != 0, f"exited 0, expected an error containing {text!r}"
+    assert lines and lines[-1].startswith(f"{prog}: error:") and text in lines[-1], p.stderr[-1000:]
+    assert "Traceback" not in p.stderr, p.stderr[-1000:]
+
+
+@contextlib.contextmanager
+def offline_hub():
+    """An empty torch hub cache and no network: every download raises URLError. Yields the cache dir."""
+    hub_dir, download = torch.hub.get_dir(), torch.hub.download_url_to_file
+    with tempfile.TemporaryDirectory() as d:
+        torch.hub.set_dir(d)
+        torch.hub.download_url_to_file = lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline"))
+        try:
+            yield d
+        finally:
+            torch.hub.set_dir(hub_dir)
+            torch.hub.download_url_to_file = download
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,30 +260,28 @@ def test_mar_strict_load_official_layouts():
         vpath = os.path.join(d, "kl.ckpt")
         torch.save({"model": r["vae_state_dict"]}, vpath)
         mar.load_weights(vae, vpath, "model")
-        # a wrong file names what is missing
+
+
+def test_mar_wrong_or_truncated_checkpoints_raise_one_line():
+    model, r = ref_mar()
+    vae, _ = ref_vae()
+    with tempfile.TemporaryDirectory() as d:
+        path, vpath, sd = os.path.join(d, "checkpoint-last.pth"), os.path.join(d, "kl.ckpt"), r["mar_state_dict"]
+        torch.save({"model": r["vae_state_dict"]}, vpath)
         bad = dict(sd)
         bad.pop("mask_token")
         bad["extra.weight"] = torch.zeros(1)
         torch.save({"model": bad}, path)
         for p, key, expect in ((path, "model", "missing (first: mask_token)"), (path, "model_ema", "no 'model_ema' entry"),
                                (vpath, "model", "does not match MAR")):
-            try:
-                mar.load_weights(fresh, p, key)
-            except ValueError as e:
-                assert expect in str(e) and "\n" not in str(e), str(e)
-            else:
-                raise AssertionError("wrong checkpoint accepted")
+            e = raises(ValueError, mar.load_weights, model, p, key)
+            assert expect in str(e) and "\n" not in str(e), str(e)
         # a truncated file
         with open(vpath, "rb") as f:
             data = f.read()
         with open(vpath, "wb") as f:
             f.write(data[: len(data) // 2])
-        try:
-            mar.load_weights(vae, vpath, "model")
-        except ValueError as e:
-            assert "not a readable checkpoint" in str(e), str(e)
-        else:
-            raise AssertionError("truncated checkpoint accepted")
+        assert "not a readable checkpoint" in str(raises(ValueError, mar.load_weights, vae, vpath, "model"))
 
 
 def test_mar_sampling_seed_fixes_output():
@@ -296,285 +344,6 @@ def test_mar_grad_checkpointing_and_bf16_autocast():
         tokens = model.eval().sample_tokens(2, 2, cfg=2.0, labels=torch.tensor([0, 1]))
     assert loss.dtype == torch.float32 and abs(loss.item() - ref_loss.item()) < 0.05 * ref_loss.item()
     assert tokens.dtype == torch.float32 and torch.isfinite(tokens).all()
-
-
-# ---------------------------------------------------------------------------------------------
-# train.py: the built-in data, DDP, resume, preemption, error paths
-# ---------------------------------------------------------------------------------------------
-
-TRAIN = [sys.executable, os.path.join(HERE, "train.py")]
-# a fast configuration: 32 px images from a small folder, few steps, cheap sample grids
-FAST = ["--preset", "tiny", "--img-size", "32", "--batch-size", "4", "--num-iter", "2", "--num-sampling-steps", "5", "--log-every", "5",
-        "--sample-every", "1000", "--warmup-epochs", "1", "--blr", "1e-3", "--device", "cpu"]
-
-
-def run_train(*flags, env=None, check=True):
-    env = dict(os.environ, **(env or {}), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    with tempfile.TemporaryDirectory() as cwd:  # runs without --output-dir write runs/ here, not in the repo
-        p = subprocess.run(TRAIN + [str(f) for f in flags], capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
-    if check and p.returncode != 0:
-        raise AssertionError(f"train.py exited {p.returncode}:\n{p.stderr[-3000:]}")
-    return p
-
-
-def make_folder(root, per_class=4, classes=10, size=40):
-    """An ImageNet-style folder of toy images (non-square-cropped sizes exercise the center crop)."""
-    import train
-    from PIL import Image
-    for c in range(classes):
-        os.makedirs(os.path.join(root, f"class{c:02d}"), exist_ok=True)
-        for i in range(per_class):
-            img = Image.fromarray(train.toy_image(c, i, seed=5, size=size)).resize((size + 8, size))
-            img.save(os.path.join(root, f"class{c:02d}", f"img{i}.png"))
-    return root
-
-
-def final_weights(out):
-    return torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
-
-
-def same_state(a, b):
-    return all(torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["model_ema"][k], b["model_ema"][k])
-               for k in a["model"])
-
-
-def test_train_builtin_data_is_deterministic_and_varied():
-    import train
-    a, b = train.toy_image(3, 7, seed=0), train.toy_image(3, 7, seed=0)
-    assert a.dtype == np.uint8 and a.shape == (32, 32, 3) and np.array_equal(a, b)
-    assert train.toy_image(3, 7, seed=0, size=64).shape == (64, 64, 3)
-    data = train.ToyDataset(32, num_images=400)
-    x = data.images.float()
-    assert data[13][1] == 3 and len(data.classes) == 10
-    for c in range(10):  # variety inside a class: images differ clearly from each other
-        assert x[c::10].std(0).mean() > 20, c
-    t0 = time.time()
-    [train.toy_image(i % 10, i) for i in range(500)]
-    assert time.time() - t0 < 5, "drawing the built-in data is too slow"
-
-
-def test_train_builtin_classes_are_distinct():
-    """A small classifier separates the 10 classes of held-out images (that is what the default run
-    uses to judge its samples)."""
-    import train
-    torch.manual_seed(0)
-    clf = train.toy_classifier(steps=150, seed=0)
-    data = train.ToyDataset(32, num_images=300, seed=123)
-    x = data.images.permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        acc = (clf(x).argmax(1) == torch.arange(300) % 10).float().mean().item()
-    assert acc >= 0.9, acc
-
-
-def test_train_ddp_two_processes_gloo():
-    with tempfile.TemporaryDirectory() as d:
-        data, out = make_folder(os.path.join(d, "data")), os.path.join(d, "run")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN[1],
-               "--data-path", data, "--output-dir", out, "--epochs", "2", *FAST]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
-        assert p.returncode == 0, p.stderr[-3000:]
-        log = open(os.path.join(out, "log.txt")).read()
-        assert "2 process(es)" in log and "parameters identical on all 2 ranks: yes" in log, log[-2000:]
-        ckpt = final_weights(out)
-        assert ckpt["step"] == 10 and ckpt["world_size"] == 2  # 40 images / 2 ranks / batch 4 = 5 steps per epoch
-        assert all(not k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
-        assert os.path.exists(os.path.join(out, "samples-final.png"))
-
-
-def test_train_resume_is_exact_and_sigterm_saves():
-    with tempfile.TemporaryDirectory() as d:
-        data = make_folder(os.path.join(d, "data"))
-        common = ["--data-path", data, *FAST]
-        # uninterrupted: 20 epochs of 10 steps
-        run_train(*common, "--epochs", "20", "--output-dir", f"{d}/full")
-        full = final_weights(f"{d}/full")
-        assert full["step"] == 200
-        # resume: stop after 5 epochs, then run the same folder to 20
-        run_train(*common, "--epochs", "5", "--output-dir", f"{d}/resumed")
-        assert final_weights(f"{d}/resumed")["step"] == 50
-        p = run_train(*common, "--epochs", "20", "--output-dir", f"{d}/resumed")
-        assert "resumed from" in open(f"{d}/resumed/log.txt").read()
-        assert same_state(final_weights(f"{d}/resumed"), full), "resumed run differs from the uninterrupted one"
-        # preemption: SIGTERM mid-run saves a checkpoint and exits 0; the same command then finishes
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        proc = subprocess.Popen(TRAIN + common + ["--epochs", "20", "--output-dir", f"{d}/pre"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        metrics = f"{d}/pre/metrics.jsonl"
-        t0 = time.time()
-        while not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 2) and time.time() - t0 < 120:
-            time.sleep(0.1)
-        proc.send_signal(15)
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err[-2000:]
-        stopped = final_weights(f"{d}/pre")
-        assert 0 < stopped["step"] < 200, stopped["step"]
-        assert "stopped by SIGTERM" in open(f"{d}/pre/log.txt").read()
-        run_train(*common, "--epochs", "20", "--output-dir", f"{d}/pre")
-        assert same_state(final_weights(f"{d}/pre"), full), "preempted + resumed run differs from the uninterrupted one"
-
-
-def test_train_vae_then_coda_resumes_exactly_and_runs_ddp():
-    """The tokenizer pipeline on a small folder: --model vae, then --model coda on it (LoRA, attention
-    quantizer, PatchGAN discriminator); a stopped and resumed CODA run ends bit-identical to an
-    uninterrupted one (discriminator and its optimizer included); 2-process gloo DDP keeps ranks equal."""
-    with tempfile.TemporaryDirectory() as d:
-        data = make_folder(os.path.join(d, "data"))
-        tok = ["--data-path", data, *FAST, "--lpips-weight", "0", "--disc", "patch", "--log-every", "5"]
-        run_train("--model", "vae", *tok, "--epochs", "2", "--output-dir", f"{d}/vae")
-        vae_ckpt = final_weights(f"{d}/vae")
-        assert vae_ckpt["latent_scale"] > 0 and vae_ckpt["config"]["arch"]["embed_dim"] == 4
-        vae_log = open(f"{d}/vae/log.txt").read()
-        assert "PSNR" in vae_log and os.path.exists(f"{d}/vae/samples-final.png")
-        common = ["--model", "coda", "--vae", f"{d}/vae/checkpoint-last.pth", *tok, "--ema-start-epoch", "1",
-                  "--lr", "5e-4", "--quantizer-lr", "2e-3"]
-        run_train(*common, "--epochs", "4", "--output-dir", f"{d}/full")
-        full = final_weights(f"{d}/full")
-        # the lr (cosine) and the GAN ramp depend on the run's length: interrupt the same command
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-        proc = subprocess.Popen(TRAIN + common + ["--epochs", "4", "--output-dir", f"{d}/resumed"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        metrics, t0 = f"{d}/resumed/metrics.jsonl", time.time()
-        while not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 2) and time.time() - t0 < 120:
-            time.sleep(0.1)
-        proc.send_signal(15)
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0 and 0 < final_weights(f"{d}/resumed")["step"] < 40, err[-2000:]
-        run_train(*common, "--epochs", "4", "--output-dir", f"{d}/resumed")
-        resumed = final_weights(f"{d}/resumed")
-        assert full["step"] == resumed["step"] == 40 and same_state(resumed, full), "resumed CODA run differs"
-        assert all(torch.equal(full["recipe"]["disc"][k], resumed["recipe"]["disc"][k]) for k in full["recipe"]["disc"])
-        groups = full["optimizer"]["param_groups"]  # --quantizer-lr: the quantizer's lr is 4x the LoRA's
-        assert {g["lr_scale"] for g in groups} == {1.0, 4.0} and len({g["lr"] / g["lr_scale"] for g in groups}) == 1
-        assert sum(len(g["params"]) for g in groups if g["lr_scale"] == 4.0) == sum(k.startswith("quantizer.") for k in full["model"])
-        trained = [k for k in full["model"] if "lora_layer" in k or k.startswith("quantizer.")]
-        frozen = [k for k in full["model"] if k not in trained]
-        assert trained and all(torch.equal(full["model"][k], full["model_ema"][k]) for k in frozen)
-        assert all(torch.equal(full["model"][k], vae_ckpt["model_ema"][k[4:]]) for k in frozen if k.startswith("vae."))
-        log = open(f"{d}/full/log.txt").read()
-        assert "codebook usage:" in log and "PSNR" in log, log[-1500:]
-        rows = [json.loads(l) for l in open(f"{d}/full/metrics.jsonl")]
-        assert all(k in rows[-1] for k in ("codebook_usage", "q_loss", "entropy", "d_loss", "l1")), rows[-1]
-        # --compare-quantizers: one run per Table 1 row with that row's flags, the printed table = their reports
-        p = run_train(*common[:-4], "--compare-quantizers", "--epochs", "1", "--output-dir", f"{d}/cmp")
-        table = p.stdout.strip().splitlines()[-5:]
-        assert table == open(f"{d}/cmp/table1.txt").read().strip().splitlines()[-5:], p.stdout[-2000:]
-        expect = [("nearest", (8,), "none"), ("nearest", (1, 2, 3, 4, 6, 8), "none"), ("attention", (1, 2, 3, 4, 6, 8), "none"),
-                  ("attention", (1, 2, 3, 4, 6, 8), "decoder"), ("attention", (1, 2, 3, 4, 6, 8), "both")]
-        for i, (line, (assign, levels, lora)) in enumerate(zip(table, expect)):
-            c, r = final_weights(f"{d}/cmp/table1-{i}")["config"], json.load(open(f"{d}/cmp/table1-{i}/report.json"))
-            assert (c["quantizer"], c["levels"], c["lora"]) == (assign, levels, lora), c
-            assert line.split()[-5:] == [f"{r['usage']:.1%}", f"{r['quant_error']:.5f}", f"{r['mse']:.5f}",
-                                         f"{r['psnr']:.2f}", f"{r['ssim']:.3f}"], (line, r)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN[1],
-               *common, "--epochs", "1", "--output-dir", f"{d}/ddp"]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
-        assert p.returncode == 0, p.stderr[-3000:]
-        assert "parameters identical on all 2 ranks: yes" in open(f"{d}/ddp/log.txt").read()
-        # MaskGIT on the CODA tokens: tokens cached once (image and flip), trained, sampled, scored
-        mg = ["--model", "maskgit", "--tokenizer", f"{d}/full/checkpoint-last.pth", "--data-path", data, *FAST,
-              "--output-dir", f"{d}/mg"]
-        run_train(*mg, "--epochs", "2")
-        tokens = np.load(f"{d}/mg/tokens.npy")
-        assert tokens.shape == (40, 2, 1 + 4 + 9 + 16 + 36 + 64) and tokens.max() < 256
-        ckpt = final_weights(f"{d}/mg")
-        assert ckpt["step"] == 20 and ckpt["config"]["levels"] == (1, 2, 3, 4, 6, 8)
-        assert os.path.exists(f"{d}/mg/samples-final.png")
-        tf, _ = inception_files(d)
-        save_pngs(ref("fid_ref.pt")["B"], f"{d}/real")
-        assert run_fid(f"{d}/real", "--save-stats", f"{d}/real.npz", "--weights", tf).returncode == 0
-        p = run_train(*mg, "--eval", "--num-images", "20", "--eval-batch-size", "10", "--inception-weights", tf,
-                      "--fid-stats", f"{d}/real.npz")
-        assert p.stdout.strip().splitlines()[-1].startswith("FID: ") and printed(p, "FID") > 0, p.stdout[-500:]
-        bad = run_train(*mg[:2], "--tokenizer", f"{d}/vae/checkpoint-last.pth", *mg[4:], check=False)
-        assert bad.returncode != 0 and "is not a checkpoint of --model coda" in bad.stderr, bad.stderr[-300:]
-
-
-def test_train_nan_loss_stops_and_keeps_last_good_checkpoint():
-    with tempfile.TemporaryDirectory() as d:
-        data = make_folder(os.path.join(d, "data"))
-        run_train("--data-path", data, *FAST, "--epochs", "1", "--output-dir", f"{d}/run")
-        good = final_weights(f"{d}/run")
-        p = run_train("--data-path", data, *FAST, "--epochs", "3", "--lr", "1e30", "--output-dir", f"{d}/run", check=False)
-        assert p.returncode == 1 and "loss is nan" in p.stderr.lower() or "loss is inf" in p.stderr.lower(), p.stderr[-2000:]
-        assert same_state(final_weights(f"{d}/run"), good), "the last good checkpoint was overwritten"
-
-
-def test_train_corrupt_images_are_skipped():
-    with tempfile.TemporaryDirectory() as d:
-        data = make_folder(os.path.join(d, "data"))
-        with open(os.path.join(data, "class00", "broken.png"), "wb") as f:
-            f.write(b"\x89PNG\r\n\x1a\n this is not an image")
-        good = open(os.path.join(data, "class01", "img0.png"), "rb").read()
-        with open(os.path.join(data, "class01", "truncated.png"), "wb") as f:
-            f.write(good[: len(good) // 2])
-        run_train("--data-path", data, *FAST, "--epochs", "3", "--output-dir", f"{d}/run")
-        log = open(f"{d}/run/log.txt").read()
-        assert "skipped" in log and "unreadable images" in log, log[-1500:]
-        n = int(log.split("skipped ")[1].split()[0])
-        assert n >= 1, log
-
-
-def test_train_cached_latents_with_a_kl16_layout_vae():
-    """--cache-latents writes the official main_cache.py layout (moments of the image and of its
-    flip per file), and --use-cached trains from it; the VAE file has the official kl16 layout."""
-    import train
-    with tempfile.TemporaryDirectory() as d:
-        data = make_folder(os.path.join(d, "data"), per_class=2, classes=4)
-        torch.manual_seed(0)
-        vae = mar.kl16()
-        torch.save({"model": vae.state_dict()}, f"{d}/kl16.ckpt")
-        flags = ["--vae", f"{d}/kl16.ckpt", "--cache-path", f"{d}/cache", *FAST]
-        run_train("--cache-latents", "--data-path", data, *flags)
-        npz = os.path.join(d, "cache", "class02", "img1.png.npz")
-        with np.load(npz) as f:
-            moments, moments_flip = torch.from_numpy(f["moments"]), torch.from_numpy(f["moments_flip"])
-        assert moments.shape == (32, 2, 2)  # 32 px / stride 16, mean and log-variance of 16 channels
-        image = train.ImageFolder(data, 32).load(os.path.join(data, "class02", "img1.png"))[None]
-        with torch.no_grad():
-            assert_close(moments, vae.encode(image).moments[0], rtol=1e-4, what="moments")
-            assert_close(moments_flip, vae.encode(image.flip(3)).moments[0], rtol=1e-4, what="flip")
-        run_train("--use-cached", *flags, "--epochs", "2", "--output-dir", f"{d}/run")
-        ckpt = final_weights(f"{d}/run")
-        assert ckpt["step"] == 4 and ckpt["config"]["vae_embed_dim"] == 16 and ckpt["config"]["patch_size"] == 1
-
-
-def test_train_error_paths_exit_nonzero_with_one_line():
-    with tempfile.TemporaryDirectory() as d:
-        empty = os.path.join(d, "empty")
-        os.makedirs(os.path.join(empty, "class0"))
-        data = make_folder(os.path.join(d, "data"), per_class=1)
-        run_train("--data-path", data, *FAST, "--epochs", "1", "--output-dir", f"{d}/tiny")
-        other = dict(final_weights(f"{d}/tiny"), model_name="coda")
-        torch.save(other, f"{d}/coda.pth")
-        cases = [
-            (["--data-path", f"{d}/missing"], "data folder not found"),
-            (["--data-path", empty], "no images in"),
-            (["--use-cached"], "--use-cached needs --cache-path"),
-            (["--cache-latents", "--data-path", data], "--cache-latents needs"),
-            (["--data-path", data, "--device", "cuda"], "no CUDA device"),
-            (["--data-path", data, "--resume", f"{d}/coda.pth"], "checkpoint of --model coda"),
-            (["--data-path", data, "--patch-size", "2", "--output-dir", f"{d}/tiny"], "another config: patch_size 4"),
-            (["--data-path", data, "--resume", f"{d}/nope.pth"], "checkpoint not found"),
-        ]
-        if torch.cuda.is_available():
-            cases = [c for c in cases if "cuda" not in c[0]]
-        for flags, expect in cases:
-            p = run_train(*(flags + FAST[:6] + ["--epochs", "1"]), check=False)
-            lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
-            assert p.returncode != 0, (flags, p.stderr[-500:])
-            assert expect in lines[-1] and lines[-1].startswith("train.py: error:"), (flags, p.stderr[-1000:])
-            assert "Traceback" not in p.stderr, (flags, p.stderr[-1000:])
-        import fcntl  # a second process training into a folder in use is refused, with the holder's pid
-        with open(f"{d}/tiny/.lock", "a+") as held:
-            fcntl.flock(held, fcntl.LOCK_EX)
-            held.truncate(0)
-            held.write("4242")
-            held.flush()
-            p = run_train("--data-path", data, *FAST, "--epochs", "2", "--output-dir", f"{d}/tiny", check=False)
-        assert p.returncode != 0 and "another process (pid 4242) is training into" in p.stderr.strip().splitlines()[-1], p.stderr[-500:]
-        run_train("--data-path", data, *FAST, "--epochs", "2", "--output-dir", f"{d}/tiny")  # released: resumes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,11 +475,8 @@ def test_coda_release_layout_and_plain_vq_modes():
         fresh = coda.CODA(coda.add_lora(mar.AutoencoderKL(embed_dim=16, ch_mult=(1, 1)), 4), coda.CODAQuantizer(16, 64, (1, 2, 4, 8)))
         coda.load_release(fresh, f"{d}/vae_ema.pth", f"{d}/quantizer_ema.pth")
         assert torch.equal(fresh.detokenize(r["tok_idx"]), model.detokenize(r["tok_idx"]))
-        try:
-            coda.load_release(fresh, f"{d}/quantizer_ema.pth", f"{d}/vae_ema.pth")
-            raise AssertionError("no error")
-        except ValueError as e:
-            assert "does not match AutoencoderKL" in str(e) and "missing" in str(e), e
+        e = raises(ValueError, coda.load_release, fresh, f"{d}/quantizer_ema.pth", f"{d}/vae_ema.pth")
+        assert "does not match AutoencoderKL" in str(e) and "missing" in str(e), e
     # nearest-neighbour modes: the index is the closest code, the straight-through passes gradients unchanged
     q = coda.CODAQuantizer(4, 32, (1, 2, 4), assign="nearest")
     f = torch.randn(3, 4, 4, 4, requires_grad=True)
@@ -778,23 +544,10 @@ def test_coda_dino_discriminator_matches_official_backbone():
         assert disc(r["dino_x"]).shape == (2, 5 * 196) and not disc.blocks[0].attn.qkv.weight.requires_grad
         assert all(p.requires_grad for p in disc.heads.parameters())
         torch.save({"encoder.conv_in.weight": torch.zeros(3)}, f"{d}/other.pth")
-        try:
-            coda.DinoDiscriminator(f"{d}/other.pth")
-            raise AssertionError("no error")
-        except ValueError as e:
-            assert "is not DINO ViT-S/16" in str(e)
-    hub_dir, download = torch.hub.get_dir(), torch.hub.download_url_to_file
-    with tempfile.TemporaryDirectory() as d:
-        torch.hub.set_dir(d)
-        torch.hub.download_url_to_file = lambda *a, **k: (_ for _ in ()).throw(OSError("offline"))
-        try:
-            coda.dino_weights_path()
-            raise AssertionError("no error")
-        except FileNotFoundError as e:
-            assert "--disc patch" in str(e) and "dino_deitsmall16_pretrain.pth" in str(e)
-        finally:
-            torch.hub.set_dir(hub_dir)
-            torch.hub.download_url_to_file = download
+        assert "is not DINO ViT-S/16" in str(raises(ValueError, coda.DinoDiscriminator, f"{d}/other.pth"))
+    with offline_hub():
+        e = raises(FileNotFoundError, coda.dino_weights_path)
+        assert "--disc patch" in str(e) and "dino_deitsmall16_pretrain.pth" in str(e), e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -910,10 +663,7 @@ def save_pngs(images, folder):
 
 
 def run_fid(*args, torchrun=False):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [sys.executable]
-    p = subprocess.run(cmd + [os.path.join(HERE, "fid.py"), *args, "--num-workers", "0"], capture_output=True,
-                       text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    return p
+    return run_script(os.path.join(HERE, "fid.py"), *args, "--num-workers", "0", nproc=2 if torchrun else 1, check=False)
 
 
 def printed(p, key):
@@ -954,12 +704,8 @@ def test_fid_frechet_distance_and_inception_score():
     assert_close(torch.tensor([is_mean, is_std], dtype=torch.float64), r["is_logits_ref"], 1e-9, "IS of random logits")
     same = fid.inception_score(r["is_logits"][:1].repeat(40, 1))
     assert abs(same[0] - 1) < 1e-12 and same[1] < 1e-12, same         # identical predictions: IS = 1
-    for bad in (lambda: fid.frechet_distance(mu1, s1, mu1[:10], s1), lambda: fid.inception_score(r["is_logits"][:5])):
-        try:
-            bad()
-            raise AssertionError("no error")
-        except ValueError:
-            pass
+    raises(ValueError, fid.frechet_distance, mu1, s1, mu1[:10], s1)     # mismatched dimensions
+    raises(ValueError, fid.inception_score, r["is_logits"][:5])          # fewer images than splits
 
 
 def test_fid_cli_matches_torch_fidelity_on_folders():
@@ -1057,58 +803,398 @@ def test_fid_errors_are_one_line():
                  ([f"{d}/A", f"{d}/A", "--weights", f"{d}/missing.pth"], "weights not found")]
         for args, expect in cases:
             args = args if "--weights" in args else args + ["--weights", tf]
-            p = run_fid(*args)
-            lines = p.stderr.strip().splitlines()
-            assert p.returncode != 0 and lines and expect in lines[-1] and "Traceback" not in p.stderr, (args, p.stderr[-800:])
-    # no network and no file: the error says where to put the weights
-    import urllib.error
-    hub_dir, download = torch.hub.get_dir(), torch.hub.download_url_to_file
-    with tempfile.TemporaryDirectory() as d:
-        torch.hub.set_dir(d)
-        torch.hub.download_url_to_file = lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline"))
-        try:
-            fid.load_inception()
-            raise AssertionError("no error")
-        except FileNotFoundError as e:
-            assert "weights-inception-2015-12-05-6726825d.pth" in str(e) and d in str(e) and "--weights" in str(e), e
-        finally:
-            torch.hub.set_dir(hub_dir)
-            torch.hub.download_url_to_file = download
+            expect_error(run_fid(*args), expect, "fid.py")
 
 
-def test_train_eval_generates_and_scores():
-    """--eval: class-balanced samples from the EMA weights, scored in memory; the printed FID equals
-    fid.py on the saved PNGs, with one process or two (the image order is the same)."""
-    r = ref("fid_ref.pt")
+def test_fid_offline_without_weights_says_where_to_put_them():
+    with offline_hub() as d:
+        e = raises(FileNotFoundError, fid.load_inception)
+        assert "weights-inception-2015-12-05-6726825d.pth" in str(e) and d in str(e) and "--weights" in str(e), e
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py: helpers (runs shared by several tests, fast flags)
+# ---------------------------------------------------------------------------------------------
+
+TRAIN = os.path.join(HERE, "train.py")
+# fast settings: 32 px images from a small folder, batch 4, few steps, cheap grids; then per model
+FAST = ["--preset", "tiny", "--img-size", "32", "--batch-size", "4", "--log-every", "5", "--sample-every", "1000",
+        "--warmup-epochs", "1", "--blr", "1e-3", "--device", "cpu"]
+MAR = FAST + ["--num-iter", "2", "--num-sampling-steps", "5"]
+TOKENIZER = FAST + ["--lpips-weight", "0", "--disc", "patch"]
+SHARED = tempfile.TemporaryDirectory()  # the runs below, made once and removed at exit
+_runs = {}
+
+
+def run_train(*flags, **kw):
+    return run_script(TRAIN, *flags, **kw)
+
+
+def make_folder(root, per_class=4, classes=10, size=40):
+    """An ImageNet-style folder of toy images (non-square-cropped sizes exercise the center crop)."""
+    import train
+    from PIL import Image
+    for c in range(classes):
+        os.makedirs(os.path.join(root, f"class{c:02d}"), exist_ok=True)
+        for i in range(per_class):
+            img = Image.fromarray(train.toy_image(c, i, seed=5, size=size)).resize((size + 8, size))
+            img.save(os.path.join(root, f"class{c:02d}", f"img{i}.png"))
+    return root
+
+
+def shared_run(name):
+    """Runs several tests start from, made on first use: "data" (40 images), "vae" (2 epochs on it),
+    "coda" (4 epochs on that VAE, attention quantizer, LoRA, PatchGAN, its own quantizer lr)."""
+    if name not in _runs:
+        d = SHARED.name
+        if name == "data":
+            make_folder(f"{d}/data")
+        elif name == "vae":
+            run_train("--model", "vae", "--data-path", shared_run("data"), *TOKENIZER, "--epochs", "2", "--output-dir", f"{d}/vae")
+        else:
+            run_train(*coda_flags(), "--epochs", "4", "--output-dir", f"{d}/coda")
+        _runs[name] = f"{d}/{name}"
+    return _runs[name]
+
+
+def coda_flags():
+    return ["--model", "coda", "--vae", f"{shared_run('vae')}/checkpoint-last.pth", "--data-path", shared_run("data"),
+            *TOKENIZER, "--ema-start-epoch", "1", "--lr", "5e-4", "--quantizer-lr", "2e-3"]
+
+
+def final_weights(out):
+    return torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+
+
+def same_state(a, b):
+    return all(torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["model_ema"][k], b["model_ema"][k])
+               for k in a["model"])
+
+
+def interrupt(*flags, lines=2):
+    """Start train.py, send SIGTERM once metrics.jsonl has `lines` lines (mid-run) -> (exit code, stderr)."""
+    metrics = os.path.join(flags[list(flags).index("--output-dir") + 1], "metrics.jsonl")
+    proc = subprocess.Popen([sys.executable, TRAIN, *flags], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < 120 and not (os.path.exists(metrics) and open(metrics).read().count("\n") >= lines):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=120), proc.stderr.read()
+
+
+RANK_WEIGHTS = """import sys, torch, torch.distributed as dist
+sys.path.insert(0, {here!r})
+import train
+args = train.parse_args(sys.argv[1:])
+model = train.main(args)
+torch.save(model.state_dict(), f"{{args.output_dir}}/rank{{dist.get_rank()}}.pt")
+train.cleanup()
+"""
+
+
+def ddp_ranks_weights(d, *flags):
+    """train.py under torchrun with 2 gloo processes, each rank saving its own final weights -> both."""
+    script = os.path.join(d, "train_and_save_rank.py")
+    with open(script, "w") as f:
+        f.write(RANK_WEIGHTS.format(here=HERE))
+    run_script(script, *flags, nproc=2)
+    out = flags[list(flags).index("--output-dir") + 1]
+    return [torch.load(f"{out}/rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def assert_ranks_equal(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), \
+        [k for k in a if not torch.equal(a[k], b[k])][:5]
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py: the built-in data and its judge
+# ---------------------------------------------------------------------------------------------
+
+def test_train_builtin_data_is_deterministic_and_varied():
+    import train
+    a, b = train.toy_image(3, 7, seed=0), train.toy_image(3, 7, seed=0)
+    assert a.dtype == np.uint8 and a.shape == (32, 32, 3) and np.array_equal(a, b)
+    assert train.toy_image(3, 7, seed=0, size=64).shape == (64, 64, 3)
+    data = train.ToyDataset(32, num_images=400)
+    x = data.images.float()
+    assert data[13][1] == 3 and len(data.classes) == 10
+    for c in range(10):  # variety inside a class: images differ clearly from each other
+        assert x[c::10].std(0).mean() > 20, c
+
+
+def test_train_builtin_classes_are_distinct():
+    """A small classifier separates the 10 classes of held-out images (that is what the default run
+    uses to judge its samples)."""
+    import train
+    torch.manual_seed(0)
+    clf = train.toy_classifier(steps=150, seed=0)
+    x = train.to_tensor(train.ToyDataset(32, num_images=300, seed=123).images)
+    with torch.no_grad():
+        acc = (clf(x).argmax(1) == torch.arange(300) % 10).float().mean().item()
+    assert acc >= 0.9, acc
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py: flags per model
+# ---------------------------------------------------------------------------------------------
+
+def test_train_help_lists_each_models_own_flags_and_defaults():
+    import train
+    mg = run_train("--model", "maskgit", "--help").stdout
+    assert "--choice-temperature" in mg and "--tokenizer" in mg and "--eval" in mg
+    assert not any(f in mg for f in ("--lora-rank", "--disc ", "--vae ", "--diffusion-batch-mul"))
+    flat = " ".join(mg.split())  # help text wraps: compare with single spaces
+    assert "--cfg CFG classifier-free guidance scale; default: 1.0 (paper), 3.0 on the built-in data" in flat
+    assert "--num-iter NUM_ITER generation steps for sample grids and --eval; default: 8" in flat
+    mar_help = " ".join(run_train("--model", "mar", "--help").stdout.split())
+    assert "default: 64 (paper), 8 on the built-in data" in mar_help and "--lora" not in mar_help
+    assert "--epochs EPOCHS default: 10 (paper), 5 on the built-in data" in " ".join(run_train("--model", "coda", "--help").stdout.split())
+    coda_args = train.parse_args(["--model", "coda", "--vae", "x.ckpt"])
+    assert (coda_args.epochs, coda_args.lora_rank, coda_args.lr) == (5, 8, 2e-3) and not hasattr(coda_args, "cfg")
+    expect_error(run_train("--model", "vae", "--cfg", "2", check=False), "unrecognized arguments: --cfg 2", "train.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py: the loop: DDP, resume, preemption, bad data
+# ---------------------------------------------------------------------------------------------
+
+def test_train_ddp_two_processes_keep_ranks_identical():
     with tempfile.TemporaryDirectory() as d:
+        out = f"{d}/run"
+        rank0, rank1 = ddp_ranks_weights(d, "--data-path", shared_run("data"), "--output-dir", out, "--epochs", "2", *MAR)
+        assert_ranks_equal(rank0, rank1)
+        ckpt = final_weights(out)
+        assert ckpt["step"] == 10 and ckpt["world_size"] == 2  # 40 images / 2 ranks / batch 4 = 5 steps per epoch
+        assert all(torch.equal(ckpt["model"][k], rank0[k]) for k in rank0)  # no "module." / "_orig_mod." prefixes
+        assert "2 process(es)" in open(f"{out}/log.txt").read() and os.path.exists(f"{out}/samples-final.png")
+
+
+def test_train_resume_is_exact():
+    with tempfile.TemporaryDirectory() as d:
+        common = ["--data-path", shared_run("data"), *MAR]
+        run_train(*common, "--epochs", "12", "--output-dir", f"{d}/full")
+        full = final_weights(f"{d}/full")
+        assert full["step"] == 120
+        run_train(*common, "--epochs", "3", "--output-dir", f"{d}/resumed")  # stop after 3 epochs, then go on to 12
+        assert final_weights(f"{d}/resumed")["step"] == 30
+        run_train(*common, "--epochs", "12", "--output-dir", f"{d}/resumed")
+        assert "resumed from" in open(f"{d}/resumed/log.txt").read()
+        assert same_state(final_weights(f"{d}/resumed"), full), "resumed run differs from the uninterrupted one"
+        # SIGTERM mid-run saves a checkpoint; the same command then finishes it, bit-identical
+        code, err = interrupt(*common, "--epochs", "12", "--output-dir", f"{d}/pre")
+        stopped = final_weights(f"{d}/pre")
+        assert code == 0 and 0 < stopped["step"] < 120, (code, stopped["step"], err[-1000:])
+        assert "stopped by SIGTERM" in open(f"{d}/pre/log.txt").read()
+        run_train(*common, "--epochs", "12", "--output-dir", f"{d}/pre")
+        assert same_state(final_weights(f"{d}/pre"), full), "preempted + resumed run differs from the uninterrupted one"
+
+
+def test_train_nan_loss_stops_and_keeps_last_good_checkpoint():
+    with tempfile.TemporaryDirectory() as d:
+        run_train("--data-path", shared_run("data"), *MAR, "--epochs", "1", "--output-dir", f"{d}/run")
+        good = final_weights(f"{d}/run")
+        p = run_train("--data-path", shared_run("data"), *MAR, "--epochs", "3", "--lr", "1e30", "--output-dir", f"{d}/run",
+                      check=False)
+        assert p.returncode == 1 and ("loss is nan" in p.stderr.lower() or "loss is inf" in p.stderr.lower()), p.stderr[-2000:]
+        assert same_state(final_weights(f"{d}/run"), good), "the last good checkpoint was overwritten"
+
+
+def test_train_corrupt_images_are_skipped():
+    with tempfile.TemporaryDirectory() as d:
+        data = make_folder(os.path.join(d, "data"))
+        with open(os.path.join(data, "class00", "broken.png"), "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n this is not an image")
+        good = open(os.path.join(data, "class01", "img0.png"), "rb").read()
+        with open(os.path.join(data, "class01", "truncated.png"), "wb") as f:
+            f.write(good[: len(good) // 2])
+        run_train("--data-path", data, *MAR, "--epochs", "3", "--output-dir", f"{d}/run")
+        log = open(f"{d}/run/log.txt").read()
+        assert "skipped" in log and "unreadable images" in log, log[-1500:]
+        assert int(log.split("skipped ")[1].split()[0]) >= 1, log
+
+
+def test_train_cached_latents_with_a_kl16_layout_vae():
+    """--cache-latents writes the official main_cache.py layout (moments of the image and of its
+    flip per file), and --use-cached trains from it; the VAE file has the official kl16 layout."""
+    import train
+    with tempfile.TemporaryDirectory() as d:
+        data = make_folder(os.path.join(d, "data"), per_class=2, classes=4)
+        torch.manual_seed(0)
+        vae = mar.kl16()
+        torch.save({"model": vae.state_dict()}, f"{d}/kl16.ckpt")
+        flags = ["--vae", f"{d}/kl16.ckpt", "--cache-path", f"{d}/cache", *MAR]
+        run_train("--cache-latents", "--data-path", data, *flags)
+        with np.load(os.path.join(d, "cache", "class02", "img1.png.npz")) as f:
+            moments, moments_flip = torch.from_numpy(f["moments"]), torch.from_numpy(f["moments_flip"])
+        assert moments.shape == (32, 2, 2)  # 32 px / stride 16, mean and log-variance of 16 channels
+        image = train.ImageFolder(data, 32).load(os.path.join(data, "class02", "img1.png"))[None]
+        with torch.no_grad():
+            assert_close(moments, vae.encode(image).moments[0], rtol=1e-4, what="moments")
+            assert_close(moments_flip, vae.encode(image.flip(3)).moments[0], rtol=1e-4, what="flip")
+        run_train("--use-cached", *flags, "--epochs", "2", "--output-dir", f"{d}/run")
+        ckpt = final_weights(f"{d}/run")
+        assert ckpt["step"] == 4 and ckpt["config"]["vae_embed_dim"] == 16 and ckpt["config"]["patch_size"] == 1
+
+
+def test_train_error_paths_exit_nonzero_with_one_line():
+    with tempfile.TemporaryDirectory() as d:
+        os.makedirs(os.path.join(d, "empty", "class0"))
+        data = make_folder(os.path.join(d, "data"), per_class=1)
+        run_train("--data-path", data, *MAR, "--epochs", "1", "--output-dir", f"{d}/tiny")
+        torch.save(dict(final_weights(f"{d}/tiny"), model_name="coda"), f"{d}/coda.pth")
+        cases = [
+            (["--data-path", f"{d}/missing"], "data folder not found"),
+            (["--data-path", f"{d}/empty"], "no images in"),
+            (["--use-cached"], "--use-cached needs --cache-path"),
+            (["--cache-latents", "--data-path", data], "--cache-latents needs"),
+            (["--data-path", data, "--resume", f"{d}/coda.pth"], "checkpoint of --model coda"),
+            (["--data-path", data, "--patch-size", "2", "--output-dir", f"{d}/tiny"], "another config: patch_size 4"),
+            (["--data-path", data, "--resume", f"{d}/nope.pth"], "checkpoint not found"),
+            (["--model", "coda", "--vae", f"{d}/nope.ckpt", "--data-path", data], "--vae: checkpoint not found"),
+            (["--model", "maskgit", "--tokenizer", f"{d}/tiny/checkpoint-last.pth", "--data-path", data],
+             "is not a checkpoint of --model coda"),
+        ] + ([] if torch.cuda.is_available() else [(["--data-path", data, "--device", "cuda"], "no CUDA device")])
+        for flags, expect in cases:
+            expect_error(run_train(*flags, *FAST[:6], "--epochs", "1", check=False), expect, "train.py")
+
+
+def test_train_refuses_a_second_process_on_the_same_output_dir():
+    import fcntl
+    with tempfile.TemporaryDirectory() as d:
+        flags = ["--data-path", shared_run("data"), *MAR, "--output-dir", f"{d}/run"]
+        run_train(*flags, "--epochs", "1")
+        with open(f"{d}/run/.lock", "a+") as held:  # as a live process holds it, with its pid
+            fcntl.flock(held, fcntl.LOCK_EX)
+            held.truncate(0)
+            held.write("4242")
+            held.flush()
+            expect_error(run_train(*flags, "--epochs", "2", check=False), "another process (pid 4242) is training into",
+                         "train.py")
+        run_train(*flags, "--epochs", "2")  # released: it resumes
+        assert final_weights(f"{d}/run")["step"] == 20
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py: the tokenizers (--model vae, --model coda) and MaskGIT on their tokens
+# ---------------------------------------------------------------------------------------------
+
+def test_train_vae_records_its_latent_scale_and_reports():
+    vae = final_weights(shared_run("vae"))
+    assert vae["latent_scale"] > 0 and vae["config"]["arch"]["embed_dim"] == 4 and vae["step"] == 20
+    log = open(f"{shared_run('vae')}/log.txt").read()
+    assert "PSNR" in log and os.path.exists(f"{shared_run('vae')}/samples-final.png"), log[-1000:]
+    report = json.load(open(f"{shared_run('vae')}/report.json"))
+    assert report["images"] == 40 and 0 < report["mse"] < 1 and report["psnr"] > 5, report
+
+
+def test_train_coda_trains_lora_and_quantizer_only():
+    full, vae = final_weights(shared_run("coda")), final_weights(shared_run("vae"))
+    groups = full["optimizer"]["param_groups"]  # --quantizer-lr: the quantizer's lr is 4x the LoRA's
+    assert {g["lr_scale"] for g in groups} == {1.0, 4.0} and len({g["lr"] / g["lr_scale"] for g in groups}) == 1
+    assert sum(len(g["params"]) for g in groups if g["lr_scale"] == 4.0) == sum(k.startswith("quantizer.") for k in full["model"])
+    trained = [k for k in full["model"] if "lora_layer" in k or k.startswith("quantizer.")]
+    frozen = [k for k in full["model"] if k not in trained]
+    assert trained and all(torch.equal(full["model"][k], full["model_ema"][k]) for k in frozen)
+    assert all(torch.equal(full["model"][k], vae["model_ema"][k[4:]]) for k in frozen if k.startswith("vae."))
+    log = open(f"{shared_run('coda')}/log.txt").read()
+    assert "codebook usage:" in log and "PSNR" in log, log[-1500:]
+    rows = [json.loads(l) for l in open(f"{shared_run('coda')}/metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(5, 41, 5)), [r["step"] for r in rows]
+    assert all(k in rows[-1] for k in ("codebook_usage", "q_loss", "entropy", "d_loss", "l1")), rows[-1]
+
+
+def test_train_coda_resumes_exactly_with_its_discriminator():
+    """The lr (cosine) and the GAN ramp depend on the run's length: interrupt the same command."""
+    full = final_weights(shared_run("coda"))
+    with tempfile.TemporaryDirectory() as d:
+        code, err = interrupt(*coda_flags(), "--epochs", "4", "--output-dir", f"{d}/resumed")
+        assert code == 0 and 0 < final_weights(f"{d}/resumed")["step"] < 40, err[-2000:]
+        run_train(*coda_flags(), "--epochs", "4", "--output-dir", f"{d}/resumed")
+        resumed = final_weights(f"{d}/resumed")
+    assert full["step"] == resumed["step"] == 40 and same_state(resumed, full), "resumed CODA run differs"
+    disc, disc_resumed = full["second_player"]["disc"], resumed["second_player"]["disc"]
+    assert disc.keys() == disc_resumed.keys() and all(torch.equal(disc[k], disc_resumed[k]) for k in disc)
+
+
+def test_train_coda_ddp_keeps_ranks_identical():
+    with tempfile.TemporaryDirectory() as d:
+        rank0, rank1 = ddp_ranks_weights(d, *coda_flags(), "--epochs", "1", "--output-dir", f"{d}/ddp")
+        assert_ranks_equal(rank0, rank1)
+        assert final_weights(f"{d}/ddp")["step"] == 5
+
+
+def test_train_compare_quantizers_under_torchrun():
+    """One run per Table 1 row, each with that row's flags, in one process group (2 gloo processes);
+    the printed table equals the rows' reports."""
+    with tempfile.TemporaryDirectory() as d:
+        p = run_train(*coda_flags()[:-4], "--compare-quantizers", "--epochs", "1", "--output-dir", f"{d}/cmp", nproc=2)
+        table = p.stdout.strip().splitlines()[-5:]
+        assert table == open(f"{d}/cmp/table1.txt").read().strip().splitlines()[-5:], p.stdout[-2000:]
+        expect = [("nearest", (8,), "none"), ("nearest", (1, 2, 3, 4, 6, 8), "none"), ("attention", (1, 2, 3, 4, 6, 8), "none"),
+                  ("attention", (1, 2, 3, 4, 6, 8), "decoder"), ("attention", (1, 2, 3, 4, 6, 8), "both")]
+        for i, (line, (assign, levels, lora)) in enumerate(zip(table, expect)):
+            c, r = final_weights(f"{d}/cmp/table1-{i}")["config"], json.load(open(f"{d}/cmp/table1-{i}/report.json"))
+            assert (c["quantizer"], c["levels"], c["lora"]) == (assign, levels, lora), c
+            assert line.split()[-5:] == [f"{r['usage']:.1%}", f"{r['quant_error']:.5f}", f"{r['mse']:.5f}",
+                                         f"{r['psnr']:.2f}", f"{r['ssim']:.3f}"], (line, r)
+            assert final_weights(f"{d}/cmp/table1-{i}")["world_size"] == 2
+
+
+def test_train_maskgit_on_cached_coda_tokens():
+    """Tokens cached once (image and flip), trained, sampled, and scored by --eval."""
+    with tempfile.TemporaryDirectory() as d:
+        mg = ["--model", "maskgit", "--tokenizer", f"{shared_run('coda')}/checkpoint-last.pth", "--data-path",
+              shared_run("data"), *FAST, "--num-iter", "2", "--output-dir", f"{d}/mg"]
+        run_train(*mg, "--epochs", "2")
+        tokens = np.load(f"{d}/mg/tokens.npy")
+        assert tokens.shape == (40, 2, 1 + 4 + 9 + 16 + 36 + 64) and tokens.max() < 256 and tokens.min() >= 0
+        ckpt = final_weights(f"{d}/mg")
+        assert ckpt["step"] == 20 and ckpt["config"]["levels"] == (1, 2, 3, 4, 6, 8)
+        assert os.path.exists(f"{d}/mg/samples-final.png")
         tf, _ = inception_files(d)
-        run_train("--data-path", make_folder(f"{d}/data"), "--output-dir", f"{d}/run", "--epochs", "1", *FAST)
-        save_pngs(r["B"], f"{d}/real")
-        assert run_fid(f"{d}/real", "--save-stats", f"{d}/real.npz", "--weights", tf).returncode == 0
-        ev = ["--eval", "--resume", f"{d}/run/checkpoint-last.pth", "--output-dir", f"{d}/run", "--num-images", "20",
-              "--eval-batch-size", "8", "--inception-weights", tf, *FAST]
-        p = run_train(*ev, "--fid-stats", f"{d}/real.npz", "--save-images", f"{d}/gen")
-        assert sorted(os.listdir(f"{d}/gen")) == [f"{i:05d}.png" for i in range(20)]
-        check = run_fid(f"{d}/gen", f"{d}/real.npz", "--weights", tf)
-        assert abs(printed(p, "FID") - printed(check, "FID")) < 1e-6 * printed(check, "FID"), (p.stdout, check.stdout)
-        assert "seconds per image" in p.stdout and p.stdout.strip().splitlines()[-1].startswith("FID: ")
-        record = [json.loads(l) for l in open(f"{d}/run/eval.jsonl")][-1]
-        assert record["num_images"] == 20 and record["cfg"] == 2.9 and abs(record["fid"] - printed(p, "FID")) < 1e-3, record
-        # two processes: rank r writes images [10 r, 10 r + 10); same scoring path
-        p2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *TRAIN[1:], *ev,
-                             "--fid-stats", f"{d}/real.npz", "--save-images", f"{d}/gen2"], capture_output=True,
-                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
-        assert p2.returncode == 0, p2.stderr[-2000:]
-        assert sorted(os.listdir(f"{d}/gen2")) == [f"{i:05d}.png" for i in range(20)]
-        check2 = run_fid(f"{d}/gen2", f"{d}/real.npz", "--weights", tf)
-        assert abs(printed(p2, "FID") - printed(check2, "FID")) < 1e-6 * printed(check2, "FID")
+        save_pngs(ref("fid_ref.pt")["B"], f"{d}/real")
+        run_fid(f"{d}/real", "--save-stats", f"{d}/real.npz", "--weights", tf)
+        p = run_train(*mg, "--eval", "--num-images", "20", "--eval-batch-size", "10", "--inception-weights", tf,
+                      "--fid-stats", f"{d}/real.npz")
+        assert p.stdout.strip().splitlines()[-1].startswith("FID: ") and printed(p, "FID") > 0, p.stdout[-500:]
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py: generate and score (--eval)
+# ---------------------------------------------------------------------------------------------
+
+def eval_setup(d):
+    """A trained MAR run, fake Inception weights and reference statistics -> the --eval flags."""
+    r = ref("fid_ref.pt")
+    tf, _ = inception_files(d)
+    run_train("--data-path", shared_run("data"), "--output-dir", f"{d}/run", "--epochs", "1", *MAR)
+    save_pngs(r["B"], f"{d}/real")
+    assert run_fid(f"{d}/real", "--save-stats", f"{d}/real.npz", "--weights", tf).returncode == 0
+    return tf, ["--eval", "--resume", f"{d}/run/checkpoint-last.pth", "--output-dir", f"{d}/run", "--num-images", "20",
+                "--eval-batch-size", "8", "--inception-weights", tf, *MAR]
+
+
+def test_train_eval_generates_and_scores_like_fid_py():
+    """Class-balanced samples from the EMA weights, scored in memory: the printed FID equals fid.py
+    on the saved PNGs, with one process or two (the image order is the same)."""
+    with tempfile.TemporaryDirectory() as d:
+        tf, ev = eval_setup(d)
+        for nproc in (1, 2):  # rank r writes images [10 r, 10 r + 10)
+            p = run_train(*ev, "--fid-stats", f"{d}/real.npz", "--save-images", f"{d}/gen{nproc}", nproc=nproc)
+            assert sorted(os.listdir(f"{d}/gen{nproc}")) == [f"{i:05d}.png" for i in range(20)]
+            check = run_fid(f"{d}/gen{nproc}", f"{d}/real.npz", "--weights", tf)
+            assert abs(printed(p, "FID") - printed(check, "FID")) < 1e-6 * printed(check, "FID"), (p.stdout, check.stdout)
+            assert "seconds per image" in p.stdout and p.stdout.strip().splitlines()[-1].startswith("FID: ")
+            record = [json.loads(l) for l in open(f"{d}/run/eval.jsonl")][-1]
+            assert record["num_images"] == 20 and record["cfg"] == 2.9 and record["processes"] == nproc, record
+            assert abs(record["fid"] - printed(p, "FID")) < 1e-3, record
         # the built-in data: reference statistics from held-out toy images, cached in the run folder
-        p3 = run_train(*ev)
-        assert os.path.exists(f"{d}/run/fid_stats_builtin_32px_20.npz") and printed(p3, "FID") > 0
-        bad = run_train(*ev[:-len(FAST)], "--preset", "tiny", "--img-size", "64", "--num-iter", "2", check=False)
-        assert bad.returncode != 0 and "another config" in bad.stderr.strip().splitlines()[-1], bad.stderr[-500:]
-        bad = run_train(*ev, "--num-images", "15", check=False)
-        assert bad.returncode != 0 and "multiple of the 10 classes" in bad.stderr, bad.stderr[-500:]
+        p = run_train(*ev)
+        assert os.path.exists(f"{d}/run/fid_stats_builtin_32px_20.npz") and printed(p, "FID") > 0
+        expect_error(run_train(*ev[:-len(MAR)], "--preset", "tiny", "--img-size", "64", "--num-iter", "2", check=False),
+                     "another config", "train.py")
+        expect_error(run_train(*ev, "--num-images", "15", check=False), "multiple of the 10 classes", "train.py")
 
 
 # ---------------------------------------------------------------------------------------------
