@@ -1018,6 +1018,16 @@ class Training(nn.Module):
 # 6. Benchmark: python mar.py --bench --preset base
 # =============================================================================================
 
+def bench_device():
+    """-> (the current device with TF32 allowed, its autocast (bf16 on CUDA, none on CPU), synchronize)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return device, amp, sync
+
+
 def training_speed(model, inputs, steps, amp, sync, betas):
     """Images/s of full AdamW training steps (forward, backward, update) on fixed inputs, after 3
     warm-up steps; model(*inputs) must return the loss."""
@@ -1036,11 +1046,7 @@ def training_speed(model, inputs, steps, amp, sync, betas):
 
 
 def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64, 256), cfg=2.9):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    device, amp, sync = bench_device()
     model = PRESETS[preset]().to(device)
     vae = kl16().to(device).eval() if model.vae_embed_dim == 16 else None  # random weights: timing only
     side = model.seq_h * model.patch_size

@@ -329,12 +329,7 @@ class Training(nn.Module):
 
 def benchmark(preset="large", batch_size=32, sample_batch=64, steps=10, iters=(8, 32), cfg=2.0):
     """Training images/s and generation images/s (tokens only, no VAE decode) on the current device."""
-    from contextlib import nullcontext
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    device, amp, sync = mar.bench_device()
     model = PRESETS[preset]().to(device)
     print(f"maskgit_{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{model.length} tokens, codebook {model.codebook_size}, on {device}")

@@ -888,7 +888,7 @@ import train
 args = train.parse_args(sys.argv[1:])
 model = train.main(args)
 torch.save(model.state_dict(), f"{{args.output_dir}}/rank{{dist.get_rank()}}.pt")
-train.cleanup()
+train.barrier(destroy=True)
 """
 
 

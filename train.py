@@ -14,14 +14,11 @@ It also runs as a single process (`python train.py ...`). A run lives in --outpu
 metrics.jsonl, checkpoint-last.pth and samples-*.png. Re-running the same command resumes it
 exactly, so a preempted job only needs to be requeued; SIGTERM / SIGINT save a checkpoint first.
 
-Each model file holds its paper end to end, including how it is trained: `MODELS` below maps
---model to that file's `Training` module, which builds the model (`.model`, `.config`), turns a
-data batch into inputs (`inputs`), computes the loss (`loss`), says which parameters get weight
-decay (`no_weight_decay`), gives the EMA decay (`ema_decay`), and draws images (`sample`) or
-reconstructs them (`reconstruct`, `report`). Its class attributes give the flags (`add_args`),
-presets and defaults (`PAPER`, `BUILTIN`) and the optimizer's `betas`. CODA's also has a second
-player (`after_step`, a GAN discriminator) and logged `metrics`. This file keeps what all share:
-distributed setup, data, the loop, checkpoints, evaluation.
+Each model file holds its paper end to end, including how it is trained: `MODELS` maps --model
+to that file's `Training` module: `.model` and `.config`, `inputs` (a data batch -> tensors),
+`loss`, `no_weight_decay`, `ema_decay`, and `sample` (generators) or `reconstruct` + `report`
+(tokenizers); as class attributes its flags (`add_args`), `PRESETS`, defaults (`PAPER`,
+`BUILTIN`) and AdamW `betas`. CODA's adds a second player (`after_step`) and logged `metrics`.
 """
 import argparse
 import colorsys
@@ -83,15 +80,12 @@ def setup_distributed(device_flag):
     return rank, world, torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
 
-def cleanup():
+def barrier(destroy=False):
+    """Wait for every rank (and, at the end of the process, tear the process group down)."""
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+        if destroy:
+            dist.destroy_process_group()
 
 
 LOCKS = {}  # output folder -> its open lock file, held until this process ends
@@ -120,6 +114,24 @@ def lock_output_dir(path):
     f.write(str(os.getpid()))
     f.flush()
     LOCKS[path] = f
+
+
+def open_run_folder(args, rank, world, device):
+    """Create and lock --output-dir (rank 0) -> log(msg): print and append to log.txt on rank 0,
+    which starts with the command, commit, versions, device and all flags (modded-nanogpt's habit)."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    if rank == 0:
+        lock_output_dir(args.output_dir)
+
+    def log(msg):
+        if rank == 0:
+            tqdm.write(msg)
+            append_line(os.path.join(args.output_dir, "log.txt"), msg)
+
+    devices = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    log(f"command: {' '.join(sys.argv)}\ngit commit: {git_commit()}\ntorch {torch.__version__}, "
+        f"{world} process(es), device: {devices}\nargs: {json.dumps(vars(args))}")
+    return log
 
 
 def append_line(path, line):
@@ -161,6 +173,15 @@ def rng_state(device, aug):
             "aug": aug.get_state()}
 
 
+def gather_to_rank0(obj):
+    """-> [obj of rank 0, obj of rank 1, ...] on rank 0 (None elsewhere)."""
+    if not dist.is_initialized():
+        return [obj]
+    objs = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, objs, dst=0)
+    return objs
+
+
 def set_rng_state(state, device, aug):
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and state["cuda"] is not None:
@@ -173,6 +194,23 @@ def load_checkpoint(path, flag):
         return mar.load_checkpoint(path)
     except (ValueError, FileNotFoundError) as e:
         fail(f"{flag}: {e}")
+
+
+def load_resume(path, model_name, training, opt):
+    """Restore the model, optimizer and second player from a checkpoint of the same model and
+    architecture (else one line naming the difference) -> the checkpoint."""
+    ckpt = load_checkpoint(path, "--resume")
+    if ckpt.get("model_name") != model_name:
+        fail(f"{path} is a checkpoint of --model {ckpt.get('model_name', '(not written by train.py)')}, not {model_name}")
+    check_config(path, ckpt["config"], training.config)
+    training.model.load_state_dict(ckpt["model"])
+    scales = [group["lr_scale"] for group in opt.param_groups]  # from this run's flags
+    opt.load_state_dict(ckpt["optimizer"])
+    for group, scale in zip(opt.param_groups, scales):
+        group["lr_scale"] = scale
+    if hasattr(training, "load_checkpoint_state"):
+        training.load_checkpoint_state(ckpt)
+    return ckpt
 
 
 def check_config(path, saved, current):
@@ -635,20 +673,7 @@ def main(args):
     if args.eval:
         return evaluate(args, rank, world, device)
 
-    # ---- output folder and logging (rank 0 writes) ----
-    os.makedirs(args.output_dir, exist_ok=True)
-    if rank == 0:
-        lock_output_dir(args.output_dir)
-
-    def log(msg):
-        if rank == 0:
-            tqdm.write(msg)
-            append_line(os.path.join(args.output_dir, "log.txt"), msg)
-
-    devices = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    log(f"command: {' '.join(sys.argv)}\ngit commit: {git_commit()}\ntorch {torch.__version__}, "
-        f"{world} process(es), device: {devices}\nargs: {json.dumps(vars(args))}")
-
+    log = open_run_folder(args, rank, world, device)
     # ---- data, model, EMA, optimizer ----
     dataset = training_data(args, rank)
     num_classes = len(dataset.classes)
@@ -671,17 +696,7 @@ def main(args):
     step, ckpt_path = 0, os.path.join(args.output_dir, "checkpoint-last.pth")
     resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
     if resume:
-        ckpt = load_checkpoint(resume, "--resume")
-        if ckpt.get("model_name") != args.model:
-            fail(f"{resume} is a checkpoint of --model {ckpt.get('model_name', '(not written by train.py)')}, not {args.model}")
-        check_config(resume, ckpt["config"], training.config)
-        model.load_state_dict(ckpt["model"])
-        scales = [group["lr_scale"] for group in opt.param_groups]  # from this run's flags
-        opt.load_state_dict(ckpt["optimizer"])
-        for group, scale in zip(opt.param_groups, scales):
-            group["lr_scale"] = scale
-        if hasattr(training, "load_checkpoint_state"):
-            training.load_checkpoint_state(ckpt)
+        ckpt = load_resume(resume, args.model, training, opt)
         step = ckpt["step"]
     # compile (optional) before DDP; checkpoints are always written from the plain `model`
     train_model = torch.compile(model) if args.compile else model
@@ -702,11 +717,7 @@ def main(args):
 
     def save():
         """Atomic: write a temporary file, then rename, so a crash never leaves a broken checkpoint."""
-        states = [None] * world if rank == 0 else None
-        if world > 1:
-            dist.gather_object(rng_state(device, aug), states, dst=0)
-        else:
-            states = [rng_state(device, aug)]
+        states = gather_to_rank0(rng_state(device, aug))
         if rank == 0:
             extra = training.checkpoint_state(ema, held_out) if hasattr(training, "checkpoint_state") else {}
             torch.save({"model": model.state_dict(), "model_ema": ema.state_dict(), "optimizer": opt.state_dict(),
@@ -790,29 +801,34 @@ def main(args):
             if last:
                 break
     pbar.close()
+    digests = gather_to_rank0(hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest())
     if world > 1:  # DDP keeps replicas equal; check it once, bit for bit (silent divergence is costly)
-        digest = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
-        digests = [None] * world
-        dist.all_gather_object(digests, digest)
-        log(f"parameters identical on all {world} ranks: {'yes' if len(set(digests)) == 1 else 'NO'} (sha1 {digest[:12]})")
+        log(f"parameters identical on all {world} ranks: {'yes' if len(set(digests or [0])) == 1 else 'NO'}")
     if skipped:
         log(f"skipped {skipped} unreadable images (replaced by the next readable one)")
     if rank == 0:
         images, labels = grid("final")
         log(f"wrote {os.path.join(args.output_dir, 'samples-final.png')}")
-        if hasattr(training, "report"):  # a tokenizer: reconstruction quality of held-out images
-            weights = args.inception_weights or (fid.cached_weights(True) if os.path.exists(fid.cached_weights(True)) else None)
-            net = fid.load_inception(weights, pytorch_fid=True, device=device) if weights else None
-            lines, numbers = training.report(ema, held_out(args.num_images), fid.ReconstructionMetrics(net, distributed=False),
-                                             args.batch_size)
-            with open(os.path.join(args.output_dir, "report.json"), "w") as f:
-                json.dump(numbers, f)
-            [log(line) for line in lines]
-        elif not (args.data_path or getattr(args, "use_cached", False)) and args.img_size == 32:
-            log(judge(images, labels))
+        [log(line) for line in final_report(args, training, ema, images, labels, held_out, device)]
     log(f"done: {step} steps, checkpoint {ckpt_path}")
     barrier()  # the files above exist before any rank goes on (the next --compare-quantizers row)
     return model
+
+
+def final_report(args, training, ema, images, labels, held_out, device):
+    """A tokenizer's reconstruction report on held-out images (also written to report.json); on the
+    built-in data, a generator's class accuracy by the judge -> lines for the log."""
+    if hasattr(training, "report"):
+        weights = args.inception_weights or (fid.cached_weights(True) if os.path.exists(fid.cached_weights(True)) else None)
+        net = fid.load_inception(weights, pytorch_fid=True, device=device) if weights else None  # rFID only with weights
+        lines, numbers = training.report(ema, held_out(args.num_images), fid.ReconstructionMetrics(net, distributed=False),
+                                         args.batch_size)
+        with open(os.path.join(args.output_dir, "report.json"), "w") as f:
+            json.dump(numbers, f)
+        return lines
+    if not (args.data_path or getattr(args, "use_cached", False)) and args.img_size == 32:
+        return [judge(images, labels)]
+    return []
 
 
 def compare_quantizers(argv, base):
@@ -918,4 +934,4 @@ if __name__ == "__main__":
         compare_quantizers(sys.argv[1:], args)
     else:
         main(args)
-    cleanup()
+    barrier(destroy=True)
