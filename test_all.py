@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -1115,6 +1116,22 @@ def test_train_coda_resumes_exactly_with_its_discriminator():
     assert full["step"] == resumed["step"] == 40 and same_state(resumed, full), "resumed CODA run differs"
     disc, disc_resumed = full["second_player"]["disc"], resumed["second_player"]["disc"]
     assert disc.keys() == disc_resumed.keys() and all(torch.equal(disc[k], disc_resumed[k]) for k in disc)
+
+
+def test_train_resumes_checkpoints_written_before_the_restructuring():
+    """Checkpoints before the model files owned their training kept the discriminator under "recipe":
+    resuming one continues exactly as resuming the same checkpoint in today's layout."""
+    with tempfile.TemporaryDirectory() as d:
+        for name in ("old", "new"):
+            shutil.copytree(shared_run("coda"), f"{d}/{name}")
+        ckpt = final_weights(f"{d}/old")
+        ckpt["recipe"] = ckpt.pop("second_player")
+        torch.save(ckpt, f"{d}/old/checkpoint-last.pth")
+        for name in ("old", "new"):
+            run_train(*coda_flags(), "--epochs", "5", "--output-dir", f"{d}/{name}")
+        old, new = final_weights(f"{d}/old"), final_weights(f"{d}/new")
+        assert old["step"] == new["step"] == 50 and same_state(old, new)
+        assert all(torch.equal(old["second_player"]["disc"][k], v) for k, v in new["second_player"]["disc"].items())
 
 
 def test_train_coda_ddp_keeps_ranks_identical():
