@@ -924,16 +924,39 @@ def test_train_builtin_data_is_deterministic_and_varied():
         assert x[c::10].std(0).mean() > 20, c
 
 
-def test_train_builtin_classes_are_distinct():
-    """A small classifier separates the 10 classes of held-out images (that is what the default run
-    uses to judge its samples)."""
+def test_train_builtin_classes_cannot_be_told_apart_by_colour():
+    """Every class draws its colours from the same distribution: a classifier on colour statistics
+    (mean and std of each channel) stays near chance (10%) on held-out images."""
+    import train
+    x = train.ToyDataset(32, num_images=3000, seed=7).images.float().flatten(1, 2) / 255  # (N, HW, 3)
+    features, labels = torch.cat([x.mean(1), x.std(1)], 1), torch.arange(3000) % 10
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 10)
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    for _ in range(300):
+        loss = torch.nn.functional.cross_entropy(head(features[:2000]), labels[:2000])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert (head(features[:2000]).argmax(1) == labels[:2000]).float().mean() < 0.3
+        assert (head(features[2000:]).argmax(1) == labels[2000:]).float().mean() < 0.25
+
+
+def test_train_colour_blind_judge_separates_the_classes():
+    """The judge sees luminance only (a grey image of the same luma gets the same verdict) and names
+    the class of held-out images."""
     import train
     torch.manual_seed(0)
-    clf = train.toy_classifier(steps=150, seed=0)
-    x = train.to_tensor(train.ToyDataset(32, num_images=300, seed=123).images)
+    judge = train.toy_judge(steps=500, seed=0)
+    x = train.to_tensor(train.ToyDataset(32, num_images=500, seed=123).images)
+    labels = torch.arange(500) % 10
+    accuracy, per_class = train.class_accuracy(judge, x, labels)
+    assert accuracy >= 0.9 and min(per_class) >= 0.7, (accuracy, per_class)
+    grey = train.luminance(x).expand(-1, 3, -1, -1)
     with torch.no_grad():
-        acc = (clf(x).argmax(1) == torch.arange(300) % 10).float().mean().item()
-    assert acc >= 0.9, acc
+        assert_close(judge(grey), judge(x), 1e-5, "judge of the grey image")
+        assert not torch.allclose(judge(x.flip(1)), judge(x), atol=1e-3)  # luma differs: so does the verdict
 
 
 # ---------------------------------------------------------------------------------------------
