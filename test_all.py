@@ -969,14 +969,32 @@ def test_train_help_lists_each_models_own_flags_and_defaults():
     assert "--choice-temperature" in mg and "--tokenizer" in mg and "--eval" in mg
     assert not any(f in mg for f in ("--lora-rank", "--disc ", "--vae ", "--diffusion-batch-mul"))
     flat = " ".join(mg.split())  # help text wraps: compare with single spaces
-    assert "--cfg CFG classifier-free guidance scale; default: 1.0 (paper), 3.0 on the built-in data" in flat
+    assert "--cfg CFG classifier-free guidance scale; default: 1.0 (paper), 3.0 (CPU-sized)" in flat
     assert "--num-iter NUM_ITER generation steps for sample grids and --eval; default: 8" in flat
     mar_help = " ".join(run_train("--model", "mar", "--help").stdout.split())
-    assert "default: 64 (paper), 8 on the built-in data" in mar_help and "--lora" not in mar_help
-    assert "--epochs EPOCHS default: 10 (paper), 5 on the built-in data" in " ".join(run_train("--model", "coda", "--help").stdout.split())
+    assert "default: 64 (paper), 8 (CPU-sized)" in mar_help and "--lora" not in mar_help
+    assert "--epochs EPOCHS default: 10 (paper), 5 (CPU-sized)" in " ".join(run_train("--model", "coda", "--help").stdout.split())
     coda_args = train.parse_args(["--model", "coda", "--vae", "x.ckpt"])
     assert (coda_args.epochs, coda_args.lora_rank, coda_args.lr) == (5, 8, 2e-3) and not hasattr(coda_args, "cfg")
     expect_error(run_train("--model", "vae", "--cfg", "2", check=False), "unrecognized arguments: --cfg 2", "train.py")
+
+
+def test_train_defaults_follow_the_data_and_say_so():
+    """A small folder on a CPU gets the built-in run's recipe with as many steps, not MAR-B at
+    256 px; --defaults paper gives the paper's; a given flag wins over both; the log says which."""
+    import train
+    data = shared_run("data")  # 40 images
+    small = train.parse_args(["--data-path", data])
+    assert (small.preset, small.img_size, small.ema, small.epochs, small.warmup_epochs) == ("tiny", 32, 0.999, 6250, 250)
+    assert small.defaults_in_force.startswith("defaults: CPU-sized (fewer than 100,000 images)"), small.defaults_in_force
+    paper = train.parse_args(["--data-path", data, "--defaults", "paper"])
+    assert (paper.preset, paper.img_size, paper.ema, paper.epochs, paper.warmup_epochs) == ("base", 256, 0.9999, 400, 100)
+    assert train.parse_args(["--data-path", data, "--epochs", "3"]).epochs == 3
+    builtin = train.parse_args(["--model", "maskgit", "--tokenizer", "t.pth"])
+    assert (builtin.epochs, builtin.cfg) == (20, 3.0) and "built-in data" in builtin.defaults_in_force
+    with tempfile.TemporaryDirectory() as d:
+        run_train("--data-path", data, *MAR, "--epochs", "1", "--output-dir", f"{d}/run")
+        assert "defaults: CPU-sized" in open(f"{d}/run/log.txt").read()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -280,6 +280,19 @@ def to_tensor(arr):
     return torch.as_tensor(arr).movedim(-1, -3).float() / 127.5 - 1
 
 
+def list_images(root, suffixes=IMG_EXTENSIONS):
+    """-> (class names, [(path, label)]) of an ImageNet-style folder, sorted, or a one-line error."""
+    if not os.path.isdir(root):
+        fail(f"data folder not found: {root}")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    samples = [(os.path.join(dirpath, f), label) for label, c in enumerate(classes)
+               for dirpath, _, files in sorted(os.walk(os.path.join(root, c))) for f in sorted(files)
+               if f.lower().endswith(suffixes)]
+    if not samples:
+        fail(f"no images in {root} (expected one subfolder per class holding {'/'.join(suffixes)} files)")
+    return classes, samples
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """An ImageNet-style folder: one subfolder per class, sorted names -> labels 0..C-1.
 
@@ -287,14 +300,7 @@ class ImageFolder(torch.utils.data.Dataset):
     item of each sample), so a few bad files in a million never crash a multi-day run."""
 
     def __init__(self, root, image_size, suffixes=IMG_EXTENSIONS):
-        if not os.path.isdir(root):
-            fail(f"data folder not found: {root}")
-        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        self.samples = [(os.path.join(dirpath, f), label) for label, c in enumerate(self.classes)
-                        for dirpath, _, files in sorted(os.walk(os.path.join(root, c)))
-                        for f in sorted(files) if f.lower().endswith(suffixes)]
-        if not self.samples:
-            fail(f"no images in {root} (expected one subfolder per class holding {'/'.join(suffixes)} files)")
+        self.classes, self.samples = list_images(root, suffixes)
         self.image_size = image_size
 
     def __len__(self):
@@ -336,7 +342,7 @@ def cache_latents(args, rank, world, device):
     posterior moments of the image and of its flip as <cache-path>/<class>/<file>.npz (official
     main_cache.py layout). Files already there are kept, so an interrupted job just continues."""
     data = ImageFolder(args.data_path, args.img_size)
-    vae = mar.load_vae(args.vae, device)[0]
+    vae = build(args, len(data.classes), device).vae  # checks --vae and the sizes like a training run
     mine = list(range(rank, len(data), world))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, mine), batch_size=args.batch_size,
                                          num_workers=args.num_workers)
@@ -443,10 +449,13 @@ def toy_image(label, index, seed=0, size=32):
     return np.round(np.clip(bg * shade + (fg - bg * shade) * coverage, 0, 1) * 255).astype(np.uint8)
 
 
+BUILTIN_IMAGES = 10000  # the built-in training set
+
+
 class ToyDataset(torch.utils.data.Dataset):
     """`num_images` toy images (label = i % 10), drawn once into memory (about 3 s for 10,000)."""
 
-    def __init__(self, size=32, num_images=10000, seed=0, progress=False):
+    def __init__(self, size=32, num_images=BUILTIN_IMAGES, seed=0, progress=False):
         self.classes = TOY_CLASSES
         self.images = torch.from_numpy(np.stack([toy_image(i % 10, i // 10, seed, size) for i in
                                                  tqdm(range(num_images), desc="drawing built-in data", disable=not progress)]))
@@ -670,6 +679,7 @@ def main(args):
         return evaluate(args, rank, world, device)
 
     log = open_run_folder(args, rank, world, device)
+    log(args.defaults_in_force)
     # ---- data, model, EMA, optimizer ----
     dataset = training_data(args, rank)
     num_classes = len(dataset.classes)
@@ -797,15 +807,17 @@ def main(args):
             if last:
                 break
     pbar.close()
+    # DDP keeps replicas equal; check it once, bit for bit (silent divergence is costly)
     digests = gather_to_rank0(hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest())
-    if world > 1:  # DDP keeps replicas equal; check it once, bit for bit (silent divergence is costly)
-        log(f"parameters identical on all {world} ranks: {'yes' if len(set(digests or [0])) == 1 else 'NO'}")
+    if rank == 0 and world > 1:
+        log(f"parameters identical on all {world} ranks: {'yes' if len(set(digests)) == 1 else 'NO'}")
     if skipped:
         log(f"skipped {skipped} unreadable images (replaced by the next readable one)")
     if rank == 0:
         images, labels = grid("final")
         log(f"wrote {os.path.join(args.output_dir, 'samples-final.png')}")
-        [log(line) for line in final_report(args, training, ema, images, labels, held_out, device)]
+        for line in final_report(args, training, ema, images, labels, held_out, device):
+            log(line)
     log(f"done: {step} steps, checkpoint {ckpt_path}")
     barrier()  # the files above exist before any rank goes on (the next --compare-quantizers row)
     return model
@@ -850,10 +862,30 @@ def compare_quantizers(argv, base):
 #                                     Flags                                     #
 #################################################################################
 
+def choose_defaults(args, model):
+    """Which values the unset flags take -> (the model's defaults, one line saying which and why).
+    The paper's recipe for ImageNet-sized data (100,000+ images) on a GPU, cached latents or
+    ImageNet reference statistics; otherwise the CPU-sized recipe of the built-in run, with as
+    many training steps as the built-in run: a small folder of your own trains as that run does."""
+    if args.defaults == "paper" or getattr(args, "use_cached", False) or (args.eval and args.fid_stats):
+        return model.PAPER, "defaults: the paper's recipe (--defaults paper, cached latents or reference statistics)"
+    if not args.data_path:
+        return model.BUILTIN, "defaults: CPU-sized, for the built-in data (--defaults paper for the paper's recipe)"
+    n = len(list_images(args.data_path)[1])
+    if args.defaults == "auto" and n >= 100_000 and torch.cuda.is_available():
+        return model.PAPER, f"defaults: the paper's recipe ({n:,} images and a GPU; --defaults cpu for the CPU-sized one)"
+    steps = BUILTIN_IMAGES / n  # epochs scale so that the run takes as many steps as the built-in one
+    defaults = dict(model.BUILTIN, epochs=max(1, round(model.BUILTIN["epochs"] * steps)),
+                    warmup_epochs=round(model.BUILTIN["warmup_epochs"] * steps))
+    why = "--defaults cpu" if args.defaults == "cpu" else "fewer than 100,000 images" if n < 100_000 else "no GPU"
+    return defaults, (f"defaults: CPU-sized ({why}): the built-in run's recipe at {defaults['img_size']} px, "
+                      f"{defaults['epochs']} epochs of {n:,} images (--defaults paper for the paper's recipe)")
+
+
 def parse_args(argv=None):
     """The shared flags, plus the --model's own (its file's `add_args`). Flags left unset take the
-    model's paper value (PAPER) on ImageNet-style data and its CPU-sized value (BUILTIN) on the
-    built-in data; `--model X --help` lists X's flags with both."""
+    model's paper value (PAPER) or its CPU-sized value (BUILTIN), see `choose_defaults`;
+    `--model X --help` lists X's flags with both."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model", default="mar", choices=list(MODELS))
     name = pre.parse_known_args(argv)[0].model
@@ -866,6 +898,9 @@ def parse_args(argv=None):
     p.add_argument("--val-path", help="held-out images for grids and reports (default: --data-path)")
     p.add_argument("--img-size", type=int)
     p.add_argument("--num-workers", type=int, default=8 if torch.cuda.is_available() else 0)
+    p.add_argument("--defaults", default="auto", choices=["auto", "paper", "cpu"], help="the values unset flags "
+                   "take: the paper's recipe, or the CPU-sized recipe of the built-in run (with as many steps); "
+                   "auto: the paper's for 100,000+ images on a GPU")
     # optimization
     p.add_argument("--epochs", type=int)
     p.add_argument("--warmup-epochs", type=int)
@@ -901,20 +936,20 @@ def parse_args(argv=None):
         paper, builtin = model.PAPER.get(action.dest), model.BUILTIN.get(action.dest)
         if action.default is None and paper is not None:
             action.help = (action.help + "; " if action.help else "") + (
-                f"default: {paper}" if paper == builtin else f"default: {paper} (paper), {builtin} on the built-in data")
+                f"default: {paper}" if paper == builtin else f"default: {paper} (paper), {builtin} (CPU-sized)")
         elif type(action) is argparse._StoreAction and action.default is not None:
             action.help = (action.help + "; " if action.help else "") + f"default: {action.default}"
     args = p.parse_args(argv)
 
-    imagenet = args.data_path or getattr(args, "use_cached", False) or (args.eval and args.fid_stats)
-    for key, value in (model.PAPER if imagenet else model.BUILTIN).items():
+    defaults, args.defaults_in_force = choose_defaults(args, model)
+    for key, value in defaults.items():
         if key in vars(args) and getattr(args, key) is None:
             setattr(args, key, value)
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.model}-{args.preset}")
     error = model.check_args(args) if hasattr(model, "check_args") else None
     if error:
         fail(error)
-    if args.eval and imagenet and not args.fid_stats:
+    if args.eval and (args.data_path or getattr(args, "use_cached", False)) and not args.fid_stats:
         fail("--eval on ImageNet needs --fid-stats (MAR's fid_stats/adm_in256_stats.npz, or `python fid.py DIR --save-stats`)")
     if args.resume and not os.path.exists(args.resume):
         fail(f"--resume: checkpoint not found: {args.resume}")
