@@ -322,11 +322,23 @@ def inception_score(logits, splits=10, seed=2020):
     return float(np.mean(scores)), float(np.std(scores))
 
 
+def open_npz(path):
+    """np.load of an .npz archive, or one clear line for anything else (an .npy renamed .npz, a
+    pickle, a truncated file)."""
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable .npz archive ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is a single .npy array, not an .npz archive (save it with np.savez)")
+    return f
+
+
 def load_statistics(path):
     """(mu, sigma) from an .npz with `mu` and `sigma`: MAR's fid_stats/adm_in256_stats.npz,
     pytorch-fid's --save-stats files, or ADM's reference batch VIRTUAL_imagenet256_labeled.npz
     (which also holds 10k images in arr_0; its mu/sigma cover the whole training set and are used)."""
-    with np.load(path) as f:
+    with open_npz(path) as f:
         if "mu" not in f or "sigma" not in f:
             raise ValueError(f"{path} holds no statistics (keys {sorted(f.keys())}; need mu and sigma)")
         return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
@@ -404,6 +416,20 @@ class Scorer:
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
+def to_rgb(image):
+    """A PIL image -> uint8 (H, W, 3). 16-bit grayscale (PNG "I;16", or "I" holding 0..65535) is
+    scaled to 8 bits: `convert("RGB")` would clip it to a white square. 32-bit float images are
+    refused (their range is unknown)."""
+    if image.mode.startswith("I"):
+        arr = np.asarray(image, dtype=np.int64)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ValueError(f"{image.mode} image with values outside 0..65535; save it with 8 or 16 bits")
+        return np.repeat(np.round(arr / 257).astype(np.uint8)[..., None], 3, axis=-1)
+    if image.mode == "F":
+        raise ValueError("32-bit float image (range unknown); save it with 8 or 16 bits")
+    return np.asarray(image.convert("RGB"))
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """The images of one folder (not recursive), sorted by path as torch-fidelity does, as uint8
     (3, H, W). Lossy JPEG samples change FID noticeably (clean-fid): prefer PNG for generated sets."""
@@ -419,7 +445,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             with Image.open(self.files[i]) as im:
-                return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # (3, H, W) uint8
+                return torch.from_numpy(to_rgb(im).copy()).permute(2, 0, 1)  # (3, H, W) uint8
         except Exception as e:
             raise ValueError(f"cannot read image {self.files[i]}: {e}") from None
 
@@ -428,7 +454,7 @@ class ArrayImages(torch.utils.data.Dataset):
     """The images of an .npz sample batch: `arr_0` of shape (N, H, W, 3), uint8 (ADM's format)."""
 
     def __init__(self, path):
-        with np.load(path) as f:
+        with open_npz(path) as f:
             if "arr_0" not in f:
                 raise ValueError(f"{path} holds neither images (arr_0) nor statistics (mu, sigma): keys {sorted(f.keys())}")
             self.images = f["arr_0"]
@@ -450,7 +476,7 @@ def open_input(path):
         raise FileNotFoundError(f"no such folder or file: {path}")
     if not path.endswith(".npz"):
         raise ValueError(f"{path}: expected an image folder or an .npz file")
-    with np.load(path) as f:
+    with open_npz(path) as f:
         has_stats = "mu" in f and "sigma" in f
     return load_statistics(path) if has_stats else ArrayImages(path)
 
@@ -461,17 +487,23 @@ def score_dataset(dataset, net, batch_size=100, num_workers=0, desc="features"):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n = len(dataset)
     shard = torch.utils.data.Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
-    loader = torch.utils.data.DataLoader(shard, batch_size, num_workers=num_workers,
+    loader = torch.utils.data.DataLoader(shard, batch_size, num_workers=num_workers, collate_fn=stack_same_size,
                                          pin_memory=torch.cuda.is_available())
     scorer = Scorer(net)
     try:
         for images in tqdm(loader, desc=desc, disable=rank != 0, dynamic_ncols=True):
             scorer.update(images)
-    except RuntimeError as e:  # the default collate refuses images of different sizes
-        if "stack expects each tensor to be equal size" in str(e):
-            raise ValueError("the images differ in size; resize them to one size first") from None
-        raise
+    except ValueError as e:  # from a worker it arrives with the worker's traceback: keep its message only
+        raise ValueError(str(e).strip().splitlines()[-1].removeprefix("ValueError: ")) from None
     return scorer
+
+
+def stack_same_size(images):
+    """The batch of (3, H, W) images as one tensor, or one line if their sizes differ."""
+    if len({im.shape for im in images}) > 1:
+        raise ValueError(f"the images differ in size ({', '.join(sorted({'x'.join(map(str, im.shape[1:])) for im in images}))}); "
+                         f"resize them to one size first")
+    return torch.stack(images)
 
 
 # =============================================================================================

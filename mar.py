@@ -858,6 +858,9 @@ def load_checkpoint(path):
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint not found: {path}") from None
     except Exception as e:  # truncated download, wrong format, unexpected pickled objects
+        if "Weights only load failed" in str(e):  # torch's text goes on to suggest the unsafe weights_only=False
+            raise ValueError(f"{path} holds Python objects other than tensors; refused, because loading them "
+                             f"could run code hidden in the file") from None
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path} is not a readable checkpoint (truncated or another format?): {reason}") from None
 

@@ -663,8 +663,8 @@ def save_pngs(images, folder):
         Image.fromarray(im.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"{i:03d}.png"))
 
 
-def run_fid(*args, torchrun=False):
-    return run_script(os.path.join(HERE, "fid.py"), *args, "--num-workers", "0", nproc=2 if torchrun else 1, check=False)
+def run_fid(*args, torchrun=False, workers=0):
+    return run_script(os.path.join(HERE, "fid.py"), *args, "--num-workers", workers, nproc=2 if torchrun else 1, check=False)
 
 
 def printed(p, key):
@@ -802,9 +802,32 @@ def test_fid_errors_are_one_line():
                  ([f"{d}/A", f"{d}/corrupt/x"], "cannot read image"),
                  ([f"{d}/A", f"{d}/A", "--weights", f"{d}/mar.pth"], "is not the FID Inception-v3"),
                  ([f"{d}/A", f"{d}/A", "--weights", f"{d}/missing.pth"], "weights not found")]
+        np.save(f"{d}/array.npy", np.zeros(3))
+        os.rename(f"{d}/array.npy", f"{d}/array.npz")
+        cases.append(([f"{d}/A", f"{d}/array.npz"], "a single .npy array, not an .npz archive"))
         for args, expect in cases:
             args = args if "--weights" in args else args + ["--weights", tf]
             expect_error(run_fid(*args), expect, "fid.py")
+        for args, expect in cases[3:5]:  # the same one line when DataLoader workers read the images
+            expect_error(run_fid(*args, "--weights", tf, "--batch-size", "4", workers=2), expect, "fid.py")
+
+
+def test_fid_and_train_read_16_bit_images_scaled_not_clipped():
+    """A 16-bit grayscale PNG ("I;16") is scaled to 8 bits (65535 -> 255); convert("RGB") would clip
+    it to a white square."""
+    import train
+    from PIL import Image
+    with tempfile.TemporaryDirectory() as d:
+        values = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+        os.makedirs(f"{d}/c0")
+        Image.fromarray(values).save(f"{d}/c0/deep.png")
+        assert Image.open(f"{d}/c0/deep.png").mode == "I;16"
+        expect = np.round(values / 257).astype(np.uint8)
+        assert np.array_equal(fid.ImageFiles(f"{d}/c0")[0].numpy(), np.stack([expect] * 3))
+        loaded = train.ImageFolder(d, 32)[0][0]                   # (3, 32, 32) in [-1, 1]
+        assert torch.equal(loaded, train.to_tensor(np.stack([expect] * 3, -1)))
+        Image.fromarray(np.zeros((4, 4), np.float32)).save(f"{d}/c0/float.tif")
+        assert "32-bit float image" in str(raises(ValueError, fid.to_rgb, Image.open(f"{d}/c0/float.tif")))
 
 
 def test_fid_offline_without_weights_says_where_to_put_them():
@@ -1026,10 +1049,25 @@ def test_train_resume_is_exact():
         # SIGTERM mid-run saves a checkpoint; the same command then finishes it, bit-identical
         code, err = interrupt(*common, "--epochs", "12", "--output-dir", f"{d}/pre")
         stopped = final_weights(f"{d}/pre")
-        assert code == 0 and 0 < stopped["step"] < 120, (code, stopped["step"], err[-1000:])
+        assert code == 143 and 0 < stopped["step"] < 120, (code, stopped["step"], err[-1000:])  # 128 + SIGTERM
         assert "stopped by SIGTERM" in open(f"{d}/pre/log.txt").read()
         run_train(*common, "--epochs", "12", "--output-dir", f"{d}/pre")
         assert same_state(final_weights(f"{d}/pre"), full), "preempted + resumed run differs from the uninterrupted one"
+
+
+def test_train_metrics_hold_one_line_per_step_after_a_resume():
+    """A run killed after its last checkpoint had logged later steps: the resumed run logs them again,
+    and metrics.jsonl keeps one line per step."""
+    with tempfile.TemporaryDirectory() as d:
+        flags = ["--data-path", shared_run("data"), *MAR, "--output-dir", f"{d}/run"]
+        run_train(*flags, "--epochs", "1")
+        for step in (15, 20):  # what the killed run had logged beyond its checkpoint at step 10
+            train_append = json.dumps(dict(step=step, loss=0.0))
+            with open(f"{d}/run/metrics.jsonl", "a") as f:
+                f.write(train_append + "\n")
+        run_train(*flags, "--epochs", "2")
+        steps = [json.loads(l)["step"] for l in open(f"{d}/run/metrics.jsonl")]
+        assert steps == [5, 10, 15, 20], steps
 
 
 def test_train_nan_loss_stops_and_keeps_last_good_checkpoint():
@@ -1051,9 +1089,9 @@ def test_train_corrupt_images_are_skipped():
         with open(os.path.join(data, "class01", "truncated.png"), "wb") as f:
             f.write(good[: len(good) // 2])
         run_train("--data-path", data, *MAR, "--epochs", "3", "--output-dir", f"{d}/run")
-        log = open(f"{d}/run/log.txt").read()
-        assert "skipped" in log and "unreadable images" in log, log[-1500:]
-        assert int(log.split("skipped ")[1].split()[0]) >= 1, log
+        log = open(f"{d}/run/log.txt").read()  # 2 bad files over 3 epochs: counted once each, and named
+        assert "skipped 2 unreadable images" in log and "broken.png" in log and "truncated.png" in log, log[-1500:]
+        assert json.loads(open(f"{d}/run/metrics.jsonl").readlines()[-1])["skipped_images"] == 2
 
 
 def test_train_cached_latents_with_a_kl16_layout_vae():
@@ -1079,12 +1117,20 @@ def test_train_cached_latents_with_a_kl16_layout_vae():
         assert ckpt["step"] == 4 and ckpt["config"]["vae_embed_dim"] == 16 and ckpt["config"]["patch_size"] == 1
 
 
+class Pickled:
+    """An object whose unpickling would run code: checkpoints holding it must be refused."""
+
+    def __reduce__(self):
+        return (print, ("unpickled code ran",))
+
+
 def test_train_error_paths_exit_nonzero_with_one_line():
     with tempfile.TemporaryDirectory() as d:
         os.makedirs(os.path.join(d, "empty", "class0"))
         data = make_folder(os.path.join(d, "data"), per_class=1)
         run_train("--data-path", data, *MAR, "--epochs", "1", "--output-dir", f"{d}/tiny")
         torch.save(dict(final_weights(f"{d}/tiny"), model_name="coda"), f"{d}/coda.pth")
+        torch.save({"model": Pickled()}, f"{d}/evil.pth")
         cases = [
             (["--data-path", f"{d}/missing"], "data folder not found"),
             (["--data-path", f"{d}/empty"], "no images in"),
@@ -1096,9 +1142,30 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             (["--model", "coda", "--vae", f"{d}/nope.ckpt", "--data-path", data], "--vae: checkpoint not found"),
             (["--model", "maskgit", "--tokenizer", f"{d}/tiny/checkpoint-last.pth", "--data-path", data],
              "is not a checkpoint of --model coda"),
+            (["--data-path", data, "--patch-size", "-4"], "--patch-size -4: must be at least 1"),
+            (["--data-path", data, "--lr", "nan"], "--lr nan: must be a finite number"),
+            (["--data-path", data, "--img-size", "0"], "--img-size 0: must be at least 1"),
+            (["--data-path", data, "--output-dir", f"{d}/coda.pth/run"], "is a file, not a folder"),
+            (["--model", "vae", "--data-path", data, "--img-size", "30"], "not a multiple of the VAE's stride 4"),
+            (["--data-path", data, "--resume", f"{d}/evil.pth"], "holds Python objects other than tensors"),
         ] + ([] if torch.cuda.is_available() else [(["--data-path", data, "--device", "cuda"], "no CUDA device")])
         for flags, expect in cases:
-            expect_error(run_train(*flags, *FAST[:6], "--epochs", "1", check=False), expect, "train.py")
+            p = run_train(*FAST[:6], *flags, "--epochs", "1", check=False)  # the case's flags win
+            expect_error(p, expect, "train.py")
+            assert "weights_only=False" not in p.stderr and "unpickled code ran" not in p.stdout, p.stderr[-500:]
+
+
+def test_train_refuses_empty_class_folders_and_unwritable_outputs_before_any_work():
+    with tempfile.TemporaryDirectory() as d:
+        data = make_folder(os.path.join(d, "data"), per_class=1, classes=3)
+        os.makedirs(os.path.join(data, "class03"))  # would silently become label 3 with no images
+        expect_error(run_train("--data-path", data, *MAR, "--epochs", "1", "--output-dir", f"{d}/run", check=False),
+                     "class03 holds no images", "train.py")
+        open(f"{d}/file", "w").close()
+        for flags in (["--eval"], ["--eval", "--save-images", f"{d}/file/png"]):  # checked before generating
+            out = f"{d}/file/run" if len(flags) == 1 else f"{d}/run"
+            p = run_train(*flags, *MAR, "--output-dir", out, "--num-images", "10", check=False)
+            expect_error(p, "is a file, not a folder", "train.py")
 
 
 def test_train_refuses_a_second_process_on_the_same_output_dir():
@@ -1151,7 +1218,7 @@ def test_train_coda_resumes_exactly_with_its_discriminator():
     full = final_weights(shared_run("coda"))
     with tempfile.TemporaryDirectory() as d:
         code, err = interrupt(*coda_flags(), "--epochs", "4", "--output-dir", f"{d}/resumed")
-        assert code == 0 and 0 < final_weights(f"{d}/resumed")["step"] < 40, err[-2000:]
+        assert code == 143 and 0 < final_weights(f"{d}/resumed")["step"] < 40, (code, err[-2000:])
         run_train(*coda_flags(), "--epochs", "4", "--output-dir", f"{d}/resumed")
         resumed = final_weights(f"{d}/resumed")
     assert full["step"] == resumed["step"] == 40 and same_state(resumed, full), "resumed CODA run differs"

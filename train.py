@@ -32,6 +32,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -130,8 +131,18 @@ def open_run_folder(args, rank, world, device):
 
     devices = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     log(f"command: {' '.join(sys.argv)}\ngit commit: {git_commit()}\ntorch {torch.__version__}, "
-        f"{world} process(es), device: {devices}\nargs: {json.dumps(vars(args))}")
+        f"{world} process(es), device: {devices}\nargs: {json.dumps(vars(args))}\n{args.defaults_in_force}")
     return log
+
+
+def keep_metrics_until(path, step):
+    """Drop the lines of metrics.jsonl logged after `step`, so that it holds one line per step."""
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(path + ".tmp", path)
 
 
 def append_line(path, line):
@@ -290,14 +301,19 @@ def list_images(root, suffixes=IMG_EXTENSIONS):
                if f.lower().endswith(suffixes)]
     if not samples:
         fail(f"no images in {root} (expected one subfolder per class holding {'/'.join(suffixes)} files)")
+    empty = sorted(set(classes) - {classes[label] for _, label in samples})
+    if empty:  # it would still take a label, and the class-balanced grids and --eval would ask for it
+        fail(f"class folder {os.path.join(root, empty[0])} holds no images ({len(empty)} empty class folder(s)); "
+             f"remove it or add images")
     return classes, samples
 
 
 class ImageFolder(torch.utils.data.Dataset):
     """An ImageNet-style folder: one subfolder per class, sorted names -> labels 0..C-1.
 
-    An unreadable or corrupt image is replaced by the next readable one and counted (the third
-    item of each sample), so a few bad files in a million never crash a multi-day run."""
+    An unreadable or corrupt image is replaced by the next readable one, and its index is the third
+    item of the sample (-1 for a good one), so a few bad files in a million never crash a multi-day
+    run, and the run can name them and count each once."""
 
     def __init__(self, root, image_size, suffixes=IMG_EXTENSIONS):
         self.classes, self.samples = list_images(root, suffixes)
@@ -307,22 +323,22 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.samples)
 
     def load(self, path):
-        with Image.open(path) as img:
-            return to_tensor(center_crop_arr(img.convert("RGB"), self.image_size))
+        with Image.open(path) as img:  # 16-bit images scaled to 8 bits, not clipped (fid.to_rgb)
+            return to_tensor(center_crop_arr(Image.fromarray(fid.to_rgb(img)), self.image_size))
 
     def __getitem__(self, i):
-        for bad in range(len(self.samples)):
-            path, label = self.samples[(i + bad) % len(self.samples)]
+        for k in range(len(self.samples)):
+            path, label = self.samples[(i + k) % len(self.samples)]
             try:
-                return self.load(path), label, bad
-            except Exception:  # PIL raises OSError, SyntaxError, ValueError... on broken files
+                return self.load(path), label, i if k else -1
+            except (OSError, SyntaxError, ValueError):  # what PIL (and fid.to_rgb) raise on broken files
                 continue
         fail("no readable image in the data folder")
 
 
 class CachedLatents(ImageFolder):
     """Pre-computed VAE posterior moments (see `cache_latents`), like the official main_cache.py:
-    item = (moments, moments of the flipped image, label, 0)."""
+    item = (moments, moments of the flipped image, label, -1)."""
 
     def __init__(self, root):
         super().__init__(root, None, suffixes=(".npz",))
@@ -333,7 +349,7 @@ class CachedLatents(ImageFolder):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        return (*self.load(path), label, 0)
+        return (*self.load(path), label, -1)
 
 
 @torch.no_grad()
@@ -351,7 +367,7 @@ def cache_latents(args, rank, world, device):
         images = images.to(device)
         moments, moments_flip = (vae.encode(x).moments.cpu().numpy() for x in (images, images.flip(3)))
         for j in range(len(images)):
-            if bad[j] > 0:  # unreadable: ImageFolder substituted another image; write nothing
+            if bad[j] >= 0:  # unreadable: ImageFolder substituted another image; write nothing
                 skipped += 1
                 continue
             path, _ = data.samples[mine[b * args.batch_size + j]]
@@ -364,7 +380,7 @@ def cache_latents(args, rank, world, device):
 
 class CachedTokens(torch.utils.data.Dataset):
     """Every training image encoded once by the model file's `encode` (MaskGIT: the CODA tokens of
-    the image and of its flip), cached in one .npy: item = (codes, label, 0)."""
+    the image and of its flip), cached in one .npy: item = (codes, label, -1)."""
 
     @torch.no_grad()
     def __init__(self, dataset, encode, path, batch_size, num_workers, rank, world, device):
@@ -393,7 +409,7 @@ class CachedTokens(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return torch.from_numpy(self.codes[i].astype(np.int64)), int(self.labels[i]), 0
+        return torch.from_numpy(self.codes[i].astype(np.int64)), int(self.labels[i]), -1
 
 
 # ---- the built-in data: procedurally drawn, class-conditional toy images ---------------------
@@ -464,7 +480,7 @@ class ToyDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        return to_tensor(self.images[i]), i % 10, 0
+        return to_tensor(self.images[i]), i % 10, -1
 
 
 def luminance(x):
@@ -638,23 +654,30 @@ def evaluate(args, rank, world, device):
                    is_std=result.get("is_std"), seconds_per_image=seconds / max(timed, 1), num_iter=args.num_iter,
                    cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
                    num_sampling_steps=getattr(args, "num_sampling_steps", None), processes=world)
-        append_line(os.path.join(args.output_dir, "eval.jsonl"), json.dumps(out))
-        if "is_mean" in result:
+        if "is_mean" in result:  # the numbers first: hours of generation are never lost to a file error
             print(f"IS: {result['is_mean']:.2f} +- {result['is_std']:.2f}")
         print(f"seconds per image: {out['seconds_per_image']:.4f} ({world} process(es), excluding the first batch)")
-        print(f"FID: {result['fid']:.4f}  ({result['num_images']} images, cfg {args.cfg}, {args.num_iter} steps)")
+        print(f"FID: {result['fid']:.4f}  ({result['num_images']} images, cfg {args.cfg}, {args.num_iter} steps)", flush=True)
+        append_line(os.path.join(args.output_dir, "eval.jsonl"), json.dumps(out))
 
 
 #################################################################################
 #                                 Training loop                                 #
 #################################################################################
 
-STOP = {"signal": None}
+STOP = {"signal": None, "code": 0}  # code: the exit status once a run has stopped early
 
 
 def request_stop(signum, frame):
-    """SIGTERM / SIGINT: finish the current step, save a checkpoint at the next log step, exit."""
-    STOP["signal"] = signal.Signals(signum).name
+    """SIGTERM / SIGINT: finish the current step, save a checkpoint at the next log step, exit with
+    128 + the signal's number (143 for SIGTERM, 130 for SIGINT): stopped, resumable."""
+    STOP["signal"], STOP["code"] = signal.Signals(signum).name, 128 + signum
+
+
+def stop_now(signum, frame):
+    print(f"train.py: stopped by {signal.Signals(signum).name} after the final checkpoint was written; the final "
+          f"grid and report were skipped", file=sys.stderr)
+    raise SystemExit(128 + signum)
 
 
 def build(args, num_classes, device):
@@ -679,7 +702,6 @@ def main(args):
         return evaluate(args, rank, world, device)
 
     log = open_run_folder(args, rank, world, device)
-    log(args.defaults_in_force)
     # ---- data, model, EMA, optimizer ----
     dataset = training_data(args, rank)
     num_classes = len(dataset.classes)
@@ -704,6 +726,8 @@ def main(args):
     if resume:
         ckpt = load_resume(resume, args.model, training, opt)
         step = ckpt["step"]
+        if rank == 0:  # a run killed after its last checkpoint logged steps that will now run again
+            keep_metrics_until(os.path.join(args.output_dir, "metrics.jsonl"), step)
     # compile (optional) before DDP; checkpoints are always written from the plain `model`
     train_model = torch.compile(model) if args.compile else model
     ddp = lambda m: DDP(m, device_ids=[device.index] if cuda else None) if world > 1 else m
@@ -747,7 +771,7 @@ def main(args):
         log(f"the run in {args.output_dir} is already complete ({step} steps); use another --output-dir for a new run")
     train_model.train()
     pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc="training")
-    loss_sum, skipped, t_window, n_window = torch.zeros((), device=device), 0, time.time(), 0
+    loss_sum, bad_files, t_window, n_window = torch.zeros((), device=device), set(), time.time(), 0
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         loader = torch.utils.data.DataLoader(
@@ -757,7 +781,7 @@ def main(args):
         for batch in loader:
             flip = torch.rand(args.batch_size, generator=aug) < 0.5
             x, y = training.inputs(batch, flip.pin_memory() if cuda else flip)  # pinned: async copy, no sync
-            skipped += int(batch[-1].sum())  # a CPU tensor: no device sync
+            bad_files.update(batch[-1][batch[-1] >= 0].tolist())  # a CPU tensor: no device sync
             cur_lr = learning_rate(step, lr, warmup_steps, total_steps, args.lr_schedule)
             for group in opt.param_groups:
                 group["lr"] = cur_lr * group["lr_scale"]
@@ -791,10 +815,11 @@ def main(args):
                 if rank == 0:
                     append_line(os.path.join(args.output_dir, "metrics.jsonl"), json.dumps(dict(
                         step=step, epoch=round(step / steps_per_epoch, 4), loss=avg_loss, lr=cur_lr, grad_norm=grad_norm.item(),
-                        images_per_s=ips, skipped_images=skipped, time=time.time(), **extra)))
+                        images_per_s=ips, skipped_images=len(bad_files), time=time.time(), **extra)))
                 loss_sum.zero_()
                 t_window, n_window = time.time(), 0
                 if stop:
+                    STOP["code"] = STOP["code"] or 128 + signal.SIGTERM  # the signal came to another rank
                     save()
                     log(f"stopped by {STOP['signal'] or 'a signal on another rank'} at step {step}: checkpoint saved "
                         f"to {ckpt_path}; run the same command to resume")
@@ -807,12 +832,15 @@ def main(args):
             if last:
                 break
     pbar.close()
+    for s in (signal.SIGTERM, signal.SIGINT):  # the final checkpoint is written: a signal now stops at once
+        signal.signal(s, stop_now)
     # DDP keeps replicas equal; check it once, bit for bit (silent divergence is costly)
     digests = gather_to_rank0(hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest())
     if rank == 0 and world > 1:
         log(f"parameters identical on all {world} ranks: {'yes' if len(set(digests)) == 1 else 'NO'}")
-    if skipped:
-        log(f"skipped {skipped} unreadable images (replaced by the next readable one)")
+    if bad_files:
+        names = ", ".join(dataset.samples[i][0] for i in sorted(bad_files)[:3]) + (", ..." if len(bad_files) > 3 else "")
+        log(f"skipped {len(bad_files)} unreadable images (each replaced by the next readable one): {names}")
     if rank == 0:
         images, labels = grid("final")
         log(f"wrote {os.path.join(args.output_dir, 'samples-final.png')}")
@@ -953,10 +981,39 @@ def parse_args(argv=None):
         fail("--eval on ImageNet needs --fid-stats (MAR's fid_stats/adm_in256_stats.npz, or `python fid.py DIR --save-stats`)")
     if args.resume and not os.path.exists(args.resume):
         fail(f"--resume: checkpoint not found: {args.resume}")
-    for key in ("epochs", "batch_size", "log_every", "ckpt_every", "sample_every", "num_iter", "num_images", "eval_batch_size"):
-        if key in vars(args) and getattr(args, key) < 1:
-            fail(f"--{key.replace('_', '-')} must be at least 1")
+    check_numbers(args)
+    for flag in ("output_dir", "save_images", "cache_path"):
+        if getattr(args, flag, None) and (flag != "cache_path" or getattr(args, "cache_latents", False)):
+            check_writable(getattr(args, flag), "--" + flag.replace("_", "-"))
     return args
+
+
+def check_numbers(args):
+    """Every number a flag gave is usable, before anything is built: counts at least 1 (0 where
+    allowed), rates finite and positive, the EMA decay in [0, 1]."""
+    for key, value in vars(args).items():
+        flag, low = "--" + key.replace("_", "-"), 0 if key in ("warmup_epochs", "num_workers", "ema_start_epoch", "seed") else 1
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, int) and value < low:
+            fail(f"{flag} {value}: must be at least {low}")
+        if isinstance(value, float) and not (math.isfinite(value) and value >= 0):
+            fail(f"{flag} {value}: must be a finite number >= 0")
+        if key in ("lr", "blr", "quantizer_lr", "grad_clip") and value <= 0 or key == "ema" and value > 1:
+            fail(f"{flag} {value}: must be " + ("at most 1" if key == "ema" else "positive"))
+
+
+def check_writable(path, flag):
+    """Fail now, not after hours of work, if `path` cannot be (made into) a folder we can write to."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        fail(f"{flag} {path}: {parent} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        fail(f"{flag} {path}: cannot write in {parent} ({e.strerror})")
 
 
 if __name__ == "__main__":
@@ -966,3 +1023,4 @@ if __name__ == "__main__":
     else:
         main(args)
     barrier(destroy=True)
+    sys.exit(STOP["code"])  # 0: done; 143 / 130: stopped by SIGTERM / SIGINT, checkpoint saved, resumable
