@@ -30,6 +30,7 @@ import json
 import math
 import os
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -291,6 +292,7 @@ def to_tensor(arr):
     return torch.as_tensor(arr).movedim(-1, -3).float() / 127.5 - 1
 
 
+@functools.lru_cache(maxsize=4)  # choose_defaults and ImageFolder list the same folder once
 def list_images(root, suffixes=IMG_EXTENSIONS):
     """-> (class names, [(path, label)]) of an ImageNet-style folder, sorted, or a one-line error."""
     if not os.path.isdir(root):
@@ -331,7 +333,7 @@ class ImageFolder(torch.utils.data.Dataset):
             path, label = self.samples[(i + k) % len(self.samples)]
             try:
                 return self.load(path), label, i if k else -1
-            except (OSError, SyntaxError, ValueError):  # what PIL (and fid.to_rgb) raise on broken files
+            except (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError):  # broken files
                 continue
         fail("no readable image in the data folder")
 
