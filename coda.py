@@ -434,34 +434,50 @@ class DinoDiscriminator(nn.Module):
         return torch.cat(logits, 1)                           # (B, 5 * 196)
 
 
-def dino_weights_path():
-    """The DINO ViT-S/16 file in the torch hub cache, downloaded on first use (83 MB)."""
+def hub_file(url, sha256=None, what="weights", instead=""):
+    """The torch hub cache's copy of `url` ($TORCH_HOME/hub/checkpoints/), downloaded on first use.
+    With the published SHA-256, the download is renamed into place only if it matches, and a cached
+    copy is checked every time (a truncated or altered file is a one-line error, not wrong numbers)."""
+    import hashlib
     import os
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(DINO_URL))
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
     if not os.path.exists(path):
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.hub.download_url_to_file(DINO_URL, path)
-        except Exception as e:
-            raise FileNotFoundError(f"cannot download the DINO weights ({type(e).__name__}); put {DINO_URL} at {path}, "
-                                    f"pass --dino-weights FILE, or use --disc patch (no pretrained weights)") from None
+            torch.hub.download_url_to_file(url, path, hash_prefix=sha256)
+        except RuntimeError as e:  # torch.hub's "invalid hash value"
+            raise ValueError(f"the downloaded {what} are not the published file ({e})") from None
+        except Exception as e:  # offline, proxy, HTTP error
+            raise FileNotFoundError(f"cannot download the {what} ({type(e).__name__}); put {url} at {path}{instead}") from None
+    if sha256:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != sha256:
+            raise ValueError(f"{path} has SHA-256 {digest[:16]}..., not the published {sha256[:16]}...: a truncated "
+                             f"or altered download; delete it to download again")
     return path
+
+
+def dino_weights_path():
+    """DINO ViT-S/16 (83 MB). Its authors publish no checksum: `load_dino` checks every tensor's name
+    and shape instead (a truncated file does not load); pin your own copy with --dino-weights."""
+    return hub_file(DINO_URL, None, "DINO weights", ", pass --dino-weights FILE, or use --disc patch (no pretrained weights)")
+
+
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision's, used by LPIPS
+VGG16_SHA256 = "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0"
 
 
 def make_lpips():
     """LPIPS-VGG (Zhang et al. 2018; the `lpips` package, whose linear weights ship with it). Its
-    VGG16 trunk comes from torchvision's download (vgg16-397923af.pth, 528 MB, torch hub cache);
-    offline without that file this raises one line instead of training with a random trunk."""
+    VGG16 trunk is torchvision's vgg16-397923af.pth (528 MB), fetched and checked by `hub_file` before
+    torchvision reads it from the same cache."""
     import lpips
     import warnings
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torchvision's "pretrained is deprecated"
-            net = lpips.LPIPS(net="vgg", verbose=False)
-    except Exception as e:
-        raise FileNotFoundError(f"LPIPS needs torchvision's VGG16 weights ({type(e).__name__}: {str(e)[:120]}); put "
-                                "https://download.pytorch.org/models/vgg16-397923af.pth in the torch hub cache "
-                                "(checkpoints/), or train without it: --lpips-weight 0") from None
+    hub_file(VGG16_URL, VGG16_SHA256, "VGG16 weights for LPIPS", ", or train without LPIPS: --lpips-weight 0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's "pretrained is deprecated"
+        net = lpips.LPIPS(net="vgg", verbose=False)
     return net.eval().requires_grad_(False)
 
 

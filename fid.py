@@ -24,6 +24,7 @@ Read it top to bottom:
   5. Reconstruction metrics for tokenizers (rFID, PSNR, SSIM) and the command line.
 """
 import argparse
+import hashlib
 import math
 import os
 import sys
@@ -217,37 +218,49 @@ def to_uint8(images):
     return ((images.float() + 1) / 2 * 255).clamp(0, 255).round().to(torch.uint8)
 
 
-URLS = {  # the two tools' copies of the same converted TF weights (the file names differ)
-    "torch-fidelity": "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
-    "pytorch-fid": "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
-}
+# The converted TF weights as torch-fidelity publishes them, and the file's SHA-256 (its name carries
+# the first 8 digits, torch.hub's convention). pytorch-fid's copy holds the same tensors; both modes
+# below load this one file, so one download serves FID, IS and CODA's rFID.
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 
 
-def cached_weights(pytorch_fid=False):
-    """Where the weight file lives once downloaded (it may not exist yet)."""
-    url = URLS["pytorch-fid" if pytorch_fid else "torch-fidelity"]
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+def cached_weights():
+    """Where the weight file lives once downloaded, $TORCH_HOME/hub/checkpoints/ (it may not exist yet)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
 
 
-def weights_path(pytorch_fid=False):
-    """The cached weight file (downloaded on first use) in the torch hub cache, where the two tools
-    also keep it: $TORCH_HOME/hub/checkpoints/<file name>."""
-    url, path = URLS["pytorch-fid" if pytorch_fid else "torch-fidelity"], cached_weights(pytorch_fid)
+def check_sha256(path, sha256):
+    """One-line error unless the file's SHA-256 is the published one (a truncated or altered file
+    would load, or half load, and give wrong numbers)."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest != sha256:
+        raise ValueError(f"{path} has SHA-256 {digest[:16]}..., not the published {sha256[:16]}...: a truncated "
+                         f"or altered download; delete it to download again")
+
+
+def weights_path():
+    """The cached weight file, downloaded on first use (by rank 0; the others wait) and checked
+    against its SHA-256 every time it is used."""
+    path = cached_weights()
     if not os.path.exists(path):
-        rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        if rank0:
+        if not dist.is_initialized() or dist.get_rank() == 0:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:
-                torch.hub.download_url_to_file(url, path, progress=True)
+            try:  # written to a temporary file and renamed only when its SHA-256 matches
+                torch.hub.download_url_to_file(INCEPTION_URL, path, hash_prefix=INCEPTION_SHA256, progress=True)
+            except RuntimeError as e:  # torch.hub's "invalid hash value"
+                raise ValueError(f"the downloaded Inception weights are not the published file ({e})") from None
             except Exception as e:  # offline, proxy, HTTP error
                 if not dist.is_initialized():
-                    raise FileNotFoundError(f"cannot download the Inception weights ({type(e).__name__}: {e}); download {url} "
-                                            f"by hand to {path}, or pass --weights FILE") from None
+                    raise FileNotFoundError(f"cannot download the Inception weights ({type(e).__name__}: {e}); download "
+                                            f"{INCEPTION_URL} by hand to {path}, or pass --weights FILE") from None
         if dist.is_initialized():
             dist.barrier()                                    # the other ranks wait for rank 0's download
         if not os.path.exists(path):
-            raise FileNotFoundError(f"cannot download the Inception weights; download {url} by hand to {path}, "
+            raise FileNotFoundError(f"cannot download the Inception weights; download {INCEPTION_URL} by hand to {path}, "
                                     f"or pass --weights FILE")
+    check_sha256(path, INCEPTION_SHA256)
     return path
 
 
@@ -255,7 +268,7 @@ def load_inception(weights=None, pytorch_fid=False, device="cpu"):
     """The FID Inception in eval mode on `device`, from `weights` (either tool's .pth file) or the
     downloaded copy. Both files hold the same tensors under torchvision's names; torch-fidelity's
     has no BatchNorm `num_batches_tracked` counters, which evaluation never reads."""
-    path = weights or weights_path(pytorch_fid)
+    path = weights or weights_path()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

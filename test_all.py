@@ -836,6 +836,52 @@ def test_fid_offline_without_weights_says_where_to_put_them():
         assert "weights-inception-2015-12-05-6726825d.pth" in str(e) and d in str(e) and "--weights" in str(e), e
 
 
+
+@contextlib.contextmanager
+def served(files):
+    """A local HTTP server holding `files` ({name: bytes}) and an empty torch hub cache: a real
+    download, offline. Yields (base URL, hub cache dir)."""
+    import functools, http.server, threading
+    with tempfile.TemporaryDirectory() as root, tempfile.TemporaryDirectory() as hub:
+        for name, data in files.items():
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(data)
+        quiet = type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *a: None})
+        handler = functools.partial(quiet, directory=root)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        old_hub = torch.hub.get_dir()
+        torch.hub.set_dir(hub)
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/", hub
+        finally:
+            torch.hub.set_dir(old_hub)
+            server.shutdown()
+
+
+def test_downloads_are_checked_against_the_published_sha256():
+    """Issue 14 case 10: a download whose SHA-256 is not the published one is refused with one line
+    and leaves nothing in the cache; a cached file that was altered later is refused when used; the
+    right file is downloaded and used."""
+    import hashlib
+    bad, good = b"not the weights" * 100, b"the weights" * 100
+    saved = fid.INCEPTION_URL, fid.INCEPTION_SHA256, coda.VGG16_URL
+    with served({"weights-inception-2015-12-05-6726825d.pth": bad, "vgg16-397923af.pth": bad, "good.pth": good}) as (url, hub):
+        try:
+            fid.INCEPTION_URL, coda.VGG16_URL = url + os.path.basename(fid.INCEPTION_URL), url + "vgg16-397923af.pth"
+            for load in (fid.load_inception, coda.make_lpips):
+                assert "not the published file" in str(raises(ValueError, load))
+            assert os.listdir(os.path.join(hub, "checkpoints")) == []       # nothing half-downloaded is kept
+            with open(fid.cached_weights(), "wb") as f:                      # a cached copy altered later
+                f.write(bad)
+            e = raises(ValueError, fid.load_inception)
+            assert "SHA-256" in str(e) and "delete it" in str(e) and "\n" not in str(e), e
+            fid.INCEPTION_URL, fid.INCEPTION_SHA256 = url + "good.pth", hashlib.sha256(good).hexdigest()
+            with open(fid.weights_path(), "rb") as f:                        # downloaded, checked, used
+                assert f.read() == good
+        finally:
+            fid.INCEPTION_URL, fid.INCEPTION_SHA256, coda.VGG16_URL = saved
+
 # ---------------------------------------------------------------------------------------------
 # train.py: helpers (runs shared by several tests, fast flags)
 # ---------------------------------------------------------------------------------------------
@@ -1034,6 +1080,32 @@ def test_train_ddp_two_processes_keep_ranks_identical():
         assert all(torch.equal(ckpt["model"][k], rank0[k]) for k in rank0)  # no "module." / "_orig_mod." prefixes
         assert "2 process(es)" in open(f"{out}/log.txt").read() and os.path.exists(f"{out}/samples-final.png")
 
+
+
+def test_train_names_a_rank_that_stops_answering():
+    """Issue 14 case 4: rank 1 of 2 is stopped (SIGSTOP) mid-run; instead of stalling forever the run
+    fails within --dist-timeout with one line naming rank 1."""
+    with tempfile.TemporaryDirectory() as d:
+        out = f"{d}/run"
+        flags = ["--data-path", shared_run("data"), "--output-dir", out, "--epochs", "200", "--dist-timeout", "5", *MAR]
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 TRAIN, *flags], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=d)
+        t0 = time.time()
+        while time.time() - t0 < 120 and not (os.path.exists(f"{out}/metrics.jsonl") and open(f"{out}/metrics.jsonl").read().count("\n") >= 2):
+            time.sleep(0.2)
+        children = [int(p) for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/stat")
+                    and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(proc.pid)]
+        rank1 = [p for p in children if b"\0RANK=1\0" in b"\0" + open(f"/proc/{p}/environ", "rb").read()]
+        assert len(rank1) == 1, (children, proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
+        os.kill(rank1[0], signal.SIGSTOP)
+        try:
+            t1 = time.time()
+            code, err = proc.wait(timeout=90), proc.stderr.read()
+        finally:
+            os.kill(rank1[0], signal.SIGKILL) if os.path.exists(f"/proc/{rank1[0]}") else None
+        assert code != 0 and time.time() - t1 < 60, (code, time.time() - t1)
+        assert "train.py: error: rank 1 of 2 stopped answering for 5 s (--dist-timeout)" in err, err[-2000:]
+        assert "Traceback" not in err.split("stopped answering")[0], err[-2000:]
 
 def test_train_resume_is_exact():
     with tempfile.TemporaryDirectory() as d:

@@ -23,17 +23,20 @@ to that file's `Training` module: `.model` and `.config`, `inputs` (a data batch
 import argparse
 import colorsys
 import copy
+import datetime
 import fcntl
 import functools
 import hashlib
 import json
 import math
 import os
+import re
 import signal
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 
@@ -64,7 +67,7 @@ def fail(message):
     raise SystemExit(f"train.py: error: {message}")
 
 
-def setup_distributed(device_flag):
+def setup_distributed(device_flag, timeout):
     """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE: one process per GPU with NCCL, or CPU
     processes with gloo; the process group is set up once per process (several runs may share
     it, see --compare-quantizers). Without torchrun: a single process and no process group."""
@@ -75,7 +78,9 @@ def setup_distributed(device_flag):
     if "RANK" in os.environ and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # collectives give up a minute after the heartbeat has named a silent rank (see `heartbeat`)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout + 60))
+        HEARTBEAT["stop"] = heartbeat(timeout)
     if not cuda and "OMP_NUM_THREADS" not in os.environ:  # share the cores between this node's processes
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -87,7 +92,40 @@ def barrier(destroy=False):
     if dist.is_initialized():
         dist.barrier()
         if destroy:
+            HEARTBEAT.pop("stop", lambda: None)()
             dist.destroy_process_group()
+
+
+HEARTBEAT = {}  # "stop": ends this process's heartbeat thread
+
+
+def heartbeat(timeout):
+    """A rank that stops answering (a stopped process, a hung node) would stall the others forever
+    without a word. A thread on every rank meets the others once a second in a gloo barrier that
+    names the ranks missing after `timeout` seconds; then the run fails with one line naming them.
+    A thread answers even while its rank is busy (a long grid or report), so only a silent
+    process is caught. -> a function that ends the thread on every rank (call it on all of them)."""
+    group, stop = dist.new_group(backend="gloo"), threading.Event()
+
+    def beat():
+        flag = torch.zeros(1)
+        while flag.item() == 0:
+            try:
+                dist.monitored_barrier(group, timeout=datetime.timedelta(seconds=timeout), wait_all_ranks=True)
+                flag.fill_(float(stop.is_set()))
+                dist.all_reduce(flag, group=group)  # any rank stopping stops every rank's thread
+            except RuntimeError as e:  # rank 0 learns who is missing; the others, that rank 0 is
+                missing = re.search(r"Ranks? ([\d, ]+) failed", str(e))
+                silent = "0" if dist.get_rank() else missing and missing.group(1)
+                why = (f"rank {silent} of {dist.get_world_size()} stopped answering for {timeout} s (--dist-timeout)"
+                       if silent else f"lost contact with the other ranks ({str(e).strip().splitlines()[0][:150]})")
+                print(f"train.py: error: {why}; stopping this rank too", file=sys.stderr, flush=True)
+                os._exit(1)
+            time.sleep(1)
+
+    thread = threading.Thread(target=beat, daemon=True, name="heartbeat")
+    thread.start()
+    return lambda: (stop.set(), thread.join())
 
 
 LOCKS = {}  # output folder -> its open lock file, held until this process ends
@@ -693,7 +731,7 @@ def build(args, num_classes, device):
 def main(args):
     """Train --model as the flags say (or --cache-latents / --eval); returns the trained model, or
     None if the run stopped early (a signal: resumable) or did not train."""
-    rank, world, device = setup_distributed(args.device)
+    rank, world, device = setup_distributed(args.device, args.dist_timeout)
     cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # no effect on CPU
     torch.manual_seed(args.seed + rank)  # per-rank seeds, as the official code
@@ -857,7 +895,7 @@ def final_report(args, training, ema, images, labels, held_out, device):
     """A tokenizer's reconstruction report on held-out images (also written to report.json); on the
     built-in data, a generator's class accuracy by the judge -> lines for the log."""
     if hasattr(training, "report"):
-        weights = args.inception_weights or (fid.cached_weights(True) if os.path.exists(fid.cached_weights(True)) else None)
+        weights = args.inception_weights or (fid.cached_weights() if os.path.exists(fid.cached_weights()) else None)
         net = fid.load_inception(weights, pytorch_fid=True, device=device) if weights else None  # rFID only with weights
         lines, numbers = training.report(ema, held_out(args.num_images), fid.ReconstructionMetrics(net, distributed=False),
                                          args.batch_size)
@@ -945,6 +983,8 @@ def parse_args(argv=None):
     p.add_argument("--no-tf32", dest="tf32", action="store_false")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--seed", type=int, default=1)  # official
+    p.add_argument("--dist-timeout", type=int, default=600, help="seconds without an answer from a rank before the run "
+                                                                  "fails naming it (torchrun)")
     # run folder, logging, samples
     p.add_argument("--output-dir", help="default: runs/<model>-<preset>")
     p.add_argument("--resume", help="checkpoint to resume from (default: <output-dir>/checkpoint-last.pth if present)")
