@@ -595,6 +595,15 @@ def sampling_schedule(seq_len, num_iter, cfg=1.0, cfg_schedule="linear"):
     return steps
 
 
+def sincos_2d(dim, side):
+    """MAE's fixed 2-D sin-cos position table -> (side * side, dim), raster order: the first half of
+    the channels encodes the row, the second the column, each as sin | cos of geometric frequencies."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+    row, col = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij")
+    enc = lambda p: torch.cat([torch.sin(p.reshape(-1, 1) * omega), torch.cos(p.reshape(-1, 1) * omega)], 1)
+    return torch.cat([enc(row), enc(col)], 1).float()  # (side^2, dim)
+
+
 class MAR(nn.Module):
     """Masked autoregressive model over a grid of continuous tokens, with Diffusion Loss."""
 
@@ -604,7 +613,7 @@ class MAR(nn.Module):
                  vae_embed_dim=16, mask_ratio_min=0.7, label_drop_prob=0.1, class_num=1000,
                  attn_dropout=0.1, proj_dropout=0.1, buffer_size=64,
                  diffloss_d=3, diffloss_w=1024, num_sampling_steps=100, diffusion_batch_mul=4,
-                 grad_checkpointing=False, clip_denoised=False):
+                 grad_checkpointing=False, clip_denoised=False, sincos_init=False):
         super().__init__()
         # Tokens (Sec. 4.2, "Tokenizer"): the latent grid (C, H/stride, W/stride) is cut into
         # patch_size x patch_size patches; one token = one patch, C * p^2 values.
@@ -642,7 +651,7 @@ class MAR(nn.Module):
         self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
         # added to the decoder output: tells the denoiser where its token sits
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, L, Dd))
-        self.initialize_weights()
+        self.initialize_weights(sincos_init)
 
         # Diffusion Loss on each token (created after the init above, which must not touch it)
         # clip_denoised: only for tokens that are pixels in [-1, 1] (the built-in data without a VAE).
@@ -652,10 +661,14 @@ class MAR(nn.Module):
         self.diffloss = DiffLoss(self.token_embed_dim, Dd, diffloss_d, diffloss_w, num_sampling_steps, grad_checkpointing,
                                  clip_denoised)
 
-    def initialize_weights(self):
+    def initialize_weights(self, sincos_init=False):
         for p in [self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
                   self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned]:
             nn.init.normal_(p, std=0.02)
+        if sincos_init:  # the tiny preset only: the token positions start at MAE's 2-D sin-cos table
+            with torch.no_grad():
+                for p in [self.encoder_pos_embed_learned, self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned]:
+                    p[0, -self.seq_len:] = sincos_2d(p.shape[-1], self.seq_h)  # the buffer keeps its N(0, 0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):  # xavier_uniform, following the official JAX ViT
                 nn.init.xavier_uniform_(m.weight)
@@ -838,12 +851,15 @@ def mar_huge(**kwargs):  # 942.40M parameters
 
 def mar_tiny(**kwargs):
     """Trains on a 2-core CPU in minutes: 32x32 RGB images modelled directly as 8x8 tokens of 4x4
-    pixel patches (48 values each), 10 classes (the built-in data). Not a paper configuration."""
+    pixel patches (48 values each), 10 classes (the built-in data). Not a paper configuration.
+    Its position embeddings start at the 2-D sin-cos table: from N(0, 0.02), in a CPU-sized run the
+    model never learned where tokens are (moving the known tokens to other places did not change
+    its predictions; README, "What the CPU preset changes")."""
     return MAR(**{**dict(img_size=32, vae_stride=1, patch_size=4, vae_embed_dim=3, class_num=10,
                          encoder_embed_dim=96, encoder_depth=2, encoder_num_heads=4,
                          decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4,
                          buffer_size=4, attn_dropout=0.0, proj_dropout=0.0, diffloss_d=3, diffloss_w=128,
-                         diffusion_batch_mul=1, clip_denoised=True), **kwargs})
+                         diffusion_batch_mul=1, clip_denoised=True, sincos_init=True), **kwargs})
 
 
 PRESETS = {"tiny": mar_tiny, "base": mar_base, "large": mar_large, "huge": mar_huge}
