@@ -1118,15 +1118,17 @@ def test_train_names_a_rank_that_stops_answering():
             time.sleep(0.2)
         children = [int(p) for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/stat")
                     and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(proc.pid)]
-        rank1 = [p for p in children if b"\0RANK=1\0" in b"\0" + open(f"/proc/{p}/environ", "rb").read()]
-        assert len(rank1) == 1, (children, proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
-        os.kill(rank1[0], signal.SIGSTOP)
-        try:
-            t1 = time.time()
-            code, err = proc.wait(timeout=90), proc.stderr.read()
-        finally:
-            os.kill(rank1[0], signal.SIGKILL) if os.path.exists(f"/proc/{rank1[0]}") else None
-        assert code != 0 and time.time() - t1 < 60, (code, time.time() - t1)
+        rank = {int(b"\0RANK=1\0" in b"\0" + open(f"/proc/{p}/environ", "rb").read()): p for p in children}
+        assert sorted(rank) == [0, 1], (children, proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
+        os.kill(rank[1], signal.SIGSTOP)
+        alive = lambda p: os.path.exists(f"/proc/{p}/stat") and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        t1 = time.time()
+        while alive(rank[0]) and time.time() - t1 < 60:
+            time.sleep(0.2)
+        seconds = time.time() - t1
+        os.kill(rank[1], signal.SIGKILL)  # torchrun would wait 30 s for the stopped rank to take its SIGTERM
+        code, err = proc.wait(timeout=90), proc.stderr.read()
+        assert code != 0 and 5 <= seconds < 30, (code, seconds)
         assert "train.py: error: rank 1 of 2 stopped answering for 5 s (--dist-timeout)" in err, err[-2000:]
         assert "Traceback" not in err.split("stopped answering")[0], err[-2000:]
 
@@ -1424,6 +1426,9 @@ def test_train_eval_generates_and_scores_like_fid_py():
         # the built-in data: reference statistics from held-out toy images, cached in the run folder
         p = run_train(*ev)
         assert os.path.exists(f"{d}/run/fid_stats_builtin_32px_20.npz") and printed(p, "FID") > 0
+        run_train(*[f"{d}/run2" if a == f"{d}/run" else a for a in ev], nproc=2)  # each rank scores half of them
+        one, two = (np.load(f"{d}/{r}/fid_stats_builtin_32px_20.npz")["sigma"] for r in ("run", "run2"))
+        assert np.abs(one - two).max() < 1e-4 * np.abs(one).mean(), "reference statistics depend on the process count"
         expect_error(run_train(*ev[:-len(MAR)], "--preset", "tiny", "--img-size", "64", "--num-iter", "2", check=False),
                      "another config", "train.py")
         expect_error(run_train(*ev, "--num-images", "15", check=False), "multiple of the 10 classes", "train.py")

@@ -75,6 +75,8 @@ def setup_distributed(device_flag, timeout):
         fail("--device cuda was asked for, but no CUDA device is available")
     cuda = device_flag == "cuda" or (device_flag == "auto" and torch.cuda.is_available())
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:  # modulo: launchers that give each process a single visible GPU
+        local_rank %= torch.cuda.device_count()
     if "RANK" in os.environ and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(local_rank)
@@ -207,7 +209,8 @@ def make_optimizer(training, lr, weight_decay):
         if p.requires_grad:  # CODA: only LoRA and the quantizer; the VAE stays frozen
             groups.setdefault((training.no_weight_decay(name, p), lr_scale(name)), []).append(p)
     return torch.optim.AdamW([{"params": params, "weight_decay": 0.0 if no_wd else weight_decay, "lr_scale": scale}
-                              for (no_wd, scale), params in sorted(groups.items())], lr=lr, betas=training.betas)
+                              for (no_wd, scale), params in sorted(groups.items())], lr=lr, betas=training.betas,
+                             fused=training.device.type == "cuda")  # one kernel for all parameters on GPUs
 
 
 @torch.no_grad()
@@ -624,8 +627,10 @@ def builtin_statistics(args, net):
     if os.path.exists(path):
         return fid.load_statistics(path)
     images = ToyDataset(args.img_size, args.num_images, seed=args.seed + 1000).images.permute(0, 3, 1, 2)  # uint8
-    scorer = fid.Scorer(net)
-    for chunk in tqdm(images.split(args.eval_batch_size), desc="reference statistics", disable=dist.is_initialized() and dist.get_rank() > 0):
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    scorer = fid.Scorer(net)  # each rank scores its block; features() gathers them in rank order
+    for chunk in tqdm(images[rank * len(images) // world: (rank + 1) * len(images) // world].split(args.eval_batch_size),
+                      desc="reference statistics", disable=rank > 0):
         scorer.update(chunk)
     mu, sigma = fid.statistics(scorer.features()[0])
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -763,6 +768,12 @@ def main(args):
     aug = torch.Generator().manual_seed(args.seed * 1000 + rank)  # data augmentation draws
     step, ckpt_path = 0, os.path.join(args.output_dir, "checkpoint-last.pth")
     resume = args.resume or (ckpt_path if os.path.exists(ckpt_path) else None)
+    if world > 1:  # rank 0 decides: with node-local disks the ranks may see different folders
+        decision = [resume]
+        dist.broadcast_object_list(decision, src=0)
+        if decision[0] and not os.path.exists(decision[0]):
+            fail(f"rank {rank} cannot see {decision[0]}, which rank 0 resumes from: the output folder must be shared")
+        resume = decision[0]
     if resume:
         ckpt = load_resume(resume, args.model, training, opt)
         step = ckpt["step"]
@@ -770,7 +781,7 @@ def main(args):
             keep_metrics_until(os.path.join(args.output_dir, "metrics.jsonl"), step)
     # compile (optional) before DDP; checkpoints are always written from the plain `model`
     train_model = torch.compile(model) if args.compile else model
-    ddp = lambda m: DDP(m, device_ids=[device.index] if cuda else None) if world > 1 else m
+    ddp = lambda m: DDP(m, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True) if world > 1 else m
     train_model = ddp(train_model)
     if hasattr(training, "wrap"):
         training.wrap(ddp)  # a second player's own DDP (CODA's discriminator)
