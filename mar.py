@@ -347,8 +347,12 @@ class SimpleMLPAdaLN(nn.Module):
 
     def forward(self, x, t, c):
         """x (N, C) noisy tokens, t (N,) original timesteps 0..999, c (N, D) conditions -> (N, 2C)."""
+        return self.forward_embedded(x, self.time_embed(t) + self.cond_embed(c))
+
+    def forward_embedded(self, x, y):
+        """x (N, C) noisy tokens, y (N, W) the embedded condition embed(t) + embed(z) -> (N, 2C).
+        Sampling embeds z once per token batch and t once per step (one row, broadcast)."""
         x = self.input_proj(x)  # (N, W)
-        y = self.time_embed(t) + self.cond_embed(c)  # (N, W)
         for block in self.res_blocks:
             x = checkpoint(block, x, y, use_reentrant=False) if self.grad_checkpointing and self.training else block(x, y)
         return self.final_layer(x, y)
@@ -357,8 +361,13 @@ class SimpleMLPAdaLN(nn.Module):
         """Classifier-free guidance on eps (paper App. B): rows [0, n) of c are conditional, [n, 2n)
         unconditional, both applied to the first half of x. Returns [guided; guided] eps with each
         half's own (unguided) variance output, as the official code does."""
+        return self.guided_embedded(x, self.time_embed(t) + self.cond_embed(c), cfg_scale)
+
+    def guided_embedded(self, x, y, cfg_scale):
+        """forward_with_cfg for an embedded condition y (2n, W). The guidance arithmetic runs in
+        fp32 under autocast too: the first reverse step amplifies the guided eps ~300x."""
         half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half]), t, c)  # (2n, 2C)
+        out = self.forward_embedded(torch.cat([half, half]), y).float()  # (2n, 2C)
         eps, rest = out[:, : self.in_channels], out[:, self.in_channels:]
         cond_eps, uncond_eps = eps.chunk(2)
         guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
@@ -448,8 +457,9 @@ class GaussianDiffusion(nn.Module):
         x_{t-1} = mu + tau * sigma_t * delta. Temperature scales the noise std of every step (not
         the initial noise). A full-shape noise tensor is drawn at every step, the last included,
         in the same order as the official code, so a seed gives the same samples."""
+        steps = torch.arange(self.num_steps, device=x.device)
         for j in reversed(range(self.num_steps)):
-            t = torch.full((x.shape[0],), j, device=x.device, dtype=torch.long)
+            t = steps[j: j + 1]  # (1,): every row is at step j; the schedule terms broadcast
             mean, logvar = self.p_mean_logvar(model_fn(x, self.timestep_map[t]), x, t, clip)
             noise = randn(x.shape, generator, x.device)
             x = mean + (j != 0) * torch.exp(0.5 * logvar) * noise * temperature
@@ -498,13 +508,15 @@ class DiffLoss(nn.Module):
     def sample(self, z, temperature=1.0, cfg=1.0, generator=None):
         """z (N, D) -> tokens (N, C). With cfg != 1, z holds [conditional; unconditional] rows, both
         halves start from the same noise, and only the first half of the result is meaningful."""
+        c = self.net.cond_embed(z)  # (N, W): once, not at every diffusion step
+        embed = lambda t: self.net.time_embed(t) + c  # t (1,) -> (N, W)
         if cfg != 1.0:
             noise = randn((z.shape[0] // 2, self.in_channels), generator, z.device)
             noise = torch.cat([noise, noise])
-            model_fn = lambda x, t: self.net.forward_with_cfg(x, t, z, cfg)
+            model_fn = lambda x, t: self.net.guided_embedded(x, embed(t), cfg)
         else:
             noise = randn((z.shape[0], self.in_channels), generator, z.device)
-            model_fn = lambda x, t: self.net(x, t, z)
+            model_fn = lambda x, t: self.net.forward_embedded(x, embed(t))
         return self.gen_diffusion.p_sample_loop(model_fn, noise, temperature, generator, self.clip_denoised)
 
 
