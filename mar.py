@@ -866,7 +866,7 @@ def mar_tiny(**kwargs):
     pixel patches (48 values each), 10 classes (the built-in data). Not a paper configuration.
     Its position embeddings start at the 2-D sin-cos table: from N(0, 0.02), in a CPU-sized run the
     model never learned where tokens are (moving the known tokens to other places did not change
-    its predictions; README, "What the CPU preset changes")."""
+    its predictions; README, "Quick start", the measurements under the default run)."""
     return MAR(**{**dict(img_size=32, vae_stride=1, patch_size=4, vae_embed_dim=3, class_num=10,
                          encoder_embed_dim=96, encoder_depth=2, encoder_num_heads=4,
                          decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4,

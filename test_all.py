@@ -1116,12 +1116,13 @@ def test_train_names_a_rank_that_stops_answering():
         t0 = time.time()
         while time.time() - t0 < 120 and not (os.path.exists(f"{out}/metrics.jsonl") and open(f"{out}/metrics.jsonl").read().count("\n") >= 2):
             time.sleep(0.2)
+        stat = lambda p: open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()  # [state, parent pid, ...]
         children = [int(p) for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/stat")
-                    and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == str(proc.pid)]
+                    and stat(p)[1] == str(proc.pid)]
         rank = {int(b"\0RANK=1\0" in b"\0" + open(f"/proc/{p}/environ", "rb").read()): p for p in children}
         assert sorted(rank) == [0, 1], (children, proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
         os.kill(rank[1], signal.SIGSTOP)
-        alive = lambda p: os.path.exists(f"/proc/{p}/stat") and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        alive = lambda p: os.path.exists(f"/proc/{p}/stat") and stat(p)[0] != "Z"
         t1 = time.time()
         while alive(rank[0]) and time.time() - t1 < 60:
             time.sleep(0.2)

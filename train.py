@@ -906,8 +906,12 @@ def final_report(args, training, ema, images, labels, held_out, device):
     """A tokenizer's reconstruction report on held-out images (also written to report.json); on the
     built-in data, a generator's class accuracy by the judge -> lines for the log."""
     if hasattr(training, "report"):
-        weights = args.inception_weights or (fid.cached_weights() if os.path.exists(fid.cached_weights()) else None)
-        net = fid.load_inception(weights, pytorch_fid=True, device=device) if weights else None  # rFID only with weights
+        net = None  # rFID only with weights: given, or already downloaded (then checked against their SHA-256)
+        if args.inception_weights or os.path.exists(fid.cached_weights()):
+            try:
+                net = fid.load_inception(args.inception_weights, pytorch_fid=True, device=device)
+            except (ValueError, FileNotFoundError) as e:
+                fail(str(e))
         lines, numbers = training.report(ema, held_out(args.num_images), fid.ReconstructionMetrics(net, distributed=False),
                                          args.batch_size)
         with open(os.path.join(args.output_dir, "report.json"), "w") as f:
