@@ -1,25 +1,31 @@
 """
-FID and Inception Score that give the numbers the papers report, in one file.
+The papers' evaluation table in one file: FID, sFID, Inception Score, precision and recall.
 
-    python fid.py samples/ adm_in256_stats.npz          # FID (and IS of samples/) vs reference statistics
+    python fid.py samples/ VIRTUAL_imagenet256_labeled.npz  # all five, as ADM's evaluator and torch-fidelity
+    python fid.py samples/ adm_in256_stats.npz          # FID and IS only: the file holds pool3 statistics only
     python fid.py dirA dirB --pytorch-fid                # pytorch-fid's pipeline (CODA's rFID)
-    python fid.py imagenet_val/ --save-stats val.npz     # statistics of a folder, for later comparisons
+    python fid.py imagenet_val/ --save-stats val.npz     # statistics of a folder (--save-features: for P/R too)
     torchrun --nproc_per_node=8 fid.py samples/ ref.npz  # features computed in shards on every GPU
 
 References:
-  FID: M. Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash
-       Equilibrium", NeurIPS 2017, Sec. 3 / Eq. (6) (code: github.com/bioinf-jku/TTUR).
-  IS:  T. Salimans et al., "Improved Techniques for Training GANs", NeurIPS 2016, Sec. 4.
-  The network is the 2015-12-05 TensorFlow Inception-v3 graph both metrics were defined with. MAR
+  FID:  M. Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash
+        Equilibrium", NeurIPS 2017, Sec. 3 / Eq. (6) (code: github.com/bioinf-jku/TTUR).
+  IS:   T. Salimans et al., "Improved Techniques for Training GANs", NeurIPS 2016, Sec. 4.
+  sFID: C. Nash et al., "Generating Images with Sparse Representations", ICML 2021, Sec. 4.
+  P/R:  T. Kynkaanniemi et al., "Improved Precision and Recall Metric for Assessing Generative
+        Models", NeurIPS 2019, Sec. 3.
+  The network is the 2015-12-05 TensorFlow Inception-v3 graph all of them were defined with. MAR
   reports FID-50K / IS with torch-fidelity (github.com/toshas/torch-fidelity) against ADM's
-  ImageNet-256 statistics; CODA reports rFID with pytorch-fid (github.com/mseitzer/pytorch-fid).
-  Both tools run the same network and weights but feed it differently; this file does either,
-  and test_all.py checks features, FID and IS against tensors produced by running both tools.
+  ImageNet-256 statistics, and precision / recall as ADM's evaluator computes them (Dhariwal &
+  Nichol 2021, github.com/openai/guided-diffusion, evaluations/evaluator.py; it gives sFID too);
+  CODA reports rFID with pytorch-fid (github.com/mseitzer/pytorch-fid). The tools run the same
+  network and weights but feed it differently; this file does either, from one forward pass per
+  image, and test_all.py checks its numbers against tensors produced by running those tools.
 
 Read it top to bottom:
   1. The FID Inception network and where it differs from torchvision's Inception-v3.
   2. The two input pipelines (TF1-exact resize, or pytorch-fid's) and loading the weights.
-  3. Statistics, the Frechet distance and the Inception Score.
+  3. Statistics, the Frechet distance, both Inception Scores, precision and recall.
   4. Feeding images: folders, .npz files, and generators scoring batches as they make them (DDP).
   5. Reconstruction metrics for tokenizers (rFID, PSNR, SSIM) and the command line.
 """
@@ -28,6 +34,7 @@ import hashlib
 import math
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -142,10 +149,14 @@ def block_e(cin, pool):  # 8x8 with the 1x3 / 3x1 split at the end of two towers
 
 
 class FIDInception(nn.Module):
-    """uint8 images (B, 3, H, W) -> (pool3 features (B, 2048), unbiased logits (B, 1008)).
+    """uint8 images (B, 3, H, W) -> (pool3 (B, 2048), unbiased logits (B, 1008), spatial (B, 2023)).
 
-    pool3 (the 2048-d global average pool) is what FID compares; IS uses the logits WITHOUT the fc
-    bias ("logits_unbiased"), as the original TF code, ADM's evaluator and torch-fidelity do.
+    pool3 (the 2048-d global average pool) is what FID, precision and recall compare; IS uses the
+    logits WITHOUT the fc bias ("logits_unbiased"), as the original TF code, ADM's evaluator and
+    torch-fidelity do. `spatial` is what sFID compares: ADM's evaluator reads the TF graph's tensor
+    `mixed_6/conv`, the 1x1 tower (branch1x1, 192 channels, after its ReLU) of the block named
+    Mixed_6d here, and keeps its first 7 channels at all 17 x 17 positions, flattened in TF's
+    (H, W, C) order, so that ADM's stored mu_s / sigma_s apply unchanged.
     """
 
     def __init__(self, pytorch_fid=False):
@@ -168,11 +179,13 @@ class FIDInception(nn.Module):
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, 3, 2)                             # (B, 64, 73, 73)
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, 2)  # (B, 192, 35, 35)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                      self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c, self.Mixed_6d):
+            x = block(x)                                      # ... -> (B, 768, 17, 17)
+        spatial = x[:, :7].permute(0, 2, 3, 1).flatten(1)     # Mixed_6d.branch1x1 comes first: (B, 17 * 17 * 7)
+        for block in (self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
             x = block(x)                                      # ... -> (B, 2048, 8, 8)
         pool3 = x.mean((2, 3))                                # (B, 2048)
-        return pool3, pool3 @ self.fc.weight.T                # (B, 2048), (B, 1008)
+        return pool3, pool3 @ self.fc.weight.T, spatial       # (B, 2048), (B, 1008), (B, 2023)
 
 
 # =============================================================================================
@@ -289,7 +302,7 @@ def load_inception(weights=None, pytorch_fid=False, device="cpu"):
 
 
 # =============================================================================================
-# 3. Statistics, Frechet distance, Inception Score
+# 3. Statistics, Frechet distance, Inception Scores, precision and recall
 # =============================================================================================
 
 def statistics(features):
@@ -335,6 +348,87 @@ def inception_score(logits, splits=10, seed=2020):
     return float(np.mean(scores)), float(np.std(scores))
 
 
+def inception_score_adm(logits, split_size=5000):
+    """IS as ADM's evaluator computes it (Dhariwal & Nichol 2021, `evaluations/evaluator.py`): the
+    same softmax of the unbiased logits, but in the given order (no shuffle), consecutive splits of
+    `split_size` images (the last one may be shorter), and the mean over splits only. On 50,000
+    images both variants average 10 splits of 5,000; they differ in which images share a split."""
+    logits = torch.as_tensor(logits).double()
+    if len(logits) == 0:
+        raise ValueError("the Inception Score needs at least one image")
+    scores = []
+    for part in logits.split(split_size):
+        p, log_p = part.softmax(1), part.log_softmax(1)
+        p_y = p.mean(0, keepdim=True)
+        scores.append((p * (log_p - p_y.log())).sum(1).mean().exp().item())
+    return float(np.mean(scores))
+
+
+# ---- Improved precision and recall (Kynkaanniemi et al., NeurIPS 2019), as ADM computes them ----
+# Each set of pool3 features spans a manifold: the union of balls around its points, each as large
+# as the distance to the point's k-th nearest neighbour in its own set (k = 3; Sec. 3, Eq. (1)).
+# Precision is the share of samples inside the reference manifold, recall the share of references
+# inside the sample manifold (Eq. (2)-(3)). ADM's evaluator fixes the details that change the
+# numbers, reproduced below: squared distances, computed in float16 first and again in float32 for
+# any 10,000 x 10,000 block with a non-finite entry; a point counts as its own 0-th neighbour;
+# "inside" is distance <= radius.
+
+PR_BLOCK = 10000  # ADM's row and column batch; its float16 -> float32 fallback is decided per block
+
+
+def squared_distances(u, v):
+    """(N, D), (M, D) -> (N, M) squared Euclidean distances as ADM's DistanceBlock: |u|^2 - 2 u.v +
+    |v|^2, clamped at 0, in float16 (inputs, squares, norms, dot products and each sum rounded to
+    float16; sums accumulated in float32, as TF's GPU kernels do), recomputed in float32 if any
+    entry is not finite (float16 overflows above 65,504)."""
+    d = _distances(u, v, torch.float16)
+    return d if torch.isfinite(d).all() else _distances(u, v, torch.float32)
+
+
+def _distances(u, v, dtype):
+    u, v = u.to(dtype).float(), v.to(dtype).float()
+    norm = lambda x: x.square().to(dtype).float().sum(1).to(dtype)           # (N,) rounded like TF's reduce_sum
+    d = (u @ v.T).to(dtype).mul_(-2)                                         # (N, M), in place from here on:
+    return d.add_(norm(u)[:, None]).add_(norm(v)[None, :]).clamp_min_(0).float()  # each step rounded to dtype
+
+
+def manifold_radii(features, k=3, block=PR_BLOCK):
+    """(N, D) -> (N,) squared distance of each point to its k-th nearest neighbour in the same set,
+    the point itself being the 0-th (ADM's ManifoldEstimator.manifold_radii, nhood_sizes=(3,)).
+    Column blocks are folded into a running k + 1 smallest, so memory stays one block."""
+    if len(features) <= k:
+        raise ValueError(f"precision and recall need more than k = {k} images per set, got {len(features)}")
+    radii = []
+    for rows in features.split(block):
+        nearest = torch.empty(len(rows), 0, device=features.device)
+        for cols in features.split(block):
+            nearest = torch.cat([nearest, squared_distances(rows, cols)], 1).topk(k + 1, 1, largest=False).values
+        radii.append(nearest[:, k])
+    return torch.cat(radii)
+
+
+@torch.no_grad()
+def precision_recall(reference, samples, k=3, block=PR_BLOCK, device=None):
+    """pool3 features of the reference set (N, 2048) and the samples (M, 2048) -> (precision,
+    recall), in blocks of `block` x `block` (on the GPU when `device` is one: 50,000 x 10,000
+    features take seconds there, minutes on a CPU)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False              # TF32 would change the float32 distances
+    try:
+        ref, sam = (torch.as_tensor(x, dtype=torch.float32).to(device or "cpu") for x in (reference, samples))
+        r_ref, r_sam = manifold_radii(ref, k, block), manifold_radii(sam, k, block)
+        ref_in = torch.zeros(len(ref), dtype=torch.bool, device=ref.device)   # inside the sample manifold
+        sam_in = torch.zeros(len(sam), dtype=torch.bool, device=ref.device)   # inside the reference manifold
+        for i in range(0, len(ref), block):
+            for j in range(0, len(sam), block):
+                d = squared_distances(ref[i:i + block], sam[j:j + block])      # (block, block)
+                ref_in[i:i + block] |= (d <= r_sam[None, j:j + block]).any(1)
+                sam_in[j:j + block] |= (d <= r_ref[i:i + block, None]).any(0)
+        return sam_in.double().mean().item(), ref_in.double().mean().item()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 def open_npz(path):
     """np.load of an .npz archive, or one clear line for anything else (an .npy renamed .npz, a
     pickle, a truncated file)."""
@@ -347,18 +441,87 @@ def open_npz(path):
     return f
 
 
+def summarize(pool, logits=None, spatial=None):
+    """Features of one image set -> what the metrics compare: {'num_images', 'mu', 'sigma' (pool3),
+    'mu_s', 'sigma_s' (spatial, for sFID), 'pool' (for precision and recall), 'logits' (for IS)}."""
+    out = dict(num_images=len(pool), pool=torch.as_tensor(pool))
+    out["mu"], out["sigma"] = statistics(pool)
+    if spatial is not None:
+        out["mu_s"], out["sigma_s"] = statistics(spatial)
+    if logits is not None:
+        out["logits"] = logits
+    return out
+
+
+def compare(samples, reference=None, device=None):
+    """Every number of the papers' tables that the two sets allow -> dict: 'fid', 'sfid',
+    'precision', 'recall' (against `reference`), 'is_mean' / 'is_std' (torch-fidelity's IS) and
+    'is_adm' (ADM's) of the samples, 'missing' ({metric: why not}) and 'seconds' per stage. Either
+    set may hold statistics only (as from load_statistics)."""
+    out, missing, seconds = dict(num_images=samples.get("num_images"), mu=samples["mu"], sigma=samples["sigma"]), {}, {}
+    if "logits" in samples and len(samples["logits"]) >= 10:
+        out["is_mean"], out["is_std"] = inception_score(samples["logits"])
+        out["is_adm"] = inception_score_adm(samples["logits"])
+    if reference is None:
+        return dict(out, missing=missing, seconds=seconds)
+    t = time.time()
+    out["fid"] = frechet_distance(samples["mu"], samples["sigma"], reference["mu"], reference["sigma"])
+    if "mu_s" in samples and "mu_s" in reference:
+        out["sfid"] = frechet_distance(samples["mu_s"], samples["sigma_s"], reference["mu_s"], reference["sigma_s"])
+    else:
+        missing["sFID"] = f"the {'reference' if 'mu_s' in samples else 'sample set'} has no spatial statistics (mu_s, sigma_s)"
+    seconds["Frechet distances"] = time.time() - t
+    t = time.time()
+    if "pool" in samples and "pool" in reference:
+        out["precision"], out["recall"] = precision_recall(reference["pool"], samples["pool"], device=device)
+        out["num_reference"] = len(reference["pool"])
+        seconds["precision/recall"] = time.time() - t
+    else:
+        missing["precision/recall"] = (f"the {'reference' if 'pool' in samples else 'sample set'} is statistics only; "
+                                       f"they need its images (or features saved with --save-features)")
+    return dict(out, missing=missing, seconds=seconds)
+
+
+def report(result, reference_name="the reference"):
+    """compare()'s result -> printable lines, each naming its protocol, in the papers' column order."""
+    r, n = result, result.get("num_images")
+    lines = []
+    if "fid" in r:
+        lines.append(f"FID: {r['fid']:.4f}  (pool3 statistics, {n or 'given'} samples vs {reference_name})")
+    if "is_mean" in r:
+        lines.append(f"IS: {r['is_mean']:.4f} +- {r['is_std']:.4f}  (torch-fidelity's protocol: 10 splits after a fixed shuffle)")
+        lines.append(f"IS (ADM evaluator): {r['is_adm']:.4f}  (consecutive splits of 5,000 images, in order)")
+    if "precision" in r:
+        lines.append(f"Precision: {r['precision']:.4f}  (ADM evaluator: k = 3 neighbours, {r['num_reference']} reference images)")
+        lines.append(f"Recall: {r['recall']:.4f}")
+    if "sfid" in r:
+        lines.append(f"sFID: {r['sfid']:.4f}  (ADM evaluator: mixed_6/conv, 7 channels x 17 x 17)")
+    lines += [f"{name}: not computed: {why}" for name, why in r["missing"].items()]
+    return lines
+
+
 def load_statistics(path):
-    """(mu, sigma) from an .npz with `mu` and `sigma`: MAR's fid_stats/adm_in256_stats.npz,
-    pytorch-fid's --save-stats files, or ADM's reference batch VIRTUAL_imagenet256_labeled.npz
-    (which also holds 10k images in arr_0; its mu/sigma cover the whole training set and are used)."""
+    """The statistics an .npz holds -> dict with 'mu', 'sigma' and, where present, 'mu_s', 'sigma_s'
+    (spatial, for sFID) and 'pool' (reference features saved with --save-features). Reads MAR's
+    fid_stats/adm_in256_stats.npz (mu, sigma), pytorch-fid's --save-stats files, this file's, and
+    ADM's reference batches such as VIRTUAL_imagenet256_labeled.npz, whose mu/sigma/mu_s/sigma_s
+    describe the whole ImageNet training set (their 10,000 images in arr_0 are read by load_set)."""
     with open_npz(path) as f:
         if "mu" not in f or "sigma" not in f:
             raise ValueError(f"{path} holds no statistics (keys {sorted(f.keys())}; need mu and sigma)")
-        return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+        out = {k: f[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in f}
+        if "pool3" in f:
+            out["pool"] = torch.from_numpy(f["pool3"].astype(np.float32))
+        return out
 
 
-def save_statistics(path, mu, sigma):
-    np.savez(path, mu=mu, sigma=sigma)
+def save_statistics(path, summary, features=False):
+    """ADM's layout (mu, sigma, mu_s, sigma_s), plus the pool3 features (for precision and recall
+    against this set) when `features`."""
+    arrays = {k: summary[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in summary}
+    if features:
+        arrays["pool3"] = np.asarray(summary["pool"], dtype=np.float32)
+    np.savez(path, **arrays)
 
 
 # =============================================================================================
@@ -381,17 +544,17 @@ def gather(t):
 
 
 class Scorer:
-    """Collects Inception features of images as they are produced (no PNG round trip) and returns
-    FID / IS. Under DDP every rank calls update() with its own images; compute() gathers them in
-    rank order (so give rank r the r-th contiguous block of the image list to keep a fixed order).
+    """Collects Inception features of images as they are produced (no PNG round trip). Under DDP
+    every rank calls update() with its own images; features() gathers them in rank order (so give
+    rank r the r-th contiguous block of the image list to keep a fixed order).
 
         scorer = Scorer(load_inception(device=device))
         for batch in generator: scorer.update(to_uint8(batch))   # (B, 3, H, W) uint8
-        result = scorer.compute(load_statistics("adm_in256_stats.npz"))  # {'fid', 'is_mean', ...}
+        result = scorer.compute(load_statistics("VIRTUAL_imagenet256_labeled.npz"))  # {'fid', 'sfid', ...}
     """
 
     def __init__(self, net, distributed=True):
-        self.net, self.pool, self.logits, self.distributed = net, [], [], distributed
+        self.net, self.pool, self.logits, self.spatial, self.distributed = net, [], [], [], distributed
 
     @torch.no_grad()
     def update(self, images):
@@ -402,28 +565,22 @@ class Scorer:
         tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # full fp32 features
         try:
-            pool, logits = self.net(x)
+            pool, logits, spatial = self.net(x)
         finally:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-        self.pool.append(pool.float().cpu())
-        self.logits.append(logits.float().cpu())
+        for store, t in ((self.pool, pool), (self.logits, logits), (self.spatial, spatial)):
+            store.append(t.float().cpu())
 
     def features(self):
-        """(pool3 (N, 2048), logits (N, 1008)) of all images on all ranks, in rank order."""
-        cat = lambda xs, d: torch.cat(xs) if xs else torch.zeros(0, d)
+        """(pool3 (N, 2048), logits (N, 1008), spatial (N, 2023)) of all images on all ranks, in rank
+        order. A collective under DDP: every rank calls it."""
         collect = gather if self.distributed else (lambda t: t)
-        return collect(cat(self.pool, 2048)), collect(cat(self.logits, 1008))
+        cat = lambda xs, d: collect(torch.cat(xs) if xs else torch.zeros(0, d))
+        return cat(self.pool, 2048), cat(self.logits, 1008), cat(self.spatial, 2023)
 
-    def compute(self, reference=None):
-        """{'num_images', 'mu', 'sigma', 'is_mean', 'is_std', and 'fid' if reference=(mu, sigma)}."""
-        pool, logits = self.features()
-        mu, sigma = statistics(pool)
-        out = dict(num_images=len(pool), mu=mu, sigma=sigma)
-        if len(logits) >= 10:
-            out["is_mean"], out["is_std"] = inception_score(logits)
-        if reference is not None:
-            out["fid"] = frechet_distance(mu, sigma, *reference)
-        return out
+    def compute(self, reference=None, device=None):
+        """compare() of these images against `reference` (a dict as load_statistics / load_set give)."""
+        return compare(summarize(*self.features()), reference, device)
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -481,17 +638,33 @@ class ArrayImages(torch.utils.data.Dataset):
         return torch.from_numpy(self.images[i]).permute(2, 0, 1)
 
 
-def open_input(path):
-    """A folder or .npz of images -> Dataset; an .npz with mu/sigma -> (mu, sigma)."""
+def open_set(path):
+    """An image folder, an .npz of images (arr_0) or an .npz of statistics -> (images to score or
+    None, the statistics stored in the file), checked before any work. Stored statistics are used
+    as they are (ADM's semantics); the images are scored only for what the file lacks (ADM's
+    reference batches: their 10,000 images give the features for precision and recall)."""
     if os.path.isdir(path):
-        return ImageFiles(path)
+        return ImageFiles(path), {}
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such folder or file: {path}")
     if not path.endswith(".npz"):
         raise ValueError(f"{path}: expected an image folder or an .npz file")
     with open_npz(path) as f:
-        has_stats = "mu" in f and "sigma" in f
-    return load_statistics(path) if has_stats else ArrayImages(path)
+        keys = set(f.keys())
+    if "arr_0" not in keys and not {"mu", "sigma"} <= keys:
+        raise ValueError(f"{path} holds neither images (arr_0) nor statistics (mu, sigma): keys {sorted(keys)}")
+    stats = load_statistics(path) if {"mu", "sigma"} <= keys else {}
+    return (ArrayImages(path) if "arr_0" in keys and not {"mu_s", "pool"} <= set(stats) else None), stats
+
+
+def load_set(path, net, batch_size=100, num_workers=0, opened=None):
+    """open_set(path), its images scored -> (the dict compare() takes, seconds spent on features)."""
+    images, stats = opened or open_set(path)
+    if images is None:
+        return stats, 0.0
+    t = time.time()
+    features = score_dataset(images, net, batch_size, num_workers, os.path.basename(path.rstrip("/"))).features()
+    return {**summarize(*features), **stats}, time.time() - t
 
 
 def score_dataset(dataset, net, batch_size=100, num_workers=0, desc="features"):
@@ -577,41 +750,46 @@ class ReconstructionMetrics:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="FID / Inception Score (torch-fidelity's numbers, or pytorch-fid's with --pytorch-fid)")
-    p.add_argument("inputs", nargs="+", metavar="A [B]",
-                   help="image folder, .npz of images (arr_0, N x H x W x 3 uint8) or .npz of statistics (mu, sigma)")
+    p = argparse.ArgumentParser(description="FID, sFID, IS, precision and recall (torch-fidelity's and ADM's numbers; "
+                                            "pytorch-fid's FID with --pytorch-fid)")
+    p.add_argument("inputs", nargs="+", metavar="SAMPLES [REF]",
+                   help="image folder, .npz of images (arr_0, N x H x W x 3 uint8), or .npz of statistics (mu, sigma, "
+                        "and optionally mu_s, sigma_s, pool3), e.g. ADM's VIRTUAL_imagenet256_labeled.npz")
     p.add_argument("--weights", help="Inception weights (torch-fidelity's or pytorch-fid's .pth); default: download once")
     p.add_argument("--pytorch-fid", action="store_true", help="pytorch-fid's input pipeline (CODA's rFID) instead of TF's")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--save-stats", metavar="OUT.npz", help="save mu/sigma of A to this file")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="save the statistics of SAMPLES (ADM's layout: mu, sigma, mu_s, sigma_s)")
+    p.add_argument("--save-features", action="store_true", help="with --save-stats: also save the pool3 features, "
+                                                                "so that precision and recall can use the file as a reference")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     args = p.parse_args(argv)
     if len(args.inputs) > 2 or (len(args.inputs) == 1 and not args.save_stats) or (len(args.inputs) == 2 and args.save_stats):
-        p.error("give A B to compare, or A --save-stats OUT.npz")
+        p.error("give SAMPLES REF to compare, or SAMPLES --save-stats OUT.npz")
+    if args.save_features and not args.save_stats:
+        p.error("--save-features goes with --save-stats")
     if "RANK" in os.environ:  # torchrun: one process per GPU, features computed in shards
         dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
     cuda = torch.cuda.is_available() and args.device != "cpu"
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     try:
-        sources = [open_input(path) for path in args.inputs]
+        opened = [open_set(path) for path in args.inputs]  # every input checked before hours of work
         net = load_inception(args.weights, args.pytorch_fid, device)
-        results = []
-        for path, src in zip(args.inputs, sources):
-            if isinstance(src, tuple):
-                results.append(dict(mu=src[0], sigma=src[1]))
-            else:
-                results.append(score_dataset(src, net, args.batch_size, args.num_workers, os.path.basename(path.rstrip("/"))).compute())
+        sets, seconds = [], {}
+        for name, path, o in zip(("samples", "reference"), args.inputs, opened):
+            data, seconds[f"{name} features"] = load_set(path, net, args.batch_size, args.num_workers, o)
+            sets.append(data)
         if rank0 and args.save_stats:
-            save_statistics(args.save_stats, results[0]["mu"], results[0]["sigma"])
-            print(f"saved statistics of {results[0]['num_images']} images to {args.save_stats}")
-        if rank0 and "is_mean" in results[0]:
-            print(f"IS: {results[0]['is_mean']:.4f} +- {results[0]['is_std']:.4f}")
-        if rank0 and len(results) == 2:
-            print(f"FID: {frechet_distance(results[0]['mu'], results[0]['sigma'], results[1]['mu'], results[1]['sigma']):.6f}")
+            save_statistics(args.save_stats, sets[0], args.save_features)
+            print(f"saved statistics of {sets[0].get('num_images')} images to {args.save_stats}")
+        if rank0:
+            result = compare(sets[0], sets[1] if len(sets) == 2 else None, device)
+            print("\n".join(report(result, os.path.basename(args.inputs[-1].rstrip("/")))))
+            times = {**seconds, **result["seconds"]}
+            print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items() if v > 0))
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"fid.py: error: {e}")
     finally:

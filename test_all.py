@@ -686,7 +686,8 @@ def run_fid(*args, torchrun=False, workers=0):
 
 
 def printed(p, key):
-    return float([l for l in p.stdout.splitlines() if l.startswith(key + ":")][-1].split()[1])
+    """The number after `key:` on the last stdout line that starts with it."""
+    return float([l for l in p.stdout.splitlines() if l.startswith(key + ":")][-1][len(key) + 1:].split()[0])
 
 
 def test_fid_features_match_torch_fidelity_and_pytorch_fid():
@@ -695,7 +696,7 @@ def test_fid_features_match_torch_fidelity_and_pytorch_fid():
         tf, pt = inception_files(d)
         net_tf, net_pt = fid.load_inception(tf), fid.load_inception(pt, pytorch_fid=True)
     with torch.no_grad():
-        pool, logits = net_tf(r["A"])                          # 32x32 -> 299 (TF1 bilinear), (x - 128) / 128
+        pool, logits, _ = net_tf(r["A"])                       # 32x32 -> 299 (TF1 bilinear), (x - 128) / 128
         assert_close(pool, r["tf_pool_A"], 1e-4, "torch-fidelity pool3")
         assert_close(logits, r["tf_logits_A"], 1e-4, "torch-fidelity logits_unbiased")
         assert_close(logits + net_tf.fc.bias, r["tf_logits_biased_A"], 1e-4, "torch-fidelity logits")
@@ -727,6 +728,75 @@ def test_fid_frechet_distance_and_inception_score():
     raises(ValueError, fid.inception_score, r["is_logits"][:5])          # fewer images than splits
 
 
+def sparse_features(seed, n, scale_rows=(), d=2048, k=300):
+    """The feature sets the ADM reference values were computed on: k of d entries per row set to
+    1, 2 or 3 (squared norm at most 2048), from NumPy's frozen legacy generator. Every float16 sum
+    of ADM's distance is then exact except the last one, which rounds distances above 2048 to even:
+    so the float16 pass changes the result, but not the order of summation. `scale_rows` are
+    multiplied by 128: float16 overflows in every block that touches them (float32 stays exact)."""
+    rs = np.random.RandomState(seed)
+    out = np.zeros((n, d), np.float32)
+    for i in range(n):
+        while True:
+            idx, val = rs.choice(d, k, replace=False), rs.randint(1, 4, size=k)
+            if (val ** 2).sum() <= 2048:
+                break
+        out[i, idx] = val
+    out[list(scale_rows)] *= 128
+    return torch.from_numpy(out)
+
+
+def test_fid_precision_recall_match_adm_evaluator_exactly():
+    """The reference: ADM's own ManifoldEstimator and DistanceBlock (guided-diffusion's
+    evaluations/evaluator.py, TensorFlow 2.12 on CPU) with 1,000 x 1,000 blocks, on 3,000 reference
+    and 2,500 sample features; radii and both fractions must be equal, not close."""
+    r = ref("adm_ref.pt")
+    for case, scaled in (("exact", ()), ("overflow", range(1000, 1400))):
+        real, fake = sparse_features(1, 3000, scaled), sparse_features(2, 2500)
+        assert torch.equal(fid.manifold_radii(real, block=1000), r[f"{case}_radii_ref"]), case
+        assert torch.equal(fid.manifold_radii(fake, block=1000), r[f"{case}_radii_sample"]), case
+        precision, recall = fid.precision_recall(real, fake, block=1000)
+        assert (precision, recall) == (r[f"{case}_precision"].item(), r[f"{case}_recall"].item()), (case, precision, recall)
+    # the details matter on this data: float32 only, or one block for all, gives other numbers
+    assert fid.precision_recall(real, fake, block=3000) != (precision, recall)
+    d16 = fid.squared_distances(real[:5], fake[:5])
+    assert torch.equal(d16, fid._distances(real[:5], fake[:5], torch.float16)) and d16.max() > 2048
+    assert not torch.equal(d16, fid._distances(real[:5], fake[:5], torch.float32))       # rounded to even above 2048
+    assert torch.equal(fid.squared_distances(real[1000:1005], fake[:5]), fid._distances(real[1000:1005], fake[:5], torch.float32))
+
+
+def test_fid_adm_inception_score_and_frechet_distance_match_adm_evaluator():
+    """ADM's compute_inception_score (its softmax graph on random pool features and weights) and its
+    frechet_distance (scipy's sqrtm) on statistics of the FID (2048) and sFID (2023) sizes."""
+    r = ref("adm_ref.pt")
+    rs = np.random.RandomState(3)  # the reference script drew these in this order
+    pool, w = torch.from_numpy(rs.rand(12000, 2048).astype(np.float32)), torch.from_numpy((rs.randn(2048, 1008) * 0.05).astype(np.float32))
+    is_adm = fid.inception_score_adm(pool @ w)                 # 3 splits: 5,000, 5,000, 2,000, in order
+    assert abs(is_adm - r["is_adm"].item()) < 1e-6 * r["is_adm"].item(), is_adm
+    assert abs(fid.inception_score(pool @ w)[0] - is_adm) > 1e-5                # torch-fidelity's splits differ
+    for name, dim in (("fid", 2048), ("sfid", 2023)):
+        a, b = rs.randn(3000, dim), rs.randn(3000, dim) * 1.1 + 0.05
+        fd = fid.frechet_distance(*fid.statistics(a), *fid.statistics(b))
+        assert abs(fd - r[name].item()) < 1e-6 * r[name].item(), (name, fd, r[name].item())
+
+
+def test_fid_spatial_features_are_mixed_6d_branch1x1():
+    """sFID's features: ADM reads the TF graph's mixed_6/conv (the 1x1 tower of the 7th Inception
+    block, after its ReLU) and keeps 7 channels in (H, W, C) order. Checked on random weights
+    against that module's output, captured by a hook."""
+    with tempfile.TemporaryDirectory() as d:
+        net = fid.load_inception(inception_files(d)[0])
+    seen = []
+    hook = net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        pool, _, spatial = net(ref("fid_ref.pt")["A"][:4])
+    hook.remove()
+    assert spatial.shape == (4, 2023) and seen[0].shape == (4, 192, 17, 17)
+    assert torch.equal(spatial, seen[0][:, :7].permute(0, 2, 3, 1).reshape(4, -1))
+    assert spatial.min() >= 0 and spatial.std() > 0.05 * spatial.abs().mean()           # after the ReLU, not constant
+    assert torch.equal(spatial.view(4, 17, 17, 7)[:, 2, 5, 3], seen[0][:, 3, 2, 5])       # (row, column, channel)
+
+
 def test_fid_cli_matches_torch_fidelity_on_folders():
     r = ref("fid_ref.pt")
     with tempfile.TemporaryDirectory() as d:
@@ -735,16 +805,31 @@ def test_fid_cli_matches_torch_fidelity_on_folders():
         save_pngs(r["B"], f"{d}/B")
         p = run_fid(f"{d}/A", f"{d}/B", "--weights", tf, "--batch-size", "7")
         assert p.returncode == 0, p.stderr[-2000:]
-        assert p.stdout.strip().splitlines()[-1].startswith("FID: "), p.stdout
         ref_fid = r["tf_fid_AB"].item()                                  # torch_fidelity.calculate_metrics(A, B)
         assert abs(printed(p, "FID") - ref_fid) < 1e-4 * ref_fid, (printed(p, "FID"), ref_fid)
-        is_mean, is_std = [float(v) for v in [l for l in p.stdout.splitlines() if l.startswith("IS:")][0].split()[1::2]]
-        assert abs(is_mean - r["tf_is_A"][0].item()) < 1e-4 and abs(is_std - r["tf_is_A"][1].item()) < 1e-4
-        # saved statistics give the same distance, and the same under torchrun with 2 processes (shards)
+        is_line = [l for l in p.stdout.splitlines() if l.startswith("IS:")][0].split()
+        assert abs(float(is_line[1]) - r["tf_is_A"][0].item()) < 1e-4 and abs(float(is_line[3]) - r["tf_is_A"][1].item()) < 1e-4
+        # all five numbers, each equal to the functions' on the same features computed here
+        net, sets = fid.load_inception(tf), []
+        for images in (r["A"], r["B"]):
+            scorer = fid.Scorer(net)
+            scorer.update(images)
+            sets.append(fid.summarize(*scorer.features()))
+        expect = fid.compare(*sets)
+        for key, name in (("sfid", "sFID"), ("is_adm", "IS (ADM evaluator)"), ("precision", "Precision"), ("recall", "Recall")):
+            assert abs(printed(p, name) - expect[key]) <= 1e-4 * abs(expect[key]) + 1e-9, (name, p.stdout, expect[key])
+        # saved statistics give the same FID and sFID, also under torchrun with 2 processes (shards); with
+        # statistics only, one line says why precision and recall are missing; with --save-features, they are there
         assert run_fid(f"{d}/B", "--save-stats", f"{d}/b.npz", "--weights", tf).returncode == 0
         p2 = run_fid(f"{d}/A", f"{d}/b.npz", "--weights", tf, torchrun=True)
         assert p2.returncode == 0, p2.stderr[-2000:]
         assert abs(printed(p2, "FID") - ref_fid) < 1e-4 * ref_fid, p2.stdout
+        assert abs(printed(p2, "sFID") - expect["sfid"]) < 1e-4 * expect["sfid"], p2.stdout
+        assert "precision/recall: not computed: the reference is statistics only" in p2.stdout and "Precision:" not in p2.stdout
+        assert run_fid(f"{d}/B", "--save-stats", f"{d}/bf.npz", "--save-features", "--weights", tf).returncode == 0
+        assert sorted(np.load(f"{d}/bf.npz").keys()) == ["mu", "mu_s", "pool3", "sigma", "sigma_s"]
+        p4 = run_fid(f"{d}/A", f"{d}/bf.npz", "--weights", tf)
+        assert (printed(p4, "Precision"), printed(p4, "Recall")) == (printed(p, "Precision"), printed(p, "Recall")), p4.stdout
         # pytorch-fid mode: pytorch_fid.fid_score.calculate_fid_given_paths on the same folders
         p3 = run_fid(f"{d}/A", f"{d}/B", "--weights", pt, "--pytorch-fid")
         assert abs(printed(p3, "FID") - r["pt_fid_AB"].item()) < 1e-4 * r["pt_fid_AB"].item(), (p3.stdout, p3.stderr[-500:])
@@ -758,8 +843,7 @@ def test_fid_in_memory_scorer_and_self_distance():
     for chunk in r["A"].split(6):                                      # batches as a generator yields them
         a.update(chunk)
     b.update(r["B"])
-    ref_b = fid.statistics(b.features()[0])
-    out = a.compute(ref_b)
+    out = a.compute(fid.summarize(*b.features()))
     assert out["num_images"] == 20 and abs(out["fid"] - r["tf_fid_AB"].item()) < 1e-4 * r["tf_fid_AB"].item()
     assert abs(out["is_mean"] - r["tf_is_A"][0].item()) < 1e-4
     # A with itself: 0 up to the rounding of the ~2029 zero eigenvalues of a rank-19 covariance
@@ -1420,13 +1504,17 @@ def test_train_eval_generates_and_scores_like_fid_py():
             assert sorted(os.listdir(f"{d}/gen{nproc}")) == [f"{i:05d}.png" for i in range(20)]
             check = run_fid(f"{d}/gen{nproc}", f"{d}/real.npz", "--weights", tf)
             assert abs(printed(p, "FID") - printed(check, "FID")) < 1e-6 * printed(check, "FID"), (p.stdout, check.stdout)
-            assert "seconds per image" in p.stdout and p.stdout.strip().splitlines()[-1].startswith("FID: ")
+            assert "seconds per image" in p.stdout and "precision/recall: not computed: the reference is statistics only" in p.stdout
             record = [json.loads(l) for l in open(f"{d}/run/eval.jsonl")][-1]
             assert record["num_images"] == 20 and record["cfg"] == 2.9 and record["processes"] == nproc, record
-            assert abs(record["fid"] - printed(p, "FID")) < 1e-3, record
+            for key, name in (("fid", "FID"), ("sfid", "sFID"), ("is_adm", "IS (ADM evaluator)")):
+                assert abs(record[key] - printed(p, name)) < 1e-3 and abs(printed(p, name) - printed(check, name)) < 1e-5 * printed(check, name), (key, p.stdout, check.stdout)
         # the built-in data: reference statistics from held-out toy images, cached in the run folder
-        p = run_train(*ev)
+        p = run_train(*ev)  # all five numbers: the built-in reference keeps its held-out images' features
         assert os.path.exists(f"{d}/run/fid_stats_builtin_32px_20.npz") and printed(p, "FID") > 0
+        record = [json.loads(l) for l in open(f"{d}/run/eval.jsonl")][-1]
+        assert 0 <= record["precision"] <= 1 and 0 <= record["recall"] <= 1 and record["sfid"] > 0, record
+        assert abs(record["precision"] - printed(p, "Precision")) < 1e-4 and "not computed" not in p.stdout, p.stdout
         run_train(*[f"{d}/run2" if a == f"{d}/run" else a for a in ev], nproc=2)  # each rank scores half of them
         one, two = (np.load(f"{d}/{r}/fid_stats_builtin_32px_20.npz")["sigma"] for r in ("run", "run2"))
         assert np.abs(one - two).max() < 1e-4 * np.abs(one).mean(), "reference statistics depend on the process count"

@@ -7,8 +7,8 @@ One training driver for every model in this repository: plain torch.distributed 
     torchrun --nnodes=4 --node_rank=$RANK --master_addr=$ADDR --master_port=29500 \
         --nproc_per_node=8 train.py ...                 # several nodes
     torchrun --nproc_per_node=8 train.py --model mar --eval --resume mar_base/checkpoint-last.pth \
-        --preset base --vae kl16.ckpt --fid-stats adm_in256_stats.npz --num-images 50000 \
-        --num-iter 256 --cfg 2.9                        # generate and score (FID-50K, IS)
+        --preset base --vae kl16.ckpt --fid-stats VIRTUAL_imagenet256_labeled.npz --num-images 50000 \
+        --num-iter 256 --cfg 2.9                        # generate and score (FID-50K, IS, P/R, sFID)
 
 It also runs as a single process (`python train.py ...`). A run lives in --output-dir: log.txt,
 metrics.jsonl, checkpoint-last.pth and samples-*.png. Re-running the same command resumes it
@@ -620,22 +620,25 @@ def judge_samples(images, labels, size, seed):
 
 
 @torch.no_grad()
-def builtin_statistics(args, net):
-    """Reference statistics for the built-in data: Inception features of `num_images` held-out toy
-    images (another seed than the training set, classes balanced), cached in the output folder."""
+def builtin_reference(args, net):
+    """The built-in data's reference set: Inception statistics (pool3 and spatial) and pool3
+    features of `num_images` held-out toy images (another seed than the training set, classes
+    balanced), cached in the output folder."""
     path = os.path.join(args.output_dir, f"fid_stats_builtin_{args.img_size}px_{args.num_images}.npz")
     if os.path.exists(path):
-        return fid.load_statistics(path)
+        reference = fid.load_statistics(path)
+        if {"mu_s", "pool"} <= set(reference):  # a cache written before sFID / precision-recall is redone
+            return reference
     images = ToyDataset(args.img_size, args.num_images, seed=args.seed + 1000).images.permute(0, 3, 1, 2)  # uint8
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     scorer = fid.Scorer(net)  # each rank scores its block; features() gathers them in rank order
     for chunk in tqdm(images[rank * len(images) // world: (rank + 1) * len(images) // world].split(args.eval_batch_size),
                       desc="reference statistics", disable=rank > 0):
         scorer.update(chunk)
-    mu, sigma = fid.statistics(scorer.features()[0])
+    reference = fid.summarize(*scorer.features())
     if not dist.is_initialized() or dist.get_rank() == 0:
-        fid.save_statistics(path, mu, sigma)
-    return mu, sigma
+        fid.save_statistics(path, reference, features=True)
+    return reference
 
 
 @torch.no_grad()
@@ -664,7 +667,9 @@ def evaluate(args, rank, world, device):
         fail(f"--eval: {e} (check --preset / --img-size / --vae)")
     try:
         net = fid.load_inception(args.inception_weights, device=device)
-        reference = fid.load_statistics(args.fid_stats) if args.fid_stats else builtin_statistics(args, net)
+        t = time.time()
+        reference = fid.load_set(args.fid_stats, net, args.eval_batch_size)[0] if args.fid_stats else builtin_reference(args, net)
+        reference_seconds = time.time() - t
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))
     model = training.model.to(device).eval()
@@ -693,16 +698,21 @@ def evaluate(args, rank, world, device):
         if args.save_images:
             for j, im in zip(batch.tolist(), images.permute(0, 2, 3, 1).cpu().numpy()):
                 Image.fromarray(im).save(os.path.join(args.save_images, f"{j:05d}.png"))
-    result = scorer.compute(reference)
+    features = scorer.features()  # every rank takes part in the gather; rank 0 computes the metrics
     if rank == 0:
-        out = dict(checkpoint=ckpt_path, num_images=result["num_images"], fid=result["fid"], is_mean=result.get("is_mean"),
-                   is_std=result.get("is_std"), seconds_per_image=seconds / max(timed, 1), num_iter=args.num_iter,
+        result = fid.compare(fid.summarize(*features), reference, device)
+        out = dict(checkpoint=ckpt_path, num_images=result["num_images"],
+                   **{k: result.get(k) for k in ("fid", "is_mean", "is_std", "is_adm", "precision", "recall", "sfid")},
+                   seconds_per_image=seconds / max(timed, 1), num_iter=args.num_iter,
                    cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
-                   num_sampling_steps=getattr(args, "num_sampling_steps", None), processes=world)
-        if "is_mean" in result:  # the numbers first: hours of generation are never lost to a file error
-            print(f"IS: {result['is_mean']:.2f} +- {result['is_std']:.2f}")
+                   num_sampling_steps=getattr(args, "num_sampling_steps", None), processes=world,
+                   seconds={"reference": reference_seconds, **result["seconds"]})
+        # the numbers first: hours of generation are never lost to a file error
         print(f"seconds per image: {out['seconds_per_image']:.4f} ({world} process(es), excluding the first batch)")
-        print(f"FID: {result['fid']:.4f}  ({result['num_images']} images, cfg {args.cfg}, {args.num_iter} steps)", flush=True)
+        print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in out["seconds"].items()))
+        print(f"{result['num_images']} images, cfg {args.cfg}, {args.num_iter} steps:")
+        print("\n".join(fid.report(result, os.path.basename(args.fid_stats) if args.fid_stats else "held-out built-in images")),
+              flush=True)
         append_line(os.path.join(args.output_dir, "eval.jsonl"), json.dumps(out))
 
 
@@ -1011,10 +1021,12 @@ def parse_args(argv=None):
     p.set_defaults(eval=False)
     if hasattr(model, "sample"):  # generators: generate and score
         g = p.add_argument_group("generate and score (--eval)")
-        g.add_argument("--eval", action="store_true", help="generate --num-images samples from --resume and print FID / IS")
+        g.add_argument("--eval", action="store_true", help="generate --num-images samples from --resume and print "
+                                                            "FID, IS, precision, recall and sFID")
         g.add_argument("--eval-batch-size", type=int, default=64, help="generation batch per process (official eval_bsz)")
-        g.add_argument("--fid-stats", help="reference statistics (.npz with mu, sigma), e.g. MAR's adm_in256_stats.npz; "
-                                           "default on the built-in data: computed from held-out toy images")
+        g.add_argument("--fid-stats", help="the reference: ADM's VIRTUAL_imagenet256_labeled.npz (statistics and images: all "
+                                           "five numbers), a statistics .npz (MAR's adm_in256_stats.npz: FID only) or an "
+                                           "image folder; default on the built-in data: held-out toy images")
         g.add_argument("--inception-weights", help="FID Inception weights (torch-fidelity's .pth); default: download once")
         g.add_argument("--save-images", metavar="DIR", help="also write the samples as PNGs (00000.png, ...)")
     for action in p._actions:  # say every default in --help: the model's paper / built-in values
@@ -1035,7 +1047,8 @@ def parse_args(argv=None):
     if error:
         fail(error)
     if args.eval and (args.data_path or getattr(args, "use_cached", False)) and not args.fid_stats:
-        fail("--eval on ImageNet needs --fid-stats (MAR's fid_stats/adm_in256_stats.npz, or `python fid.py DIR --save-stats`)")
+        fail("--eval on ImageNet needs --fid-stats (ADM's VIRTUAL_imagenet256_labeled.npz, MAR's fid_stats/adm_in256_stats.npz, "
+             "or `python fid.py DIR --save-stats`)")
     if args.resume and not os.path.exists(args.resume):
         fail(f"--resume: checkpoint not found: {args.resume}")
     check_numbers(args)
