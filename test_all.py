@@ -826,13 +826,21 @@ def test_fid_cli_matches_torch_fidelity_on_folders():
         assert abs(printed(p2, "FID") - ref_fid) < 1e-4 * ref_fid, p2.stdout
         assert abs(printed(p2, "sFID") - expect["sfid"]) < 1e-4 * expect["sfid"], p2.stdout
         assert "precision/recall: not computed: the reference is statistics only" in p2.stdout and "Precision:" not in p2.stdout
+        # ADM's reference batch layout: its statistics are used as stored, its images (arr_0) give P/R
+        stats = dict(np.load(f"{d}/b.npz"))
+        np.savez(f"{d}/adm.npz", arr_0=r["B"].permute(0, 2, 3, 1).numpy(), **{**stats, "mu": stats["mu"] + 0.01})
+        p3 = run_fid(f"{d}/A", f"{d}/adm.npz", "--weights", tf)
+        stored = fid.frechet_distance(sets[0]["mu"], sets[0]["sigma"], stats["mu"] + 0.01, stats["sigma"])
+        assert abs(printed(p3, "FID") - stored) < 1e-4 * stored and abs(stored - ref_fid) > 1e-2, (p3.stdout, stored)
+        assert abs(printed(p3, "sFID") - expect["sfid"]) < 1e-4 * expect["sfid"], p3.stdout
+        assert (printed(p3, "Precision"), printed(p3, "Recall")) == (printed(p, "Precision"), printed(p, "Recall")), p3.stdout
         assert run_fid(f"{d}/B", "--save-stats", f"{d}/bf.npz", "--save-features", "--weights", tf).returncode == 0
         assert sorted(np.load(f"{d}/bf.npz").keys()) == ["mu", "mu_s", "pool3", "sigma", "sigma_s"]
         p4 = run_fid(f"{d}/A", f"{d}/bf.npz", "--weights", tf)
         assert (printed(p4, "Precision"), printed(p4, "Recall")) == (printed(p, "Precision"), printed(p, "Recall")), p4.stdout
         # pytorch-fid mode: pytorch_fid.fid_score.calculate_fid_given_paths on the same folders
-        p3 = run_fid(f"{d}/A", f"{d}/B", "--weights", pt, "--pytorch-fid")
-        assert abs(printed(p3, "FID") - r["pt_fid_AB"].item()) < 1e-4 * r["pt_fid_AB"].item(), (p3.stdout, p3.stderr[-500:])
+        p5 = run_fid(f"{d}/A", f"{d}/B", "--weights", pt, "--pytorch-fid")
+        assert abs(printed(p5, "FID") - r["pt_fid_AB"].item()) < 1e-4 * r["pt_fid_AB"].item(), (p5.stdout, p5.stderr[-500:])
 
 
 def test_fid_in_memory_scorer_and_self_distance():
