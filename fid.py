@@ -14,10 +14,11 @@ References:
   sFID: C. Nash et al., "Generating Images with Sparse Representations", ICML 2021, Sec. 4.
   P/R:  T. Kynkaanniemi et al., "Improved Precision and Recall Metric for Assessing Generative
         Models", NeurIPS 2019, Sec. 3.
-  The network is the 2015-12-05 TensorFlow Inception-v3 graph all of them were defined with. MAR
-  reports FID-50K / IS with torch-fidelity (github.com/toshas/torch-fidelity) against ADM's
-  ImageNet-256 statistics, and precision / recall as ADM's evaluator computes them (Dhariwal &
-  Nichol 2021, github.com/openai/guided-diffusion, evaluations/evaluator.py; it gives sFID too);
+  The network is the 2015-12-05 TensorFlow Inception-v3 graph FID, IS and sFID were defined with;
+  ADM's evaluator (Dhariwal & Nichol 2021, github.com/openai/guided-diffusion,
+  evaluations/evaluator.py), which the papers' precision / recall columns come from, uses its pool3
+  features for those too (Kynkaanniemi et al. used VGG-16). MAR reports FID-50K / IS with
+  torch-fidelity (github.com/toshas/torch-fidelity) against ADM's ImageNet-256 statistics;
   CODA reports rFID with pytorch-fid (github.com/mseitzer/pytorch-fid). The tools run the same
   network and weights but feed it differently; this file does either, from one forward pass per
   image, and test_all.py checks its numbers against tensors produced by running those tools.
@@ -782,6 +783,8 @@ def main(argv=None):
         for name, path, o in zip(("samples", "reference"), args.inputs, opened):
             data, seconds[f"{name} features"] = load_set(path, net, args.batch_size, args.num_workers, o)
             sets.append(data)
+        if args.save_features and "pool" not in sets[0]:
+            raise ValueError(f"--save-features: {args.inputs[0]} holds statistics only, no images or features to save")
         if rank0 and args.save_stats:
             save_statistics(args.save_stats, sets[0], args.save_features)
             print(f"saved statistics of {sets[0].get('num_images')} images to {args.save_stats}")

@@ -915,6 +915,8 @@ def test_fid_errors_are_one_line():
         np.save(f"{d}/array.npy", np.zeros(3))
         os.rename(f"{d}/array.npy", f"{d}/array.npz")
         cases.append(([f"{d}/A", f"{d}/array.npz"], "a single .npy array, not an .npz archive"))
+        np.savez(f"{d}/stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+        cases.append(([f"{d}/stats.npz", "--save-stats", f"{d}/x.npz", "--save-features"], "holds statistics only"))
         for args, expect in cases:
             args = args if "--weights" in args else args + ["--weights", tf]
             expect_error(run_fid(*args), expect, "fid.py")
