@@ -571,6 +571,8 @@ def add_loss_args(p):
     p.add_argument("--disc-weight", type=float, default=1.0)  # official
     p.add_argument("--disc-weight-decay", type=float, default=0.0005)  # official
     p.add_argument("--inception-weights", help="pytorch-fid Inception weights for the rFID of the final report")
+    p.add_argument("--bf16", action="store_true", help="train in bf16 autocast on CUDA (official CODA: fp32, with TF32 "
+                   "where --tf32 allows; bf16 changes token assignments of a 16,384-code codebook)")
 
 
 def add_vae_args(p):
@@ -605,6 +607,7 @@ class TokenizerTraining(nn.Module):
     def __init__(self, args, num_classes, device):
         super().__init__()
         self.args, self.device = args, device
+        self.bf16 = args.bf16  # train.py's autocast on CUDA; official CODA trains in fp32
         self.build(args, device)
         self.criterion = TokenizerLoss(args.l1_weight, args.l2_weight, args.lpips_weight, args.disc,
                                        args.disc_weight, args.dino_weights).to(device)

@@ -994,6 +994,7 @@ class Training(nn.Module):
     """What train.py needs to train MAR: the model (`model`), the frozen VAE between images and
     tokens, the inputs of a data batch, the loss, the optimizer's groups and sampling."""
     betas = (0.9, 0.95)  # paper App. B
+    bf16 = True  # train.py's autocast on CUDA (official: fp16 autocast; bf16 needs no GradScaler); loss and CFG in fp32
     PRESETS, PAPER, BUILTIN = PRESETS, PAPER, BUILTIN
     add_args, check_args = staticmethod(add_args), staticmethod(check_args)
 
@@ -1062,7 +1063,8 @@ def bench_device():
 def training_speed(model, inputs, steps, amp, sync, betas):
     """Images/s of full AdamW training steps (forward, backward, update) on fixed inputs, after 3
     warm-up steps; model(*inputs) must return the loss."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=betas)
+    cuda = next(model.parameters()).device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=betas, fused=cuda)  # fused on CUDA, as train.py
     for i in range(steps + 3):
         if i == 3:
             sync()
@@ -1091,6 +1093,8 @@ def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64
 
     model.eval()
     labels = torch.arange(sample_batch, device=device) % model.class_emb.num_embeddings
+    with amp:  # warm-up: kernels loaded and allocator pools grown before anything is timed
+        model.sample_tokens(sample_batch, 1, cfg=cfg, labels=labels)
     for num_iter in iters:
         sync()
         t0 = time.perf_counter()

@@ -194,28 +194,32 @@ def decode(logits_fn, batch, length, mask_id, num_iter=8, choice_temperature=4.5
         if trace is not None:
             trace.append(x.clone())
         unknown = x == mask_id                                              # (B, L)
-        logits = logits_fn(x).float() / temperature                         # (B, L, V)
-        sampled = (logits + sample_noise(logits.shape, generator, device)).argmax(-1)
+        logits = logits_fn(x).float() / temperature                         # (B, L, V): one fp32 copy
+        log_z = logits.logsumexp(-1)                                        # (B, L), before the noise is added
+        gumbel = sample_noise(logits.shape, generator, device)              # (B, L, V): the second, and last
+        sampled = gumbel.add_(logits).argmax(-1)                            # categorical sample (Gumbel-max)
+        del gumbel
         sampled = torch.where(unknown, sampled, x)                          # decoded tokens are kept
         if t == num_iter - 1:
             return sampled
-        probs = logits.softmax(-1).gather(-1, sampled[..., None])[..., 0]   # p(sampled token)
+        log_p = logits.gather(-1, sampled[..., None])[..., 0] - log_z       # log p(sampled token), (B, L)
         noise = sample_noise((batch, length), generator, device)
-        x = torch.where(remask(probs, unknown, n0, t, num_iter, choice_temperature, noise), mask_id, sampled)
+        x = torch.where(remask(log_p, unknown, n0, t, num_iter, choice_temperature, noise), mask_id, sampled)
     return x
 
 
-def remask(probs, unknown, n0, step, num_iter, choice_temperature, noise):
+def remask(log_p, unknown, n0, step, num_iter, choice_temperature, noise):
     """Which tokens go back to [MASK] after step `step` (official mask_by_random_topk):
       mask_len   = floor(N0 * gamma((t+1)/T)), clamped to [1, #unknown - 1] (at least one token is
                    revealed per step and at least one kept for the next; float32 as the JAX code);
       confidence = log p(sampled) + choice_temperature * (1 - (t+1)/T) * Gumbel noise, and +inf for
                    the tokens known before this step, so they are never re-masked;
-      the mask_len lowest confidences are re-masked."""
+      the mask_len lowest confidences are re-masked. The schedule terms are host scalars (float32
+      values, computed on the CPU): no copy to the device and no sync per step."""
     ratio = torch.tensor(float(step + 1), dtype=torch.float32) / num_iter
-    mask_len = torch.floor(n0 * gamma(ratio).to(n0.device))                # (B, 1)
+    mask_len = torch.floor(n0 * gamma(ratio).item())                       # (B, 1), float32 times a float32 value
     mask_len = torch.maximum(torch.ones_like(mask_len), torch.minimum(unknown.sum(1, keepdim=True) - 1.0, mask_len))
-    confidence = torch.where(unknown, probs.log(), torch.inf) + choice_temperature * (1.0 - ratio.item()) * noise
+    confidence = torch.where(unknown, log_p, torch.inf) + choice_temperature * (1.0 - ratio.item()) * noise
     cutoff = confidence.sort(-1).values.gather(-1, mask_len.long())        # the (mask_len + 1)-th lowest score
     return confidence < cutoff
 
@@ -279,6 +283,7 @@ class Training(nn.Module):
     """What train.py needs to train MaskGIT: the model, the frozen CODA tokenizer (images <->
     tokens), the inputs of a batch of cached tokens, the loss and decoding."""
     betas = (0.9, 0.96)  # official MaskGIT config
+    bf16 = True  # train.py's autocast on CUDA (the official release has no training code; mixed precision as MAR)
     PRESETS, PAPER, BUILTIN, add_args = PRESETS, PAPER, BUILTIN, staticmethod(add_args)
 
     def __init__(self, args, num_classes, device):
@@ -339,6 +344,8 @@ def benchmark(preset="large", batch_size=32, sample_batch=64, steps=10, iters=(8
     print(f"training: {speed:.1f} images/s (batch {batch_size})")
     model.eval()
     labels = torch.arange(sample_batch, device=device) % model.num_classes
+    with amp:  # warm-up, not timed
+        model.generate(labels, 1, cfg=cfg)
     for num_iter in iters:
         sync()
         t0 = time.perf_counter()

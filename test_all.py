@@ -599,7 +599,7 @@ def test_maskgit_remasking_matches_official_step_by_step():
         unknown = states[t] == -1
         logits = r["det_table"] + 0.5 * (~unknown).sum().float() * r["det_extra"]
         probs = logits.softmax(-1).gather(-1, samples[t][:, None])[:, 0]
-        masked = maskgit.remask(probs[None], unknown[None], torch.full((1, 1), float(N)), t, T, 0.0, torch.zeros(1, N))
+        masked = maskgit.remask(probs.log()[None], unknown[None], torch.full((1, 1), float(N)), t, T, 0.0, torch.zeros(1, N))
         assert torch.equal(torch.where(masked[0], -1, samples[t]), states[t + 1]), t
     assert (samples[-1] != -1).all()
 
@@ -1486,7 +1486,7 @@ def test_train_maskgit_on_cached_coda_tokens():
         run_fid(f"{d}/real", "--save-stats", f"{d}/real.npz", "--weights", tf)
         p = run_train(*mg, "--eval", "--num-images", "20", "--eval-batch-size", "10", "--inception-weights", tf,
                       "--fid-stats", f"{d}/real.npz")
-        assert p.stdout.strip().splitlines()[-1].startswith("FID: ") and printed(p, "FID") > 0, p.stdout[-500:]
+        assert printed(p, "FID") > 0 and printed(p, "sFID") > 0 and printed(p, "IS (ADM evaluator)") > 0, p.stdout[-500:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1534,22 +1534,96 @@ def test_train_eval_generates_and_scores_like_fid_py():
 
 
 # ---------------------------------------------------------------------------------------------
+# CUDA: `python test_all.py cuda` on a GPU machine; skipped where there is none
+# ---------------------------------------------------------------------------------------------
+
+class Skip(Exception):
+    """Raised by a test that cannot run on this machine: counted as skipped, not as passed or failed."""
+
+
+def need_cuda():
+    if not torch.cuda.is_available():
+        raise Skip("no CUDA device")
+
+
+def on_cuda(flags):
+    return ["cuda" if f == "cpu" else f for f in flags]
+
+
+def test_cuda_train_steps_of_each_model():
+    """A few train.py steps of every model on the GPU, each in its official precision (MAR and
+    MaskGIT bf16 autocast, the tokenizers fp32), and MAR once more with --compile."""
+    need_cuda()
+    with tempfile.TemporaryDirectory() as d:
+        data, runs = shared_run("data"), []
+        runs.append(("mar", ["--model", "mar", *on_cuda(MAR)], "bf16 autocast"))
+        runs.append(("mar-compiled", ["--model", "mar", *on_cuda(MAR), "--compile"], "bf16 autocast"))
+        runs.append(("vae", ["--model", "vae", *on_cuda(TOKENIZER)], "fp32"))
+        runs.append(("coda", ["--model", "coda", "--vae", f"{d}/vae/checkpoint-last.pth", *on_cuda(TOKENIZER)], "fp32"))
+        runs.append(("maskgit", ["--model", "maskgit", "--tokenizer", f"{d}/coda/checkpoint-last.pth", *on_cuda(FAST),
+                                 "--num-iter", "2"], "bf16 autocast"))
+        for name, flags, precision in runs:
+            run_train(*flags, "--data-path", data, "--epochs", "1", "--output-dir", f"{d}/{name}")
+            log = open(f"{d}/{name}/log.txt").read()
+            assert "device: CPU" not in log and f"precision: {precision}" in log, (name, log[-800:])
+            losses = [json.loads(l)["loss"] for l in open(f"{d}/{name}/metrics.jsonl")]
+            assert losses and all(math.isfinite(v) for v in losses), (name, losses)
+
+
+def test_cuda_bf16_loss_and_sampling_match_fp32():
+    """On the same batch and noise, MAR's bf16-autocast loss is within 2% of fp32's, and sampling
+    from the same seed under autocast keeps float32 tokens close to fp32's."""
+    need_cuda()
+    torch.manual_seed(0)
+    model = mar.mar_tiny(num_sampling_steps=10).to("cuda")
+    x, y = torch.randn(16, 3, 32, 32, device="cuda") * 0.5, torch.randint(0, 10, (16,), device="cuda")
+    losses = []
+    for amp in (False, True):
+        torch.manual_seed(1)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            losses.append(model(x, y).item())
+    assert abs(losses[1] - losses[0]) < 0.02 * losses[0], losses
+    model.eval()
+    samples = []
+    for amp in (False, True):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            samples.append(model.sample_tokens(8, 4, cfg=2.0, labels=torch.arange(8, device="cuda"),
+                                               generator=torch.Generator("cuda").manual_seed(3)))
+    assert samples[1].dtype == torch.float32 and torch.isfinite(samples[1]).all()
+    assert (samples[1] - samples[0]).abs().mean() < 0.1 * samples[0].abs().mean(), "bf16 samples drift from fp32"
+
+
+def test_cuda_benchmarks_run():
+    """`python mar.py --bench` and `python maskgit.py --bench` run and print their figures (tiny
+    presets here, on whatever device there is; the real figures come from the default presets)."""
+    p = run_script(os.path.join(HERE, "mar.py"), "--bench", "--preset", "tiny", "--batch-size", "8", "--sample-batch", "4",
+                   "--steps", "2", "--num-iter", "2")
+    assert "training:" in p.stdout and p.stdout.count("sampling:") == 1, p.stdout
+    p = run_script(os.path.join(HERE, "maskgit.py"), "--bench", "--preset", "tiny", "--batch-size", "8",
+                   "--sample-batch", "4", "--num-iter", "2")
+    assert "training:" in p.stdout and p.stdout.count("generation:") == 1, p.stdout
+
+
+# ---------------------------------------------------------------------------------------------
 
 def main():
     pattern = sys.argv[1] if len(sys.argv) > 1 else ""
     tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and callable(f) and pattern in n]
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    passed = failed = 0
+    passed = failed = skipped = 0
     for name, fn in tests:
         t0 = time.time()
         try:
             fn()
             passed += 1
             print(f"PASS {name} ({time.time() - t0:.1f}s)", flush=True)
+        except Skip as why:
+            skipped += 1
+            print(f"SKIP {name} ({why})", flush=True)
         except Exception:
             failed += 1
             print(f"FAIL {name} ({time.time() - t0:.1f}s)\n{traceback.format_exc()}", flush=True)
-    print(f"{passed} passed, {failed} failed")
+    print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
     sys.exit(1 if failed else 0)
 
 

@@ -804,7 +804,10 @@ def main(args):
             log(f"note: resuming on {world} processes instead of {ckpt.get('world_size')}: random streams re-seeded")
         log(f"resumed from {resume} at step {step} / {total_steps}")
         del ckpt
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()  # bf16: no GradScaler
+    bf16 = cuda and training.bf16  # each model's official precision (MAR, MaskGIT: mixed; CODA, VAE: fp32 unless --bf16)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()  # bf16: no GradScaler
+    if cuda:
+        log(f"precision: {'bf16 autocast' if bf16 else 'fp32'}{', TF32 matmuls' if args.tf32 and not bf16 else ''}")
 
     def save():
         """Atomic: write a temporary file, then rename, so a crash never leaves a broken checkpoint."""
@@ -1023,7 +1026,8 @@ def parse_args(argv=None):
         g = p.add_argument_group("generate and score (--eval)")
         g.add_argument("--eval", action="store_true", help="generate --num-images samples from --resume and print "
                                                             "FID, IS, precision, recall and sFID")
-        g.add_argument("--eval-batch-size", type=int, default=64, help="generation batch per process (official eval_bsz)")
+        g.add_argument("--eval-batch-size", type=int, default=256, help="generation batch per process (official eval_bsz "
+                                                                        "for MAR-B/L; 128 for MAR-H)")
         g.add_argument("--fid-stats", help="the reference: ADM's VIRTUAL_imagenet256_labeled.npz (statistics and images: all "
                                            "five numbers), a statistics .npz (MAR's adm_in256_stats.npz: FID only) or an "
                                            "image folder; default on the built-in data: held-out toy images")
