@@ -189,12 +189,18 @@ class CODAQuantizer(nn.Module):
         return f_hat
 
 
+def code_counts(indices, codebook_size):
+    """(codebook_size,) how often each code occurs in `indices` (any tensors of code ids), counted
+    with a fixed-size scatter: torch.bincount would wait on the GPU for the largest id, once per
+    level and training step."""
+    flat = torch.cat([index.flatten() for index in indices])
+    return torch.zeros(codebook_size, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+
+
 def codebook_usage(indices, codebook_size):
-    """Fraction of the codebook selected at least once in `indices` (any tensors of code ids, e.g.
-    all levels of all images of a validation set), and the per-code counts."""
-    counts = torch.zeros(codebook_size, dtype=torch.long, device=indices[0].device)
-    for index in indices:
-        counts += torch.bincount(index.flatten(), minlength=codebook_size)
+    """Fraction of the codebook selected at least once in `indices` (e.g. all levels of all images
+    of a validation set), and the per-code counts."""
+    counts = code_counts(indices, codebook_size)
     return (counts > 0).float().mean().item(), counts
 
 
@@ -621,7 +627,7 @@ class TokenizerTraining(nn.Module):
         if self.disc is not None and dist.is_initialized() and dist.get_world_size() > 1:
             if self.device.type == "cuda":
                 self.disc = self.criterion.disc = nn.SyncBatchNorm.convert_sync_batchnorm(self.disc)
-            self.train_disc = ddp(self.disc)
+            self.train_disc = ddp(self.disc, buffers=True)  # BatchNorm statistics stay equal on every rank
 
     def image_loss(self, x, recon, progress, extra, logs):
         """Reconstruction + ramped GAN term (section 5) + the model's own terms `extra`."""
@@ -781,7 +787,7 @@ class Training(TokenizerTraining):
 
     def loss(self, model, x, y, progress):
         recon, q_loss, e_loss, indices = model(x)
-        counts = sum(torch.bincount(i.flatten(), minlength=self.model.quantizer.codebook_size) for i in indices)
+        counts = code_counts(indices, self.model.quantizer.codebook_size)  # no host sync in the step
         self.usage = counts if self.usage is None else self.usage + counts
         extra = self.args.vq_weight * q_loss + self.args.entropy_weight * e_loss  # sections 1-3
         return self.image_loss(x, recon, progress, extra, dict(q_loss=q_loss.detach(), entropy=e_loss.detach()))

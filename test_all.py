@@ -508,6 +508,7 @@ def test_coda_release_layout_and_plain_vq_modes():
     assert torch.allclose(f.grad, torch.ones_like(f.grad), atol=1e-5), f.grad
     usage, counts = coda.codebook_usage(indices, 32)
     assert counts.sum() == 3 * (1 + 4 + 16) and usage == (counts > 0).float().mean().item()
+    assert torch.equal(counts, sum(torch.bincount(i.flatten(), minlength=32) for i in indices))  # the scatter counts right
 
 
 def test_coda_losses_lpips_gan_and_adaptive_weight():

@@ -789,10 +789,13 @@ def main(args):
         step = ckpt["step"]
         if rank == 0:  # a run killed after its last checkpoint logged steps that will now run again
             keep_metrics_until(os.path.join(args.output_dir, "metrics.jsonl"), step)
-    # compile (optional) before DDP; checkpoints are always written from the plain `model`
-    train_model = torch.compile(model) if args.compile else model
-    ddp = lambda m: DDP(m, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True) if world > 1 else m
-    train_model = ddp(train_model)
+    # DDP, then compile (optional) the wrapped model: dynamo splits the graph at DDP's buckets, so the
+    # all-reduce still overlaps the backward pass. The models' buffers are constants (schedules,
+    # layouts): not broadcast at every forward. Checkpoints are always written from the plain `model`.
+    ddp = lambda m, buffers=False: (DDP(m, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True,
+                                        broadcast_buffers=buffers) if world > 1 else m)
+    train_model = ddp(model)
+    train_model = torch.compile(train_model) if args.compile else train_model
     if hasattr(training, "wrap"):
         training.wrap(ddp)  # a second player's own DDP (CODA's discriminator)
     ema = copy.deepcopy(model).requires_grad_(False)  # after the DDP wrap, so every rank starts equal
