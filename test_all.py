@@ -1594,6 +1594,14 @@ def test_cuda_bf16_loss_and_sampling_match_fp32():
     assert (samples[1] - samples[0]).abs().mean() < 0.1 * samples[0].abs().mean(), "bf16 samples drift from fp32"
 
 
+def test_cuda_precision_recall_on_the_gpu_equal_the_cpu():
+    """The nearest-neighbour blocks on the GPU (TF32 off) give ADM's numbers, as on the CPU."""
+    need_cuda()
+    r = ref("adm_ref.pt")
+    real, fake = sparse_features(1, 3000, range(1000, 1400)), sparse_features(2, 2500)
+    assert fid.precision_recall(real, fake, block=1000, device="cuda") == (r["overflow_precision"].item(), r["overflow_recall"].item())
+
+
 def test_cuda_benchmarks_run():
     """`python mar.py --bench` and `python maskgit.py --bench` run and print their figures (tiny
     presets here, on whatever device there is; the real figures come from the default presets)."""

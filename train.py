@@ -293,7 +293,8 @@ def picture(training, ema, num_classes, held_out, seed):
         rows = list(range(num_classes)) if num_classes <= 10 else [207, 360, 388, 113, 355, 980, 323, 979]
         cols = 10 if num_classes <= 10 else 8
         labels = torch.tensor(rows, device=training.device).repeat_interleave(cols)
-        return training.sample(ema, labels, torch.Generator().manual_seed(seed)), labels, cols
+        generator = torch.Generator(training.device).manual_seed(seed)  # on the device: no host copy per draw
+        return training.sample(ema, labels, generator), labels, cols
     real = held_out(8).to(training.device)
     recon = training.reconstruct(ema, real)[0].float()
     return torch.stack([real, recon], 1).flatten(0, 1), None, 8
