@@ -577,8 +577,8 @@ def add_loss_args(p):
     p.add_argument("--disc-weight", type=float, default=1.0)  # official
     p.add_argument("--disc-weight-decay", type=float, default=0.0005)  # official
     p.add_argument("--inception-weights", help="pytorch-fid Inception weights for the rFID of the final report")
-    p.add_argument("--bf16", action="store_true", help="train in bf16 autocast on CUDA (official CODA: fp32, with TF32 "
-                   "where --tf32 allows; bf16 changes token assignments of a 16,384-code codebook)")
+    p.add_argument("--bf16", action="store_true", help="train in bf16 autocast on CUDA (official CODA: fp32, TF32 matmuls unless "
+                   "--no-tf32; bf16 changes token assignments of a 16,384-code codebook)")
 
 
 def add_vae_args(p):
