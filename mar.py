@@ -862,15 +862,16 @@ def mar_huge(**kwargs):  # 942.40M parameters
 
 
 def mar_tiny(**kwargs):
-    """Trains on a 2-core CPU in minutes: 32x32 RGB images modelled directly as 8x8 tokens of 4x4
-    pixel patches (48 values each), 10 classes (the built-in data). Not a paper configuration.
-    Its position embeddings start at the 2-D sin-cos table: from N(0, 0.02), in a CPU-sized run the
-    model never learned where tokens are (moving the known tokens to other places did not change
-    its predictions; README, "Quick start", the measurements under the default run)."""
-    return MAR(**{**dict(img_size=32, vae_stride=1, patch_size=4, vae_embed_dim=3, class_num=10,
+    """Trains on a 2-core CPU in minutes: 32x32 RGB images modelled directly as 4x4 tokens of 8x8
+    pixel patches (192 values each; Diffusion Loss MLP 256 wide), 10 classes (the built-in data).
+    Not a paper configuration. Its position embeddings start at the 2-D sin-cos table: from
+    N(0, 0.02), in a CPU-sized run the model never learned where tokens are. 8x8 patches instead
+    of 4x4 run 1.6x more images per second and score 3x higher by the colour-blind judge in the
+    same time (README, "Quick start", the measurements under the default run)."""
+    return MAR(**{**dict(img_size=32, vae_stride=1, patch_size=8, vae_embed_dim=3, class_num=10,
                          encoder_embed_dim=96, encoder_depth=2, encoder_num_heads=4,
                          decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4,
-                         buffer_size=4, attn_dropout=0.0, proj_dropout=0.0, diffloss_d=3, diffloss_w=128,
+                         buffer_size=4, attn_dropout=0.0, proj_dropout=0.0, diffloss_d=3, diffloss_w=256,
                          diffusion_batch_mul=1, clip_denoised=True, sincos_init=True), **kwargs})
 
 
@@ -946,7 +947,7 @@ def load_vae(path, device):
 PAPER = dict(preset="base", img_size=256, epochs=400, warmup_epochs=100, batch_size=64, blr=1e-4, lr_schedule="constant",
              weight_decay=0.02, grad_clip=3.0, ema=0.9999, ckpt_every=1000, sample_every=5000, num_images=50000,
              num_iter=64, cfg=2.9, cfg_schedule="linear", diffusion_batch_mul=4)
-BUILTIN = dict(PAPER, preset="tiny", img_size=32, epochs=25, warmup_epochs=1, blr=4e-3, ema=0.999, diffusion_batch_mul=1,
+BUILTIN = dict(PAPER, preset="tiny", img_size=32, epochs=40, warmup_epochs=1, blr=4e-3, ema=0.999, diffusion_batch_mul=1,
                ckpt_every=500, sample_every=1000, num_iter=8, cfg=6.0, num_images=1000)
 
 
@@ -1004,7 +1005,7 @@ class Training(nn.Module):
         if args.vae:
             self.vae, self.scale, _ = load_vae(args.vae, device)
         stride = self.vae.stride if self.vae else 1
-        patch = args.patch_size or (1 if self.vae else 4)  # pixels: 4x4 patches (48 values) per token
+        patch = args.patch_size or (1 if self.vae else 8)  # pixels: 8x8 patches (192 values) per token
         if args.img_size % (stride * patch):
             raise ValueError(f"--img-size {args.img_size} is not a multiple of VAE stride x patch size = {stride * patch}")
         # the architecture facts a resumed or evaluated checkpoint must match
