@@ -334,9 +334,11 @@ def test_mar_tiny_positions_start_at_the_2d_sincos_table():
     assert torch.allclose(gram[at(0, 0), at(1, 2)], gram[at(3, 3), at(4, 5)], atol=1e-4)   # offset (1, 2) twice
     assert gram[at(2, 2), at(2, 3)] > gram[at(2, 2), at(2, 5)] > gram[at(2, 2), at(2, 7)]  # farther: less alike
     assert abs(table[at(0, 0)].norm().item() ** 2 - 48) < 1e-3                 # sin^2 + cos^2 per pair: unit scale
-    tiny = mar.mar_tiny()
-    for p in (tiny.encoder_pos_embed_learned, tiny.decoder_pos_embed_learned, tiny.diffusion_pos_embed_learned):
-        assert torch.equal(p[0, -64:], table)
+    for tiny in (mar.mar_tiny(), mar.mar_tiny(patch_size=4)):    # 4x4 tokens (the preset), 8x8 tokens
+        side = tiny.seq_h
+        for p in (tiny.encoder_pos_embed_learned, tiny.decoder_pos_embed_learned, tiny.diffusion_pos_embed_learned):
+            assert torch.equal(p[0, -side * side:], mar.sincos_2d(96, side))
+    assert torch.equal(mar.sincos_2d(96, 8), table)
     assert 0.01 < tiny.encoder_pos_embed_learned[0, :4].std() < 0.04           # the 4 buffer slots
     paper_init = mar.mar_tiny(sincos_init=False)
     assert 0.018 < paper_init.decoder_pos_embed_learned.std() < 0.022
@@ -1342,7 +1344,7 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             (["--use-cached"], "--use-cached needs --cache-path"),
             (["--cache-latents", "--data-path", data], "--cache-latents needs"),
             (["--data-path", data, "--resume", f"{d}/coda.pth"], "checkpoint of --model coda"),
-            (["--data-path", data, "--patch-size", "2", "--output-dir", f"{d}/tiny"], "another config: patch_size 4"),
+            (["--data-path", data, "--patch-size", "2", "--output-dir", f"{d}/tiny"], "another config: patch_size 8"),
             (["--data-path", data, "--resume", f"{d}/nope.pth"], "checkpoint not found"),
             (["--model", "coda", "--vae", f"{d}/nope.ckpt", "--data-path", data], "--vae: checkpoint not found"),
             (["--model", "maskgit", "--tokenizer", f"{d}/tiny/checkpoint-last.pth", "--data-path", data],
