@@ -1174,7 +1174,8 @@ def test_train_defaults_follow_the_data_and_say_so():
     import train
     data = shared_run("data")  # 40 images
     small = train.parse_args(["--data-path", data])
-    assert (small.preset, small.img_size, small.ema, small.epochs, small.warmup_epochs) == ("tiny", 32, 0.999, 6250, 250)
+    steps = mar.BUILTIN["epochs"] * 10000 // 40  # the built-in run's steps (10,000 images) over 40 images
+    assert (small.preset, small.img_size, small.ema, small.epochs, small.warmup_epochs) == ("tiny", 32, 0.999, steps, 250)
     assert small.defaults_in_force.startswith("defaults: CPU-sized (fewer than 100,000 images)"), small.defaults_in_force
     paper = train.parse_args(["--data-path", data, "--defaults", "paper"])
     assert (paper.preset, paper.img_size, paper.ema, paper.epochs, paper.warmup_epochs) == ("base", 256, 0.9999, 400, 100)
