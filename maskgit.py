@@ -227,8 +227,8 @@ def remask(log_p, unknown, n0, step, num_iter, choice_temperature, noise):
 def sample_noise(shape, generator, device):
     """Gumbel(0, 1) noise of `shape`."""
     u = rand(shape, generator, device)
-    e = -torch.log(u.clamp_min(1e-20))                                      # Exponential(1)
-    return -torch.log(e.clamp_min(1e-20))
+    e = u.clamp_min_(1e-20).log_().neg_()                                   # Exponential(1), in place
+    return e.clamp_min_(1e-20).log_().neg_()
 
 
 def masked_cross_entropy(logits, targets, mask, label_smoothing=0.1):

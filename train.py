@@ -1033,7 +1033,7 @@ def parse_args(argv=None):
         g.add_argument("--eval-batch-size", type=int, default=256, help="generation batch per process (official eval_bsz "
                                                                         "for MAR-B/L; 128 for MAR-H)")
         g.add_argument("--fid-stats", help="the reference: ADM's VIRTUAL_imagenet256_labeled.npz (statistics and images: all "
-                                           "five numbers), a statistics .npz (MAR's adm_in256_stats.npz: FID only) or an "
+                                           "five numbers), a statistics .npz (MAR's adm_in256_stats.npz: FID and IS only) or an "
                                            "image folder; default on the built-in data: held-out toy images")
         g.add_argument("--inception-weights", help="FID Inception weights (torch-fidelity's .pth); default: download once")
         g.add_argument("--save-images", metavar="DIR", help="also write the samples as PNGs (00000.png, ...)")
