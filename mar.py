@@ -1004,6 +1004,8 @@ class Training(nn.Module):
         self.args, self.device, self.vae, self.scale = args, device, None, VAE_SCALE
         if args.vae:
             self.vae, self.scale, _ = load_vae(args.vae, device)
+            if device.type == "cuda":
+                self.vae = self.vae.to(memory_format=torch.channels_last)  # cuDNN's faster layout for the convs
         stride = self.vae.stride if self.vae else 1
         patch = args.patch_size or (1 if self.vae else 8)  # pixels: 8x8 patches (192 values) per token
         if args.img_size % (stride * patch):
@@ -1025,7 +1027,14 @@ class Training(nn.Module):
             moments = torch.where(flip, batch[1].to(self.device, non_blocking=True), batch[0].to(self.device, non_blocking=True))
             return DiagonalGaussian(moments).sample() * self.scale, labels
         images = batch[0].to(self.device, non_blocking=True)
-        return images_to_latents(self.vae, torch.where(flip, images.flip(3), images), scale=self.scale), labels
+        images = torch.where(flip, images.flip(3), images)
+        if self.vae is None or self.device.type != "cuda":
+            return images_to_latents(self.vae, images, scale=self.scale), labels
+        # online encoding costs ~137 GFLOP per 256 px image: on CUDA in bf16 and channels_last (the
+        # official code encodes in fp32); the posterior's moments and its sample stay fp32
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            moments = self.vae.encode(images.contiguous(memory_format=torch.channels_last)).moments
+        return DiagonalGaussian(moments.float()).sample() * self.scale, labels
 
     def loss(self, model, x, labels, progress):
         return model(x, labels)  # Diffusion Loss of the masked tokens (Eq. 2), random order and mask ratio
