@@ -1203,6 +1203,33 @@ def test_train_ddp_two_processes_keep_ranks_identical():
 
 
 
+def test_train_ranks_that_see_different_output_folders_refuse_instead_of_hanging():
+    """Issue 15: rank 0 decides whether to resume and tells the others. Two gloo processes started
+    by hand, each in its own working directory with the same relative --output-dir (node-local
+    disks): rank 1 cannot see the checkpoint rank 0 resumes from, says so in one line and exits;
+    rank 0 exits too, within seconds, instead of waiting for it."""
+    import socket
+    with tempfile.TemporaryDirectory() as d:
+        data, flags = shared_run("data"), [*MAR, "--output-dir", "run", "--dist-timeout", "5"]
+        run_train("--data-path", shared_run("data"), *MAR, "--epochs", "1", "--output-dir", f"{d}/a/run")
+        os.makedirs(f"{d}/b/run")                                            # rank 1's disk: an empty folder
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [subprocess.Popen([sys.executable, TRAIN, "--data-path", data, *flags, "--epochs", "2"], cwd=f"{d}/{cwd}",
+                                  env=dict(ENV, RANK=str(r), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1",
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r, cwd in ((0, "a"), (1, "b"))]
+        t0 = time.time()
+        try:
+            (_, err0), (_, err1) = [p.communicate(timeout=120) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        assert procs[0].returncode != 0 and time.time() - t0 < 90, err0[-1000:]
+        expect_error(subprocess.CompletedProcess([], procs[1].returncode, "", err1), "rank 1 cannot see run/checkpoint-last.pth", "train.py")
+
+
 def test_train_names_a_rank_that_stops_answering():
     """Issue 14 case 4: rank 1 of 2 is stopped (SIGSTOP) mid-run; instead of stalling forever the run
     fails within --dist-timeout with one line naming rank 1."""
