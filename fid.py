@@ -745,8 +745,8 @@ class ReconstructionMetrics:
     def compute(self):
         out = dict(psnr=self.collect(torch.cat(self.psnr)).mean().item(), ssim=self.collect(torch.cat(self.ssim)).mean().item())
         if self.net is not None:
-            real, fake = self.real.compute(), self.fake.compute()
-            out.update(rfid=frechet_distance(fake["mu"], fake["sigma"], real["mu"], real["sigma"]), num_images=real["num_images"])
+            real, fake = self.real.features()[0], self.fake.features()[0]  # pool3: rFID needs nothing else
+            out.update(rfid=frechet_distance(*statistics(fake), *statistics(real)), num_images=len(real))
         return out
 
 
@@ -778,13 +778,13 @@ def main(argv=None):
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     try:
         opened = [open_set(path) for path in args.inputs]  # every input checked before hours of work
+        if args.save_features and opened[0][0] is None and "pool" not in opened[0][1]:
+            raise ValueError(f"--save-features: {args.inputs[0]} holds statistics only, no images or features to save")
         net = load_inception(args.weights, args.pytorch_fid, device)
         sets, seconds = [], {}
         for name, path, o in zip(("samples", "reference"), args.inputs, opened):
             data, seconds[f"{name} features"] = load_set(path, net, args.batch_size, args.num_workers, o)
             sets.append(data)
-        if args.save_features and "pool" not in sets[0]:
-            raise ValueError(f"--save-features: {args.inputs[0]} holds statistics only, no images or features to save")
         if rank0 and args.save_stats:
             save_statistics(args.save_stats, sets[0], args.save_features)
             print(f"saved statistics of {sets[0].get('num_images')} images to {args.save_stats}")
