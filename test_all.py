@@ -1114,11 +1114,15 @@ def test_train_builtin_data_is_deterministic_and_varied():
 
 
 def test_train_builtin_classes_cannot_be_told_apart_by_colour():
-    """Every class draws its colours from the same distribution: a classifier on colour statistics
-    (mean and std of each channel) stays near chance (10%) on held-out images."""
+    """Every class draws its colour from the same distribution: a classifier on colour statistics
+    (mean and std of each channel's chroma, i.e. the image minus its luma) stays near chance (10%) on
+    held-out images. Luma is left out on purpose: how much of the image is light depends on the
+    shape (a disc covers more than a ring), and shape is what the classes are about."""
     import train
     x = train.ToyDataset(32, num_images=3000, seed=7).images.float().flatten(1, 2) / 255  # (N, HW, 3)
-    features, labels = torch.cat([x.mean(1), x.std(1)], 1), torch.arange(3000) % 10
+    chroma = x - (x @ torch.tensor([0.299, 0.587, 0.114]))[..., None]  # (N, HW, 3)
+    features, labels = torch.cat([chroma.mean(1), chroma.std(1)], 1), torch.arange(3000) % 10
+    features = (features - features.mean(0)) / features.std(0)
     torch.manual_seed(0)
     head = torch.nn.Linear(6, 10)
     opt = torch.optim.Adam(head.parameters(), lr=0.05)
@@ -1128,8 +1132,7 @@ def test_train_builtin_classes_cannot_be_told_apart_by_colour():
         loss.backward()
         opt.step()
     with torch.no_grad():
-        assert (head(features[:2000]).argmax(1) == labels[:2000]).float().mean() < 0.3
-        assert (head(features[2000:]).argmax(1) == labels[2000:]).float().mean() < 0.25
+        assert (head(features[2000:]).argmax(1) == labels[2000:]).float().mean() < 0.18
 
 
 def test_train_colour_blind_judge_separates_the_classes():

@@ -458,12 +458,13 @@ class CachedTokens(torch.utils.data.Dataset):
 
 # ---- the built-in data: procedurally drawn, class-conditional toy images ---------------------
 # Ten classes that differ in SHAPE or TEXTURE only: disc, square, triangle, ring, plus, horizontal
-# stripes, vertical stripes, checkerboard, gradient, dots. Every class draws its two colours from the
-# same distribution (any hue and saturation; one light, one dark, either of them in front), so colour
-# says nothing about the class, while the light/dark contrast keeps every shape visible to a
-# colour-blind eye. Random position, size, rotation and a faint background ramp give variety inside a
-# class. Drawn from signed distance fields (anti-aliased at any size), deterministic from (seed,
-# label, index), no download, generated once into memory.
+# stripes, vertical stripes, checkerboard, gradient, dots. Every image is a light shape on a dark
+# ground in one colour (any hue and saturation, drawn alike for every class), so colour says
+# nothing about the class, while the light/dark contrast shows every shape to a colour-blind eye.
+# Random position, size, rotation, hue and a faint background ramp give variety inside a class.
+# Drawn from signed distance fields (anti-aliased at any size), deterministic from (seed, label,
+# index), no download, generated once into memory. Why light on dark, and why these sizes: the
+# measurements under the default run in the README.
 
 TOY_CLASSES = ["disc", "square", "triangle", "ring", "plus", "h-stripes", "v-stripes", "checkerboard",
                "gradient", "dots"]
@@ -476,29 +477,28 @@ def toy_image(label, index, seed=0, size=32):
     y = x.T
     rotate = lambda u, v, a: (np.cos(a) * u + np.sin(a) * v, np.cos(a) * v - np.sin(a) * u)
     stripes = lambda u, f: (0.25 - np.abs(np.mod(u * f + rng.uniform(), 1.0) - 0.5)) / f  # > 0 on a stripe
-    light, dark = (np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.9), v)) for v in
-                   (rng.uniform(0.75, 1), rng.uniform(0.0, 0.35)))
-    fg, bg = (light, dark) if rng.uniform() < 0.5 else (dark, light)
-    u0, v0 = x - rng.uniform(-0.3, 0.3), y - rng.uniform(-0.3, 0.3)
+    hue, saturation = rng.uniform(), rng.uniform(0, 0.9)
+    fg, bg = (np.array(colorsys.hsv_to_rgb(hue, saturation, v)) for v in (rng.uniform(0.75, 1), rng.uniform(0, 0.35)))
+    u0, v0 = x - rng.uniform(-0.15, 0.15), y - rng.uniform(-0.15, 0.15)
     u, v = rotate(u0, v0, rng.uniform(0, 2 * np.pi))
     r = np.hypot(u0, v0)
     if label == 0:  # disc
-        d = rng.uniform(0.3, 0.6) - r
+        d = rng.uniform(0.45, 0.9) - r
     elif label == 1:  # square, any rotation
-        d = rng.uniform(0.28, 0.5) - np.maximum(np.abs(u), np.abs(v))
+        d = rng.uniform(0.42, 0.75) - np.maximum(np.abs(u), np.abs(v))
     elif label == 2:  # equilateral triangle: the intersection of three half-planes
-        d = np.min([rng.uniform(0.2, 0.32) - rotate(u, v, k * 2 * np.pi / 3)[0] for k in range(3)], axis=0)
+        d = np.min([rng.uniform(0.3, 0.48) - rotate(u, v, k * 2 * np.pi / 3)[0] for k in range(3)], axis=0)
     elif label == 3:  # ring
-        d = rng.uniform(0.1, 0.18) - np.abs(r - rng.uniform(0.38, 0.6))
+        d = rng.uniform(0.15, 0.27) - np.abs(r - rng.uniform(0.57, 0.9))
     elif label == 4:  # plus (an x when rotated)
-        w, arm = rng.uniform(0.1, 0.17), rng.uniform(0.45, 0.65)
+        w, arm = rng.uniform(0.15, 0.255), rng.uniform(0.675, 0.975)
         d = np.maximum(np.minimum(w - np.abs(u), arm - np.abs(v)), np.minimum(w - np.abs(v), arm - np.abs(u)))
     elif label in (5, 6, 7):  # horizontal / vertical stripes, checkerboard: up to 12 degrees off axis
         u, v = rotate(x, y, rng.uniform(-0.2, 0.2))
         f = rng.uniform(1.5, 2.8) if label < 7 else rng.uniform(1.2, 2.0)
         a, b = stripes(v, f), stripes(u, f)
         d = a if label == 5 else b if label == 6 else np.sign(a * b) * np.minimum(np.abs(a), np.abs(b))
-    elif label == 8:  # gradient: the whole image ramps from one colour to the other
+    elif label == 8:  # gradient: the whole image ramps from dark to light
         d = (np.cos(a := rng.uniform(0, 2 * np.pi)) * x + np.sin(a) * y) / size * rng.uniform(1.5, 3)
     else:  # dots: 5-12 small discs anywhere
         n = rng.integers(5, 13)
