@@ -388,12 +388,19 @@ def respaced_timesteps(num_timesteps, num_steps):
 class GaussianDiffusion(nn.Module):
     """Cosine-schedule Gaussian diffusion with epsilon prediction and learned-range variance
     (Nichol & Dhariwal 2021), optionally respaced to fewer steps. Schedules are computed in
-    float64 and stored as float32 buffers (non-persistent, so checkpoints are unaffected)."""
+    float64 and stored as float32 buffers (non-persistent, so checkpoints are unaffected).
 
-    def __init__(self, num_steps=1000, num_timesteps=1000):
+    snr_shift k divides the signal-to-noise ratio abar / (1 - abar) of every step by about k ("simple
+    diffusion", Hoogeboom et al. 2023, Sec. 3.1). The paper's latent tokens use k = 1 (the plain
+    cosine schedule). For tokens of k pixels that share one colour, the colour stays visible through
+    k times more noise than a single value does; without the shift it is read off the noisy token
+    itself in training and decided, token by token, from a barely trained condition in sampling."""
+
+    def __init__(self, num_steps=1000, num_timesteps=1000, snr_shift=1.0):
         super().__init__()
         # Cosine schedule: abar(s) = cos^2((s + 0.008) / 1.008 * pi / 2), beta clipped at 0.999.
-        abar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+        cosine = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+        abar = cosine if snr_shift == 1 else lambda s: cosine(s) / (cosine(s) + snr_shift * (1 - cosine(s)))
         betas = [min(1 - abar((i + 1) / num_timesteps) / abar(i / num_timesteps), 0.999) for i in range(num_timesteps)]
         acp_full = torch.tensor(betas, dtype=torch.float64).neg().add(1).cumprod(0)
         # Respacing: keep steps tau_j and recompute betas so that abar is unchanged at the kept steps.
@@ -489,12 +496,12 @@ class DiffLoss(nn.Module):
     sampling `num_sampling_steps` respaced ones (100 in the paper)."""
 
     def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps=100, grad_checkpointing=False,
-                 clip_denoised=False):
+                 clip_denoised=False, snr_shift=1.0):
         super().__init__()
         self.in_channels, self.clip_denoised = target_channels, clip_denoised
         self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth, grad_checkpointing)
-        self.train_diffusion = GaussianDiffusion(1000)
-        self.gen_diffusion = GaussianDiffusion(int(num_sampling_steps))
+        self.train_diffusion = GaussianDiffusion(1000, snr_shift=snr_shift)
+        self.gen_diffusion = GaussianDiffusion(int(num_sampling_steps), snr_shift=snr_shift)
 
     def forward(self, target, z, t=None, noise=None):
         """Mean loss over N tokens; target (N, C), z (N, D). Each token draws its own t."""
@@ -625,7 +632,7 @@ class MAR(nn.Module):
                  vae_embed_dim=16, mask_ratio_min=0.7, label_drop_prob=0.1, class_num=1000,
                  attn_dropout=0.1, proj_dropout=0.1, buffer_size=64,
                  diffloss_d=3, diffloss_w=1024, num_sampling_steps=100, diffusion_batch_mul=4,
-                 grad_checkpointing=False, clip_denoised=False, sincos_init=False):
+                 grad_checkpointing=False, clip_denoised=False, sincos_init=False, snr_shift=1.0):
         super().__init__()
         # Tokens (Sec. 4.2, "Tokenizer"): the latent grid (C, H/stride, W/stride) is cut into
         # patch_size x patch_size patches; one token = one patch, C * p^2 values.
@@ -670,8 +677,9 @@ class MAR(nn.Module):
         # Early in training the eps error at t = 999 is amplified ~300x by the first reverse step of the
         # respaced cosine schedule; latents (unbounded) cannot be clipped and need a trained model
         # (official issues #36, #98: samples are black or NaN for the first ~40-80 epochs), but pixels can.
+        # snr_shift: 1 for latents (the paper); the pixel count of a token for pixels (GaussianDiffusion).
         self.diffloss = DiffLoss(self.token_embed_dim, Dd, diffloss_d, diffloss_w, num_sampling_steps, grad_checkpointing,
-                                 clip_denoised)
+                                 clip_denoised, snr_shift)
 
     def initialize_weights(self, sincos_init=False):
         for p in [self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
@@ -1023,7 +1031,8 @@ class Training(nn.Module):
         self.model = PRESETS[args.preset](**arch, diffusion_batch_mul=args.diffusion_batch_mul,
                                           num_sampling_steps=args.num_sampling_steps,
                                           grad_checkpointing=args.grad_checkpointing,
-                                          clip_denoised=self.vae is None)  # pixels are bounded: clip x0
+                                          clip_denoised=self.vae is None,  # pixels are bounded: clip x0
+                                          snr_shift=patch**2 if self.vae is None else 1.0)  # p x p pixels share a colour
 
     def inputs(self, batch, flip):
         """A data batch (images or cached moments, labels) and its flip draws -> (scaled latents, labels)."""

@@ -143,6 +143,20 @@ def test_mar_diffusion_schedules():
     assert_close(gen.post_logvar, r["gen100_post_logvar"], rtol=1e-6, what="posterior log-variance")
 
 
+
+def test_mar_snr_shift_for_pixel_tokens():
+    """snr_shift k divides every step's signal-to-noise ratio by the same factor, about k (63.4 for
+    64: the schedule is normalised by its value at s = 0), in the respaced schedule too; k = 1 is
+    the official schedule (checked above). Training on pixels uses k = pixels per token."""
+    import train
+    snr = lambda d: d.sqrt_acp.double() ** 2 / d.sqrt_one_minus_acp.double() ** 2
+    for steps in (1000, 100):
+        ratio = snr(mar.GaussianDiffusion(steps)) / snr(mar.GaussianDiffusion(steps, snr_shift=64.0))
+        assert 63 < ratio[0] <= 64 and (ratio / ratio[0] - 1).abs().max() < 1e-5, (steps, ratio)
+    pixels = mar.Training(train.parse_args(["--model", "mar"]), 10, torch.device("cpu")).model.diffloss
+    ratio = snr(mar.GaussianDiffusion(1000)) / snr(pixels.train_diffusion)   # 8x8 pixels per token
+    assert 63 < ratio[0] <= 64 and (ratio / ratio[0] - 1).abs().max() < 1e-5
+
 def test_mar_denoiser_output():
     model, r = ref_mar()
     with torch.no_grad():
