@@ -631,11 +631,7 @@ def builtin_reference(args, net):
         if {"mu_s", "pool"} <= set(reference):  # a cache written before sFID / precision-recall is redone
             return reference
     images = ToyDataset(args.img_size, args.num_images, seed=args.seed + 1000).images.permute(0, 3, 1, 2)  # uint8
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    scorer = fid.Scorer(net)  # each rank scores its block; features() gathers them in rank order
-    for chunk in tqdm(images[rank * len(images) // world: (rank + 1) * len(images) // world].split(args.eval_batch_size),
-                      desc="reference statistics", disable=rank > 0):
-        scorer.update(chunk)
+    scorer = fid.score_dataset(images, net, args.eval_batch_size, desc="reference statistics")  # each rank its block
     reference = fid.summarize(*scorer.features())
     if not dist.is_initialized() or dist.get_rank() == 0:
         fid.save_statistics(path, reference, features=True)
