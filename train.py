@@ -624,8 +624,9 @@ def judge_samples(images, labels, size, seed):
 def builtin_reference(args, net):
     """The built-in data's reference set: Inception statistics (pool3 and spatial) and pool3
     features of `num_images` held-out toy images (another seed than the training set, classes
-    balanced), cached in the output folder."""
-    path = os.path.join(args.output_dir, f"fid_stats_builtin_{args.img_size}px_{args.num_images}.npz")
+    balanced), cached in the output folder under a name that changes with the data's drawing code."""
+    drawn = hashlib.sha1(ToyDataset(args.img_size, 10, seed=args.seed + 1000).images.numpy().tobytes()).hexdigest()[:8]
+    path = os.path.join(args.output_dir, f"fid_stats_builtin_{args.img_size}px_{args.num_images}_{drawn}.npz")
     if os.path.exists(path):
         reference = fid.load_statistics(path)
         if {"mu_s", "pool"} <= set(reference):  # a cache written before sFID / precision-recall is redone
