@@ -394,10 +394,17 @@ class GaussianDiffusion(nn.Module):
     diffusion", Hoogeboom et al. 2023, Sec. 3.1). The paper's latent tokens use k = 1 (the plain
     cosine schedule). For tokens of k pixels that share one colour, the colour stays visible through
     k times more noise than a single value does; without the shift it is read off the noisy token
-    itself in training and decided, token by token, from a barely trained condition in sampling."""
+    itself in training and decided, token by token, from a barely trained condition in sampling.
 
-    def __init__(self, num_steps=1000, num_timesteps=1000, snr_shift=1.0):
+    v_prediction: the MLP predicts v = sqrt(abar) eps - sqrt(1 - abar) x0 instead of eps (Salimans
+    & Ho 2022, as simple diffusion does), converted to eps wherever eps is used, so guidance and the
+    reverse step are unchanged. Its MSE is the eps MSE divided by abar: at high noise, where eps is
+    nearly the noisy token itself and its loss says almost nothing about x0, v still has to name x0.
+    That is where a token's shape is decided. The paper's latent tokens use eps (False)."""
+
+    def __init__(self, num_steps=1000, num_timesteps=1000, snr_shift=1.0, v_prediction=False):
         super().__init__()
+        self.v_prediction = v_prediction
         # Cosine schedule: abar(s) = cos^2((s + 0.008) / 1.008 * pi / 2), beta clipped at 0.999.
         cosine = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
         abar = cosine if snr_shift == 1 else lambda s: cosine(s) / (cosine(s) + snr_shift * (1 - cosine(s)))
@@ -427,6 +434,12 @@ class GaussianDiffusion(nn.Module):
         """Forward process: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (paper Sec. 3.2)."""
         return self.sqrt_acp[t][:, None] * x0 + self.sqrt_one_minus_acp[t][:, None] * noise
 
+    def to_eps(self, pred, x_t, t):
+        """The MLP's first output -> eps: itself, or from v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+        if not self.v_prediction:
+            return pred
+        return self.sqrt_one_minus_acp[t][:, None] * x_t + self.sqrt_acp[t][:, None] * pred
+
     def q_posterior(self, x0, x_t, t):
         """Mean and log-variance of the true posterior q(x_{t-1} | x_t, x0)."""
         return self.coef1[t][:, None] * x0 + self.coef2[t][:, None] * x_t, self.post_logvar[t][:, None]
@@ -437,6 +450,7 @@ class GaussianDiffusion(nn.Module):
         posterior mean at the predicted x0. MAR never clips x0 (latents are unbounded); `clip` bounds
         it to [-1, 1], as ADM does for pixels, for tokens that are pixels."""
         eps, v = out.float().chunk(2, dim=1)
+        eps = self.to_eps(eps, x_t, t)
         frac = (v + 1) / 2
         logvar = frac * self.log_betas[t][:, None] + (1 - frac) * self.post_logvar[t][:, None]
         x0 = self.sqrt_recip_acp[t][:, None] * x_t - self.sqrt_recipm1_acp[t][:, None] * eps
@@ -450,9 +464,10 @@ class GaussianDiffusion(nn.Module):
         t = 0 (ADM's image likelihood, applied unchanged to latents, as in the official code)."""
         x_t = self.q_sample(x0, t, noise)
         out = net(x_t, self.timestep_map[t], c).float()  # (N, 2C)
-        eps, v = out.chunk(2, dim=1)
-        mse = ((noise - eps) ** 2).mean(dim=1)
-        mean, logvar = self.p_mean_logvar(torch.cat([eps.detach(), v], dim=1), x_t, t)
+        pred, v = out.chunk(2, dim=1)
+        target = self.sqrt_acp[t][:, None] * noise - self.sqrt_one_minus_acp[t][:, None] * x0 if self.v_prediction else noise
+        mse = ((target - pred) ** 2).mean(dim=1)
+        mean, logvar = self.p_mean_logvar(torch.cat([pred.detach(), v], dim=1), x_t, t)
         true_mean, true_logvar = self.q_posterior(x0, x_t, t)
         kl = normal_kl(true_mean, true_logvar, mean, logvar).mean(dim=1) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar).mean(dim=1) / math.log(2.0)
@@ -496,12 +511,12 @@ class DiffLoss(nn.Module):
     sampling `num_sampling_steps` respaced ones (100 in the paper)."""
 
     def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps=100, grad_checkpointing=False,
-                 clip_denoised=False, snr_shift=1.0):
+                 clip_denoised=False, snr_shift=1.0, v_prediction=False):
         super().__init__()
         self.in_channels, self.clip_denoised = target_channels, clip_denoised
         self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth, grad_checkpointing)
-        self.train_diffusion = GaussianDiffusion(1000, snr_shift=snr_shift)
-        self.gen_diffusion = GaussianDiffusion(int(num_sampling_steps), snr_shift=snr_shift)
+        self.train_diffusion = GaussianDiffusion(1000, snr_shift=snr_shift, v_prediction=v_prediction)
+        self.gen_diffusion = GaussianDiffusion(int(num_sampling_steps), snr_shift=snr_shift, v_prediction=v_prediction)
 
     def forward(self, target, z, t=None, noise=None):
         """Mean loss over N tokens; target (N, C), z (N, D). Each token draws its own t."""
@@ -632,7 +647,8 @@ class MAR(nn.Module):
                  vae_embed_dim=16, mask_ratio_min=0.7, label_drop_prob=0.1, class_num=1000,
                  attn_dropout=0.1, proj_dropout=0.1, buffer_size=64,
                  diffloss_d=3, diffloss_w=1024, num_sampling_steps=100, diffusion_batch_mul=4,
-                 grad_checkpointing=False, clip_denoised=False, sincos_init=False, snr_shift=1.0):
+                 grad_checkpointing=False, clip_denoised=False, sincos_init=False, snr_shift=1.0,
+                 v_prediction=False):
         super().__init__()
         # Tokens (Sec. 4.2, "Tokenizer"): the latent grid (C, H/stride, W/stride) is cut into
         # patch_size x patch_size patches; one token = one patch, C * p^2 values.
@@ -679,7 +695,7 @@ class MAR(nn.Module):
         # (official issues #36, #98: samples are black or NaN for the first ~40-80 epochs), but pixels can.
         # snr_shift: 1 for latents (the paper); the pixel count of a token for pixels (GaussianDiffusion).
         self.diffloss = DiffLoss(self.token_embed_dim, Dd, diffloss_d, diffloss_w, num_sampling_steps, grad_checkpointing,
-                                 clip_denoised, snr_shift)
+                                 clip_denoised, snr_shift, v_prediction)
 
     def initialize_weights(self, sincos_init=False):
         for p in [self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
@@ -1032,7 +1048,8 @@ class Training(nn.Module):
                                           num_sampling_steps=args.num_sampling_steps,
                                           grad_checkpointing=args.grad_checkpointing,
                                           clip_denoised=self.vae is None,  # pixels are bounded: clip x0
-                                          snr_shift=patch**2 if self.vae is None else 1.0)  # p x p pixels share a colour
+                                          snr_shift=patch**2 if self.vae is None else 1.0,  # p x p pixels share a colour
+                                          v_prediction=self.vae is None)  # pixels: the shape is decided at high noise
 
     def inputs(self, batch, flip):
         """A data batch (images or cached moments, labels) and its flip draws -> (scaled latents, labels)."""

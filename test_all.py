@@ -157,6 +157,27 @@ def test_mar_snr_shift_for_pixel_tokens():
     ratio = snr(mar.GaussianDiffusion(1000)) / snr(pixels.train_diffusion)   # 8x8 pixels per token
     assert 63 < ratio[0] <= 64 and (ratio / ratio[0] - 1).abs().max() < 1e-5
 
+def test_mar_v_prediction_for_pixel_tokens():
+    """With v_prediction the MLP's first output is v = sqrt(abar) eps - sqrt(1 - abar) x0: the true
+    v converts back to the true eps at every step, its training MSE is the eps MSE / abar, and the
+    pixel path (no VAE) uses it while the paper's latent path keeps eps."""
+    import train
+    g = torch.Generator().manual_seed(0)
+    d, e = mar.GaussianDiffusion(1000, v_prediction=True), mar.GaussianDiffusion(1000)
+    x0, noise, t = torch.randn(64, 12, generator=g), torch.randn(64, 12, generator=g), torch.arange(0, 1000, 1000 // 64)[:64]
+    a, b = d.sqrt_acp[t][:, None], d.sqrt_one_minus_acp[t][:, None]
+    x_t = d.q_sample(x0, t, noise)
+    assert_close(d.to_eps(a * noise - b * x0, x_t, t), noise, rtol=1e-4, what="eps from the true v")
+    pred = torch.randn(64, 12, generator=g)  # an imperfect MLP output: compare the MSE terms
+    v_mse = ((a * noise - b * x0 - pred) ** 2).mean(1)
+    eps_mse = ((noise - d.to_eps(pred, x_t, t)) ** 2).mean(1)
+    assert_close(v_mse, eps_mse / a[:, 0] ** 2, rtol=1e-3, what="v MSE = eps MSE / abar")
+    assert torch.equal(e.to_eps(pred, x_t, t), pred)
+    pixels = mar.Training(train.parse_args(["--model", "mar"]), 10, torch.device("cpu")).model.diffloss
+    assert pixels.train_diffusion.v_prediction and pixels.gen_diffusion.v_prediction
+    assert not mar.mar_base().diffloss.train_diffusion.v_prediction
+
+
 def test_mar_denoiser_output():
     model, r = ref_mar()
     with torch.no_grad():
@@ -1294,6 +1315,22 @@ def test_train_resume_is_exact():
         run_train(*common, "--epochs", "12", "--output-dir", f"{d}/pre")
         assert same_state(final_weights(f"{d}/pre"), full), "preempted + resumed run differs from the uninterrupted one"
 
+
+
+def test_train_checkpoints_are_written_in_the_background_from_a_snapshot():
+    """The checkpoint holds the state at the moment `write` was called, though training goes on
+    while a thread writes it; a failed write stops the run with one line."""
+    import train
+    with tempfile.TemporaryDirectory() as d:
+        writer, weights = train.CheckpointWriter(), torch.arange(100_000.0)
+        writer.write({"model": {"w": weights}, "step": 3}, f"{d}/c.pth")
+        weights.add_(1)  # the next training step
+        writer.wait()
+        saved = torch.load(f"{d}/c.pth", weights_only=True)
+        assert saved["step"] == 3 and torch.equal(saved["model"]["w"], torch.arange(100_000.0))
+        assert os.listdir(d) == ["c.pth"]  # no temporary file left
+        writer.write({"model": {"w": weights}}, f"{d}/gone/c.pth")
+        assert "could not write the checkpoint" in str(raises(SystemExit, writer.wait))
 
 
 def test_train_a_signal_during_the_final_report_stops_at_once():

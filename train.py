@@ -273,6 +273,45 @@ def check_config(path, saved, current):
         fail(f"{path} was trained with another config: " + ", ".join(f"{k} {a} (checkpoint) vs {b} (now)" for k, (a, b) in diff.items()))
 
 
+def to_cpu(obj):
+    """A copy of `obj` (nested dicts / lists of tensors) with every tensor copied to CPU memory."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    return type(obj)(to_cpu(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+class CheckpointWriter:
+    """Checkpoints written in the background: `write` copies the state to CPU memory (seconds even
+    for MAR-H) and a thread saves it, so the ranks train on while the file is written (minutes on a
+    slow disk). Atomic: a temporary file, then a rename, so a crash never leaves a broken checkpoint.
+    A failed write stops the run at the next `write` or `wait`, with one line."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def write(self, state, path):
+        self.wait()
+        snapshot = to_cpu(state)
+
+        def save():
+            try:
+                torch.save(snapshot, path + ".tmp")
+                os.replace(path + ".tmp", path)
+            except Exception as e:  # a full disk, a vanished folder: said at the next write or wait
+                self.error = f"could not write the checkpoint {path}: {getattr(e, 'strerror', None) or e}"
+        self.thread = threading.Thread(target=save, name="checkpoint")
+        self.thread.start()
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error:
+            fail(self.error)
+
+
 def save_grid(images, path, nrow):
     """[-1, 1] images (N, 3, H, W) -> a PNG grid with nrow images per row and 2 px white padding."""
     pix = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
@@ -810,16 +849,19 @@ def main(args):
     if cuda:
         log(f"precision: {'bf16 autocast' if bf16 else 'fp32'}{', TF32 matmuls' if args.tf32 and not bf16 else ''}")
 
-    def save():
-        """Atomic: write a temporary file, then rename, so a crash never leaves a broken checkpoint."""
+    writer = CheckpointWriter()
+
+    def save(final=False):
+        """In the background (see CheckpointWriter); `final`: wait until the file is written."""
         states = gather_to_rank0(rng_state(device, aug))
         if rank == 0:
             extra = training.checkpoint_state(ema, held_out) if hasattr(training, "checkpoint_state") else {}
-            torch.save({"model": model.state_dict(), "model_ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                        "step": step, "epoch": step / steps_per_epoch, "args": vars(args), "model_name": args.model,
-                        "config": training.config, "rng": states, "world_size": world, **extra}, ckpt_path + ".tmp")
-            os.replace(ckpt_path + ".tmp", ckpt_path)
-        barrier()
+            writer.write({"model": model.state_dict(), "model_ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                          "step": step, "epoch": step / steps_per_epoch, "args": vars(args), "model_name": args.model,
+                          "config": training.config, "rng": states, "world_size": world, **extra}, ckpt_path)
+        if final:
+            writer.wait()
+            barrier()
 
     def grid(name):  # on rank 0: the picture of the EMA model (see `picture`)
         if rank == 0:
@@ -885,13 +927,13 @@ def main(args):
                 t_window, n_window = time.time(), 0
                 if stop:
                     STOP["code"] = STOP["code"] or 128 + signal.SIGTERM  # the signal came to another rank
-                    save()
+                    save(final=True)
                     log(f"stopped by {STOP['signal'] or 'a signal on another rank'} at step {step}: checkpoint saved "
                         f"to {ckpt_path}; run the same command to resume")
                     pbar.close()
                     return None
             if step % args.ckpt_every == 0 or last:
-                save()
+                save(final=last)
             if step % args.sample_every == 0 and not last:
                 grid(f"{step:07d}")
             if last:
