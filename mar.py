@@ -791,13 +791,19 @@ class MAR(nn.Module):
         mul = self.diffusion_batch_mul
         return self.diffloss(target.repeat(mul, 1), z.repeat(mul, 1), t, noise)  # rows: (repeat, sample, token)
 
-    def forward(self, x, labels):
-        """Training loss. x (B, C, H, W): latents already multiplied by VAE_SCALE (or pixels)."""
+    def draw_num_masked(self):
+        """How many tokens a training batch masks: one mask ratio per batch (Sec. 4.2), so every
+        row masks the same number of tokens. A host-side draw (a CPU random number)."""
+        return math.ceil(self.seq_len * mask_ratio_from_uniform(torch.rand((), dtype=torch.float64), self.mask_ratio_min))
+
+    def forward(self, x, labels, num_masked=None):
+        """Training loss. x (B, C, H, W): latents already multiplied by VAE_SCALE (or pixels).
+        `num_masked` is drawn here unless given: train.py draws it before the call, so that a
+        compiled forward holds no host value (no graph break) and sees it as a dynamic size."""
         target = self.patchify(x)  # (B, L, C)
-        B, L = target.shape[:2]
+        B = target.shape[0]
         orders = self.sample_orders(B, x.device)
-        # one mask ratio per batch, so every row masks the same number of tokens
-        num_masked = math.ceil(L * mask_ratio_from_uniform(torch.rand((), dtype=torch.float64), self.mask_ratio_min))
+        num_masked = self.draw_num_masked() if num_masked is None else num_masked
         masked = orders[:, :num_masked].sort(dim=1).values  # (B, M) positions to predict
         visible = orders[:, num_masked:].sort(dim=1).values  # (B, L - M) known positions
         drop = torch.rand(B, device=x.device) < self.label_drop_prob if self.training else None
@@ -1064,7 +1070,9 @@ class Training(nn.Module):
         return images_to_latents(self.vae, torch.where(flip, images.flip(3), images), scale=self.scale), labels
 
     def loss(self, model, x, labels, progress):
-        return model(x, labels)  # Diffusion Loss of the masked tokens (Eq. 2), random order and mask ratio
+        """Diffusion Loss of the masked tokens (Eq. 2), random order and mask ratio; the number of
+        masked tokens is drawn outside `model`, which may be compiled (see MAR.forward)."""
+        return model(x, labels, self.model.draw_num_masked())
 
     @staticmethod
     def no_weight_decay(name, param):

@@ -359,6 +359,31 @@ def test_mar_training_step_learns():
 
 
 
+def test_mar_compiled_training_step_has_no_graph_break_and_stops_recompiling():
+    """--compile: the mask size is drawn outside the model (`draw_num_masked`), so dynamo traces the
+    whole training forward as one graph, with the number of masked tokens a dynamic size. Warm-up
+    compiles at most 4 graphs (the first size, any size, and the 0 and 1 known-token edge cases);
+    after that no mask size compiles again. The compiled loss equals the eager one."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = mar.mar_tiny(num_sampling_steps=10)
+    compiled = torch.compile(model, backend="eager")  # dynamo only: no C++ compiler needed
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    for n in (12, 14, 16, 15):  # warm-up: general sizes, 0 and 1 known tokens
+        compiled(x, y, n).backward()
+    graphs = counters["stats"]["unique_graphs"]
+    for n in (13, 12, 16, 15, 14):
+        with torch.random.fork_rng():
+            eager = model(x, y, n)
+        assert_close(compiled(x, y, n), eager, rtol=1e-5, what=f"compiled loss, {n} masked")
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs <= 4 and counters["stats"]["unique_graphs"] == graphs, (graphs, dict(counters["stats"]))
+    torch._dynamo.reset()
+
+
 def test_mar_tiny_positions_start_at_the_2d_sincos_table():
     """The tiny preset's token positions start at MAE's 2-D sin-cos table, whose dot products depend
     only on the offset between two tokens and fall with distance; the buffer and every paper
