@@ -397,10 +397,11 @@ class GaussianDiffusion(nn.Module):
     itself in training and decided, token by token, from a barely trained condition in sampling.
 
     v_prediction: the MLP predicts v = sqrt(abar) eps - sqrt(1 - abar) x0 instead of eps (Salimans
-    & Ho 2022, as simple diffusion does), converted to eps wherever eps is used, so guidance and the
-    reverse step are unchanged. Its MSE is the eps MSE divided by abar: at high noise, where eps is
-    nearly the noisy token itself and its loss says almost nothing about x0, v still has to name x0.
-    That is where a token's shape is decided. The paper's latent tokens use eps (False)."""
+    & Ho 2022, as simple diffusion does), converted to eps for the reverse step. CFG mixes the v
+    outputs, which equals mixing eps: eps = sqrt(1 - abar) x_t + sqrt(abar) v, with the same x_t.
+    Its MSE is the eps MSE divided by abar: at high noise, where eps is nearly the noisy token
+    itself and its loss says almost nothing about x0, v still has to name x0. That is where a
+    token's shape is decided. The paper's latent tokens use eps (False)."""
 
     def __init__(self, num_steps=1000, num_timesteps=1000, snr_shift=1.0, v_prediction=False):
         super().__init__()
