@@ -43,11 +43,12 @@ def ref(name):
 
 
 def assert_close(actual, expected, rtol=1e-5, what=""):
-    """max |a - e| <= rtol * max |e|: relative to the tensor's scale (values near zero would make
-    an elementwise relative test meaningless)."""
+    """max |a - e| <= rtol * rms(e): every element within rtol of the tensor's typical value (its
+    root mean square), not of its largest element, which an outlier could inflate; an elementwise
+    relative test would be meaningless for values near zero."""
     actual, expected = actual.detach().double(), expected.detach().double()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    err, scale = (actual - expected).abs().max().item(), expected.abs().max().item()
+    err, scale = (actual - expected).abs().max().item(), expected.pow(2).mean().sqrt().item()
     assert err <= rtol * max(scale, 1e-12), f"{what}: max error {err:.3g} > {rtol:g} * {scale:.3g}"
 
 
@@ -173,6 +174,10 @@ def test_mar_v_prediction_for_pixel_tokens():
     eps_mse = ((noise - d.to_eps(pred, x_t, t)) ** 2).mean(1)
     assert_close(v_mse, eps_mse / a[:, 0] ** 2, rtol=1e-3, what="v MSE = eps MSE / abar")
     assert torch.equal(e.to_eps(pred, x_t, t), pred)
+    cond, uncond = torch.randn(2, 64, 12, generator=g)  # CFG on v is CFG on eps (same x_t for both halves)
+    assert_close(d.to_eps(uncond + 4.0 * (cond - uncond), x_t, t),
+                 d.to_eps(uncond, x_t, t) + 4.0 * (d.to_eps(cond, x_t, t) - d.to_eps(uncond, x_t, t)), rtol=1e-4,
+                 what="guided eps")
     pixels = mar.Training(train.parse_args(["--model", "mar"]), 10, torch.device("cpu")).model.diffloss
     assert pixels.train_diffusion.v_prediction and pixels.gen_diffusion.v_prediction
     assert not mar.mar_base().diffloss.train_diffusion.v_prediction
