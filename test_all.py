@@ -1545,6 +1545,22 @@ def test_train_coda_resumes_exactly_with_its_discriminator():
     assert disc.keys() == disc_resumed.keys() and all(torch.equal(disc[k], disc_resumed[k]) for k in disc)
 
 
+def test_train_refuses_pixel_checkpoints_of_another_diffusion_target():
+    """A MAR pixel checkpoint written before v-prediction (its config has no "diffusion" entry) is
+    refused with one line, for resume and --eval: its MLP's output means eps, not v."""
+    with tempfile.TemporaryDirectory() as d:
+        common = ["--data-path", shared_run("data"), *MAR, "--output-dir", f"{d}/run"]
+        run_train(*common, "--epochs", "1")
+        ckpt = final_weights(f"{d}/run")
+        assert ckpt["config"]["diffusion"] == "v-prediction, SNR / 64"
+        del ckpt["config"]["diffusion"]
+        torch.save(ckpt, f"{d}/run/checkpoint-last.pth")
+        for more in (["--epochs", "2"], ["--eval", "--num-images", "10", "--fid-stats", shared_run("data")]):
+            expect_error(run_train(*common, *more, check=False),
+                         "was trained with another config: diffusion None (checkpoint) vs v-prediction, SNR / 64 (now)",
+                         "train.py")
+
+
 def test_train_resumes_checkpoints_written_before_the_restructuring():
     """Checkpoints before the model files owned their training kept the discriminator under "recipe":
     resuming one continues exactly as resuming the same checkpoint in today's layout."""
