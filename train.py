@@ -63,8 +63,16 @@ MODELS = {"mar": mar.Training, "vae": coda.VAETraining, "coda": coda.Training, "
 #################################################################################
 
 def fail(message):
-    """Stop with a one-line error and exit code 1 (no traceback: the problem is the input)."""
-    raise SystemExit(f"train.py: error: {message}")
+    """Stop with a one-line error and exit code 1 (no traceback: the problem is the input). Under
+    torchrun the process ends at once, after any checkpoint still being written: tearing down a
+    live process group at interpreter exit can abort with a C++ message after the error line."""
+    if not dist.is_initialized():
+        raise SystemExit(f"train.py: error: {message}")
+    for thread in [t for t in threading.enumerate() if t.name == "checkpoint"]:
+        thread.join()
+    sys.stdout.flush()
+    print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def setup_distributed(device_flag, timeout):
