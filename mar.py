@@ -1052,9 +1052,9 @@ class Training(nn.Module):
         # the architecture facts a resumed or evaluated checkpoint must match
         self.config = dict(preset=args.preset, img_size=args.img_size, vae_stride=stride, patch_size=patch,
                            vae_embed_dim=self.vae.embed_dim if self.vae else 3, class_num=num_classes)
-        arch = {k: v for k, v in self.config.items() if k != "preset"}
         if self.vae is None:  # what the MLP's output means: checkpoints of earlier pixel runs (eps) are refused
             self.config["diffusion"] = f"v-prediction, SNR / {patch**2}"
+        arch = {k: v for k, v in self.config.items() if k not in ("preset", "diffusion")}
         self.model = PRESETS[args.preset](**arch, diffusion_batch_mul=args.diffusion_batch_mul,
                                           num_sampling_steps=args.num_sampling_steps,
                                           grad_checkpointing=args.grad_checkpointing,
