@@ -619,7 +619,7 @@ class TokenizerTraining(nn.Module):
                                        args.disc_weight, args.dino_weights).to(device)
         self.disc = self.train_disc = self.criterion.disc
         self.d_opt = (torch.optim.AdamW([p for p in self.disc.parameters() if p.requires_grad], lr=0.0, betas=self.betas,
-                                        weight_decay=args.disc_weight_decay) if self.disc else None)
+                                        weight_decay=args.disc_weight_decay, fused=True) if self.disc else None)
         self.sums, self.count, self.usage = {}, 0, None
 
     def wrap(self, ddp):

@@ -23,6 +23,7 @@ import argparse
 import math
 import os
 import time
+import weakref
 from contextlib import nullcontext
 
 import torch
@@ -475,16 +476,17 @@ class GaussianDiffusion(nn.Module):
         return mse + torch.where(t == 0, nll, kl)
 
     @torch.no_grad()
-    def p_sample_loop(self, model_fn, x, temperature=1.0, generator=None, clip=False):
+    def p_sample_loop(self, model_fn, x, temperature=1.0, generator=None, clip=False, noises=None):
         """Reverse diffusion from x_T = x (paper Sec. 3.2, Eq. 2), with temperature (Sec. 3.3):
         x_{t-1} = mu + tau * sigma_t * delta. Temperature scales the noise std of every step (not
         the initial noise). A full-shape noise tensor is drawn at every step, the last included,
-        in the same order as the official code, so a seed gives the same samples."""
+        in the same order as the official code, so a seed gives the same samples; or `noises`
+        (num_steps, N, C) holds them all, drawn in advance (CUDA, see DiffLoss.sample)."""
         steps = torch.arange(self.num_steps, device=x.device)
         for j in reversed(range(self.num_steps)):
             t = steps[j: j + 1]  # (1,): every row is at step j; the schedule terms broadcast
             mean, logvar = self.p_mean_logvar(model_fn(x, self.timestep_map[t]), x, t, clip)
-            noise = randn(x.shape, generator, x.device)
+            noise = randn(x.shape, generator, x.device) if noises is None else noises[self.num_steps - 1 - j]
             x = mean + (j != 0) * torch.exp(0.5 * logvar) * noise * temperature
         return x
 
@@ -530,17 +532,62 @@ class DiffLoss(nn.Module):
     @torch.no_grad()
     def sample(self, z, temperature=1.0, cfg=1.0, generator=None):
         """z (N, D) -> tokens (N, C). With cfg != 1, z holds [conditional; unconditional] rows, both
-        halves start from the same noise, and only the first half of the result is meaningful."""
+        halves start from the same noise, and only the first half of the result is meaningful.
+        On CUDA the noises of all steps are drawn at once and the loop is replayed as a CUDA graph."""
+        guided = cfg != 1.0
         c = self.net.cond_embed(z)  # (N, W): once, not at every diffusion step
-        embed = lambda t: self.net.time_embed(t) + c  # t (1,) -> (N, W)
-        if cfg != 1.0:
-            noise = randn((z.shape[0] // 2, self.in_channels), generator, z.device)
-            noise = torch.cat([noise, noise])
-            model_fn = lambda x, t: self.net.guided_embedded(x, embed(t), cfg)
-        else:
-            noise = randn((z.shape[0], self.in_channels), generator, z.device)
-            model_fn = lambda x, t: self.net.forward_embedded(x, embed(t))
-        return self.gen_diffusion.p_sample_loop(model_fn, noise, temperature, generator, self.clip_denoised)
+        noise = randn((z.shape[0] // 2 if guided else z.shape[0], self.in_channels), generator, z.device)
+        noise = torch.cat([noise, noise]) if guided else noise  # (N, C)
+        if not z.is_cuda:  # one draw per step, in the official order: the seeded parity path
+            return self.loop(noise, c, cfg, guided, temperature, generator=generator)
+        noises = randn((self.gen_diffusion.num_steps, *noise.shape), generator, z.device)  # (S, N, C)
+        cfg = torch.full((), float(cfg), device=z.device)  # a tensor: one graph serves every scale
+        if self.cuda_graphs:
+            try:
+                return self.replay(noise, c, cfg, guided, temperature, noises)
+            except RuntimeError as e:  # a capture that fails (an old driver, a debug mode): eager from now on
+                print(f"note: CUDA graph capture failed, sampling eagerly: {str(e).splitlines()[0][:150]}")
+                self.cuda_graphs = False
+        return self.loop(noise, c, cfg, guided, temperature, noises=noises)
+
+    def loop(self, noise, c, cfg, guided, temperature, generator=None, noises=None):
+        """The reverse diffusion of one token batch: noise (N, C), c (N, W) the embedded conditions."""
+        embed = lambda t: self.net.time_embed(t) + c  # t (1,) -> (N, W): the time embedding once per step
+        model_fn = ((lambda x, t: self.net.guided_embedded(x, embed(t), cfg)) if guided else
+                    (lambda x, t: self.net.forward_embedded(x, embed(t))))
+        return self.gen_diffusion.p_sample_loop(model_fn, noise, temperature, generator, self.clip_denoised, noises)
+
+    # CUDA graphs. A diffusion step is about 120 small kernels, so on a GPU the loop is bound by
+    # launches, not arithmetic. It is captured once per (shape, guidance, temperature, precision)
+    # into a graph with static inputs, and then replayed, one launch per token batch, with the new
+    # inputs copied in. `cuda_graphs = False` samples eagerly (the same kernels, launched one by one).
+    cuda_graphs = True
+
+    def replay(self, noise, c, cfg, guided, temperature, noises):
+        amp = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        graphs = GRAPHS.setdefault(self, {"pool": torch.cuda.graph_pool_handle()})
+        key = (noise.shape, c.dtype, guided, temperature, amp, self.net.input_proj.weight.data_ptr())
+        if key not in graphs:
+            static = [t.clone() for t in (noise, c, cfg, noises)]
+            run = lambda: self.loop(static[0], static[1], static[2], guided, temperature, noises=static[3])
+            no_cache = lambda: torch.autocast("cuda", amp[1], enabled=amp[0], cache_enabled=False)  # no cast outlives it
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), no_cache():
+                run()  # warm-up on a side stream, as capture requires
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with no_cache(), torch.cuda.graph(graph, pool=graphs["pool"]):
+                out = run()
+            graphs[key] = graph, static, out
+        graph, static, out = graphs[key]
+        for buffer, value in zip(static, (noise, c, cfg, noises)):
+            buffer.copy_(value)
+        graph.replay()
+        return out.clone()
+
+
+GRAPHS = weakref.WeakKeyDictionary()  # DiffLoss -> its captured sampling graphs (freed with the module)
 
 
 # =============================================================================================
@@ -1111,8 +1158,7 @@ def bench_device():
 def training_speed(model, inputs, steps, amp, sync, betas):
     """Images/s of full AdamW training steps (forward, backward, update) on fixed inputs, after 3
     warm-up steps; model(*inputs) must return the loss."""
-    cuda = next(model.parameters()).device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=betas, fused=cuda)  # fused on CUDA, as train.py
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=betas, fused=True)  # fused, as train.py
     for i in range(steps + 3):
         if i == 3:
             sync()
@@ -1137,13 +1183,16 @@ def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64
     y = torch.randint(0, model.class_emb.num_embeddings, (batch_size,), device=device)
     speed = training_speed(model, (x, y), steps, amp, sync, betas=(0.9, 0.95))
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
-    print(f"training: {speed:.1f} images/s (batch {batch_size}, {precision})")
+    print(f"training: {speed:.3g} images/s (batch {batch_size}, {precision})")
 
     model.eval()
     labels = torch.arange(sample_batch, device=device) % model.class_emb.num_embeddings
     with amp:  # warm-up: kernels loaded and allocator pools grown before anything is timed
         model.sample_tokens(sample_batch, 1, cfg=cfg, labels=labels)
     for num_iter in iters:
+        if device.type == "cuda":  # capture this schedule's CUDA graphs (one per token-batch shape) untimed
+            with amp:
+                model.sample_tokens(sample_batch, num_iter, cfg=cfg, labels=labels)
         sync()
         t0 = time.perf_counter()
         with amp:

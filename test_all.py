@@ -1725,6 +1725,27 @@ def test_cuda_bf16_loss_and_sampling_match_fp32():
     assert (samples[1] - samples[0]).abs().mean() < 0.1 * samples[0].abs().mean(), "bf16 samples drift from fp32"
 
 
+def test_cuda_graph_sampling_equals_eager():
+    """Sampling replayed from CUDA graphs equals eager sampling from the same seed, in fp32 and in
+    bf16 autocast; a second call replays the captured graphs with new inputs (another seed)."""
+    need_cuda()
+    torch.manual_seed(0)
+    model = mar.mar_tiny(num_sampling_steps=10).to("cuda").eval()
+    labels = torch.arange(8, device="cuda")
+    for amp, rtol in ((False, 1e-4), (True, 2e-2)):
+        out = {}
+        for graphs, seed in ((False, 3), (True, 3), (False, 4), (True, 4)):  # (True, 4) replays without capturing
+            model.diffloss.cuda_graphs = graphs
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                out[graphs, seed] = model.sample_tokens(8, 4, cfg=2.0, labels=labels, temperature=0.9,
+                                                        generator=torch.Generator("cuda").manual_seed(seed))
+            assert model.diffloss.cuda_graphs == graphs, "the graph capture failed and fell back to eager"
+        assert len(mar.GRAPHS[model.diffloss]) > 2, "no graphs were captured"
+        for seed in (3, 4):
+            assert_close(out[True, seed], out[False, seed], rtol, what=f"graph vs eager, seed {seed}, bf16 {amp}")
+        assert (out[True, 3] - out[True, 4]).abs().mean() > 0.1 * out[True, 3].abs().mean(), "replay ignored new inputs"
+
+
 def test_cuda_precision_recall_on_the_gpu_equal_the_cpu():
     """The nearest-neighbour blocks on the GPU (TF32 off) give ADM's numbers, as on the CPU."""
     need_cuda()
