@@ -828,7 +828,7 @@ def main(args):
         step = ckpt["step"]
         if rank == 0:  # a run killed after its last checkpoint logged steps that will now run again
             keep_metrics_until(os.path.join(args.output_dir, "metrics.jsonl"), step)
-    train_model = wrap(training, args.compile, device, world)  # checkpoints are written from the plain `model`
+    train_model = distribute(training, args.compile, device, world)  # checkpoints are written from the plain `model`
     ema = copy.deepcopy(model).requires_grad_(False)  # after the DDP wrap, so every rank starts equal
     if resume:
         ema.load_state_dict(ckpt["model_ema"])
@@ -939,15 +939,16 @@ def main(args):
     return model
 
 
-def wrap(training, compile, device, world):
+def distribute(training, compile, device, world):
     """DDP, then compile (optional) the wrapped model: dynamo splits the graph at DDP's buckets, so
     the all-reduce still overlaps the backward pass. The models' buffers are constants (schedules,
     layouts): not broadcast at every forward. A second player (CODA's discriminator) gets its own DDP."""
     ddp = lambda m, buffers=False: (DDP(m, device_ids=[device.index] if device.type == "cuda" else None,
                                         gradient_as_bucket_view=True, broadcast_buffers=buffers) if world > 1 else m)
+    model = ddp(training.model)
     if hasattr(training, "wrap"):
         training.wrap(ddp)
-    return torch.compile(ddp(training.model)) if compile else ddp(training.model)
+    return torch.compile(model) if compile else model
 
 
 def resume_from(flag, ckpt_path, rank, world):
