@@ -1216,6 +1216,20 @@ def test_train_colour_blind_judge_separates_the_classes():
         assert not torch.allclose(judge(x.flip(1)), judge(x), atol=1e-3)  # luma differs: so does the verdict
 
 
+def test_train_seam_ratio_sees_token_mosaics():
+    """Real images have no seams at 8x8 borders (ratio near 1); the same images with every 8x8 block
+    shifted to its own brightness do (as MAR's undertrained pixel tokens); a shift inside the blocks
+    (4 px off the grid) is not counted as a seam."""
+    import train
+    x = train.to_tensor(train.ToyDataset(32, num_images=200, seed=7).images)
+    g = torch.Generator().manual_seed(0)
+    levels = (torch.rand(200, 1, 4, 4, generator=g) - 0.5) * 0.6                 # one offset per 8x8 block
+    mosaic = x + levels.repeat_interleave(8, 2).repeat_interleave(8, 3)
+    off_grid = x + levels.repeat_interleave(8, 2).repeat_interleave(8, 3).roll((4, 4), (2, 3))
+    real, tiled, shifted = (train.seam_ratio(v) for v in (x, mosaic, off_grid))
+    assert 0.9 < real < 1.25 and tiled > 2 * real and shifted < real, (real, tiled, shifted)
+
+
 # ---------------------------------------------------------------------------------------------
 # train.py: flags per model
 # ---------------------------------------------------------------------------------------------
