@@ -183,6 +183,27 @@ def test_mar_v_prediction_for_pixel_tokens():
     assert not mar.mar_base().diffloss.train_diffusion.v_prediction
 
 
+def test_mar_pixel_tokenizer_is_exact_and_turns_level_errors_into_smooth_bumps():
+    """PixelTokenizer (the built-in tokens): decoding inverts encoding; each token holds its block's
+    mean colour times the gain, then its detail; a wrong level in one token changes the image
+    smoothly across its borders, where a raw pixel patch would step by the whole error."""
+    import train
+    tok = mar.PixelTokenizer(8, gain=4.0)
+    x = train.to_tensor(train.ToyDataset(32, num_images=20, seed=3).images)
+    z = tok.encode(x)                                                          # (20, 195, 4, 4)
+    assert z.shape == (20, 195, 4, 4)
+    assert_close(tok.decode(z), x, rtol=1e-5, what="decode(encode(x))")
+    assert_close(z[:, :3], 4.0 * torch.nn.functional.avg_pool2d(x, 8), rtol=1e-5, what="levels: 4 x block means")
+    bump = z.clone()
+    bump[:, :3, 1, 2] += 0.4                                                   # one token's level 0.1 higher
+    d = tok.decode(bump) - x                                                   # (20, 3, 32, 32)
+    assert_close(d.sum((2, 3)), torch.full((20, 3), 6.4), rtol=1e-4, what="0.1 x 64 pixels in all")
+    row = d[0, 0, 12]                                                          # across the block's borders
+    assert 0.08 < row.max() and (row[1:] - row[:-1]).abs().max() < 0.02, row   # a tent over 2 blocks, no step
+    assert row[:12].abs().max() < 1e-6 and row[28:].abs().max() < 1e-6, row
+    assert mar.mar_tiny().token_embed_dim == tok.embed_dim
+
+
 def test_mar_denoiser_output():
     model, r = ref_mar()
     with torch.no_grad():
@@ -347,7 +368,7 @@ def test_mar_training_step_learns():
     """A few optimizer steps on a fixed batch lower the loss, and gradients reach every parameter."""
     torch.manual_seed(0)
     model = mar.mar_tiny(num_sampling_steps=10)
-    x, y = torch.randn(8, 3, 32, 32) * 0.5, torch.randint(0, 10, (8,))
+    x, y = torch.randn(8, 195, 4, 4) * 0.5, torch.randint(0, 10, (8,))  # PixelTokenizer's tokens
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for i in range(30):
@@ -376,7 +397,7 @@ def test_mar_compiled_training_step_has_no_graph_break_and_stops_recompiling():
     torch.manual_seed(0)
     model = mar.mar_tiny(num_sampling_steps=10)
     compiled = torch.compile(model, backend="eager")  # dynamo only: no C++ compiler needed
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    x, y = torch.randn(4, 195, 4, 4), torch.randint(0, 10, (4,))
     for n in (12, 14, 16, 15):  # warm-up: general sizes, 0 and 1 known tokens
         compiled(x, y, n).backward()
     graphs = counters["stats"]["unique_graphs"]
@@ -399,7 +420,7 @@ def test_mar_tiny_positions_start_at_the_2d_sincos_table():
     assert torch.allclose(gram[at(0, 0), at(1, 2)], gram[at(3, 3), at(4, 5)], atol=1e-4)   # offset (1, 2) twice
     assert gram[at(2, 2), at(2, 3)] > gram[at(2, 2), at(2, 5)] > gram[at(2, 2), at(2, 7)]  # farther: less alike
     assert abs(table[at(0, 0)].norm().item() ** 2 - 48) < 1e-3                 # sin^2 + cos^2 per pair: unit scale
-    for tiny in (mar.mar_tiny(), mar.mar_tiny(patch_size=4)):    # 4x4 tokens (the preset), 8x8 tokens
+    for tiny in (mar.mar_tiny(), mar.mar_tiny(vae_stride=4, vae_embed_dim=51)):  # 4x4 tokens (the preset), 8x8
         side = tiny.seq_h
         for p in (tiny.encoder_pos_embed_learned, tiny.decoder_pos_embed_learned, tiny.diffusion_pos_embed_learned):
             assert torch.equal(p[0, -side * side:], mar.sincos_2d(96, side))
@@ -413,7 +434,7 @@ def test_mar_grad_checkpointing_and_bf16_autocast():
     to fp32 and sampling keeps its float32 diffusion state."""
     torch.manual_seed(0)
     model = mar.mar_tiny(num_sampling_steps=5)
-    x, y = torch.randn(4, 3, 32, 32) * 0.5, torch.randint(0, 10, (4,))
+    x, y = torch.randn(4, 195, 4, 4) * 0.5, torch.randint(0, 10, (4,))
     grads = []
     for ckpt in (False, True):
         model.grad_checkpointing = model.diffloss.net.grad_checkpointing = ckpt
@@ -1216,18 +1237,21 @@ def test_train_colour_blind_judge_separates_the_classes():
         assert not torch.allclose(judge(x.flip(1)), judge(x), atol=1e-3)  # luma differs: so does the verdict
 
 
-def test_train_seam_ratio_sees_token_mosaics():
+def test_train_token_steps_see_mosaics_and_speckle():
     """Real images have no seams at 8x8 borders (ratio near 1); the same images with every 8x8 block
     shifted to its own brightness do (as MAR's undertrained pixel tokens); a shift inside the blocks
-    (4 px off the grid) is not counted as a seam."""
+    (4 px off the grid) is not counted as a seam. Pixel noise lowers the seam ratio, and shows as
+    speckle instead."""
     import train
     x = train.to_tensor(train.ToyDataset(32, num_images=200, seed=7).images)
     g = torch.Generator().manual_seed(0)
     levels = (torch.rand(200, 1, 4, 4, generator=g) - 0.5) * 0.6                 # one offset per 8x8 block
     mosaic = x + levels.repeat_interleave(8, 2).repeat_interleave(8, 3)
     off_grid = x + levels.repeat_interleave(8, 2).repeat_interleave(8, 3).roll((4, 4), (2, 3))
-    real, tiled, shifted = (train.seam_ratio(v) for v in (x, mosaic, off_grid))
+    noisy = mosaic + 0.3 * torch.randn(mosaic.shape, generator=g)
+    (real, speckle), (tiled, _), (shifted, _), (hidden, noise) = map(train.token_steps, (x, mosaic, off_grid, noisy))
     assert 0.9 < real < 1.25 and tiled > 2 * real and shifted < real, (real, tiled, shifted)
+    assert hidden < 0.5 * tiled and noise > 3 * speckle, (hidden, tiled, noise, speckle)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1470,7 +1494,7 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             (["--use-cached"], "--use-cached needs --cache-path"),
             (["--cache-latents", "--data-path", data], "--cache-latents needs"),
             (["--data-path", data, "--resume", f"{d}/coda.pth"], "checkpoint of --model coda"),
-            (["--data-path", data, "--patch-size", "2", "--output-dir", f"{d}/tiny"], "another config: patch_size 8"),
+            (["--data-path", data, "--patch-size", "2", "--output-dir", f"{d}/tiny"], "another config: vae_stride 8"),
             (["--data-path", data, "--resume", f"{d}/nope.pth"], "checkpoint not found"),
             (["--model", "coda", "--vae", f"{d}/nope.ckpt", "--data-path", data], "--vae: checkpoint not found"),
             (["--model", "maskgit", "--tokenizer", f"{d}/tiny/checkpoint-last.pth", "--data-path", data],
@@ -1722,7 +1746,7 @@ def test_cuda_bf16_loss_and_sampling_match_fp32():
     need_cuda()
     torch.manual_seed(0)
     model = mar.mar_tiny(num_sampling_steps=10).to("cuda")
-    x, y = torch.randn(16, 3, 32, 32, device="cuda") * 0.5, torch.randint(0, 10, (16,), device="cuda")
+    x, y = torch.randn(16, 195, 4, 4, device="cuda") * 0.5, torch.randint(0, 10, (16,), device="cuda")
     losses = []
     for amp in (False, True):
         torch.manual_seed(1)

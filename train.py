@@ -619,16 +619,18 @@ def class_accuracy(judge, images, labels):
     return hit.mean().item(), [hit[labels.cpu() == c].mean().item() for c in range(len(TOY_CLASSES))]
 
 
-def seam_ratio(images, block=8):
-    """Token seams, which the class accuracy does not see: the mean luma step between neighbouring
+def token_steps(images, block=8):
+    """What class accuracy does not see -> (seams, speckle): the mean luma step between neighbouring
     pixels across the borders of the block x block grid (MAR's pixel tokens) divided by the mean
-    step everywhere else. About 1 for real images; a mosaic of tokens each at its own level > 2."""
+    step everywhere else (about 1 for real images; > 2 for a mosaic of tokens each at its own
+    level), and that mean step inside the blocks (noise inside tokens raises it, and would lower
+    the seam ratio if it were reported alone)."""
     y = luminance(images.float().cpu())[:, 0]                               # (B, H, W)
     dx, dy = (y[:, :, 1:] - y[:, :, :-1]).abs(), (y[:, 1:] - y[:, :-1]).abs()
     border = torch.arange(1, y.shape[-1]) % block == 0                     # steps from pixel i-1 to i
     across = torch.cat([dx[:, :, border].flatten(), dy[:, border].flatten()]).mean()
     inside = torch.cat([dx[:, :, ~border].flatten(), dy[:, ~border].flatten()]).mean()
-    return (across / inside).item()
+    return (across / inside).item(), inside.item()
 
 
 def training_data(args, rank):
@@ -670,15 +672,16 @@ class ShardSampler(torch.utils.data.Sampler):
 
 def judge_samples(images, labels, size, seed):
     """The built-in data's verdict on generated images -> log lines: the colour-blind judge's class
-    accuracy, overall and per class, and the token seams, each beside real held-out images'."""
+    accuracy, overall and per class, the token seams and speckle, each beside real held-out images'."""
     judge, real = toy_judge(size), ToyDataset(size, 1000, seed=seed + 2000)  # images nobody trained on
     ceiling, _ = class_accuracy(judge, to_tensor(real.images), torch.arange(1000) % 10)
     accuracy, per_class = class_accuracy(judge, images, labels)
     return [f"class accuracy of the final samples, by a judge that sees luminance only: {accuracy:.0%} "
             f"(on real held-out images: {ceiling:.0%})",
             "per class: " + ", ".join(f"{name} {a:.0%}" for name, a in zip(TOY_CLASSES, per_class)),
-            f"token seams (luma steps across 8x8 block borders / elsewhere; 1 = none): {seam_ratio(images):.2f} "
-            f"(real held-out images: {seam_ratio(to_tensor(real.images)):.2f})"]
+            "token seams (luma steps across 8x8 block borders / elsewhere; 1 = none): {:.2f} (real held-out images: "
+            "{:.2f}); speckle (mean luma step inside the blocks): {:.3f} (real: {:.3f})".format(
+                *(v for pair in zip(token_steps(images), token_steps(to_tensor(real.images))) for v in pair))]
 
 
 @torch.no_grad()
