@@ -6,7 +6,7 @@ Vector Quantization", NeurIPS 2024 (arXiv:2406.11838). Official code: github.com
 
 Read it top to bottom beside the paper:
   1. The continuous tokenizer: the KL-VAE that turns a 256x256 image into 16x16x16 latents
-     (paper Sec. 4.2, "Tokenizer").
+     (paper Sec. 4.2, "Tokenizer"), and a fixed pixel tokenizer for CPU-sized runs without one.
   2. Diffusion Loss: a small MLP denoiser that models p(x | z) for ONE continuous token x given
      a condition vector z, trained and sampled with a Gaussian diffusion (paper Sec. 3.2, 4.1).
   3. MAR: a bidirectional MAE-style transformer that produces z for every unknown token, trained

@@ -1583,20 +1583,21 @@ def test_train_coda_resumes_exactly_with_its_discriminator():
     assert disc.keys() == disc_resumed.keys() and all(torch.equal(disc[k], disc_resumed[k]) for k in disc)
 
 
-def test_train_refuses_pixel_checkpoints_of_another_diffusion_target():
-    """A MAR pixel checkpoint written before v-prediction (its config has no "diffusion" entry) is
-    refused with one line, for resume and --eval: its MLP's output means eps, not v."""
+def test_train_refuses_pixel_checkpoints_of_other_tokens():
+    """A MAR pixel checkpoint of an earlier version (raw 8x8 pixel patches as tokens, v-prediction)
+    is refused with one line, for resume and --eval: its tokens are not PixelTokenizer's."""
     with tempfile.TemporaryDirectory() as d:
         common = ["--data-path", shared_run("data"), *MAR, "--output-dir", f"{d}/run"]
         run_train(*common, "--epochs", "1")
         ckpt = final_weights(f"{d}/run")
-        assert ckpt["config"]["diffusion"] == "v-prediction, SNR / 64"
-        del ckpt["config"]["diffusion"]
+        assert ckpt["config"]["tokens"] == "PixelTokenizer, level gain 4.0; v-prediction, SNR / 64"
+        del ckpt["config"]["tokens"]
+        ckpt["config"].update(vae_stride=1, patch_size=8, vae_embed_dim=3, diffusion="v-prediction, SNR / 64")
         torch.save(ckpt, f"{d}/run/checkpoint-last.pth")
         for more in (["--epochs", "2"], ["--eval", "--num-images", "10", "--fid-stats", shared_run("data")]):
             expect_error(run_train(*common, *more, check=False),
-                         "was trained with another config: diffusion None (checkpoint) vs v-prediction, SNR / 64 (now)",
-                         "train.py")
+                         "was trained with another config: vae_stride 1 (checkpoint) vs 8 (now), patch_size 8 "
+                         "(checkpoint) vs 1 (now), vae_embed_dim 3 (checkpoint) vs 195 (now), tokens None", "train.py")
 
 
 def test_train_resumes_checkpoints_written_before_the_restructuring():
