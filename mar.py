@@ -1212,7 +1212,7 @@ def training_speed(model, inputs, steps, amp, sync, betas):
 def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64, 256), cfg=2.9):
     device, amp, sync = bench_device()
     model = PRESETS[preset]().to(device)
-    vae = kl16().to(device).eval() if model.vae_embed_dim == 16 else None  # random weights: timing only
+    vae = kl16().to(device).eval() if model.vae_embed_dim == 16 else PixelTokenizer()  # kl16: random weights, timing only
     side = model.seq_h * model.patch_size
     print(f"mar_{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
 
@@ -1237,7 +1237,7 @@ def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64
         sync()
         print(f"sampling: {(time.perf_counter() - t0) / sample_batch:.4f} s/image "
               f"(num_iter {num_iter}, cfg {cfg} linear, batch {sample_batch}, {model.diffloss.gen_diffusion.num_steps} "
-              f"diffusion steps{', VAE decode included' if vae is not None else ''})")
+              f"diffusion steps, decoding to pixels included)")
     if device.type == "cuda":
         print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
