@@ -925,8 +925,8 @@ class MAR(nn.Module):
 
 
 # ---- between images and tokens ---------------------------------------------------------------
-# MAR trains on scaled latents of the VAE. With vae=None (the built-in data) the "tokens" are
-# pixel patches: Diffusion Loss does not care what the continuous values are.
+# MAR trains on scaled latents of the VAE, or, without one (the built-in data), on PixelTokenizer's
+# tokens: Diffusion Loss does not care what the continuous values are.
 
 @torch.no_grad()
 def images_to_latents(vae, images, generator=None, scale=VAE_SCALE):
@@ -934,8 +934,6 @@ def images_to_latents(vae, images, generator=None, scale=VAE_SCALE):
     samples, not means, so the latent is re-drawn every time). Encoding costs ~137 GFLOP per 256 px
     image: on CUDA it runs in bf16 and channels_last (the official code encodes in fp32); the
     posterior's moments and its sample stay fp32."""
-    if vae is None:
-        return images
     if isinstance(vae, PixelTokenizer):  # fixed and exact: nothing to sample
         return vae.encode(images)
     if images.device.type != "cuda":
@@ -948,8 +946,6 @@ def images_to_latents(vae, images, generator=None, scale=VAE_SCALE):
 @torch.no_grad()
 def latents_to_images(vae, latents, scale=VAE_SCALE):
     """Scaled latents -> images in [-1, 1] (clamped)."""
-    if vae is None:
-        return latents.clamp(-1, 1)
     return vae.decode(latents.float() / scale).clamp(-1, 1)  # PixelTokenizer: scale 1
 
 
@@ -1132,18 +1128,18 @@ class Training(nn.Module):
         stride = 1 if pixels else self.vae.stride
         if args.img_size % (stride * patch):
             raise ValueError(f"--img-size {args.img_size} is not a multiple of VAE stride x patch size = {stride * patch}")
-        if pixels:
-            self.vae, self.scale = PixelTokenizer(patch, PIXEL_LEVEL_GAIN), 1.0
+        if pixels:  # the patch becomes the tokenizer's stride, and MAR takes one token per patch
+            self.vae, self.scale, patch = PixelTokenizer(patch, PIXEL_LEVEL_GAIN), 1.0, 1
         # the architecture facts a resumed or evaluated checkpoint must match
-        self.config = dict(preset=args.preset, img_size=args.img_size, vae_stride=patch if pixels else stride,
-                           patch_size=1 if pixels else patch, vae_embed_dim=self.vae.embed_dim, class_num=num_classes)
+        self.config = dict(preset=args.preset, img_size=args.img_size, vae_stride=self.vae.stride, patch_size=patch,
+                           vae_embed_dim=self.vae.embed_dim, class_num=num_classes)
         if pixels:  # what the tokens and the MLP's output mean: checkpoints of other pixel runs are refused
-            self.config["tokens"] = f"PixelTokenizer, level gain {PIXEL_LEVEL_GAIN}; v-prediction, SNR / {patch**2}"
+            self.config["tokens"] = f"PixelTokenizer, level gain {PIXEL_LEVEL_GAIN}; v-prediction, SNR / {self.vae.stride**2}"
         arch = {k: v for k, v in self.config.items() if k not in ("preset", "tokens")}
         self.model = PRESETS[args.preset](**arch, diffusion_batch_mul=args.diffusion_batch_mul,
                                           num_sampling_steps=args.num_sampling_steps,
                                           grad_checkpointing=args.grad_checkpointing,
-                                          snr_shift=patch**2 if pixels else 1.0,  # p x p pixels share one shape
+                                          snr_shift=self.vae.stride**2 if pixels else 1.0,  # its pixels share one shape
                                           v_prediction=pixels)  # pixels: the shape is decided at high noise
 
     def inputs(self, batch, flip):

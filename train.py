@@ -673,15 +673,15 @@ class ShardSampler(torch.utils.data.Sampler):
 def judge_samples(images, labels, size, seed):
     """The built-in data's verdict on generated images -> log lines: the colour-blind judge's class
     accuracy, overall and per class, the token seams and speckle, each beside real held-out images'."""
-    judge, real = toy_judge(size), ToyDataset(size, 1000, seed=seed + 2000)  # images nobody trained on
-    ceiling, _ = class_accuracy(judge, to_tensor(real.images), torch.arange(1000) % 10)
+    judge, real = toy_judge(size), to_tensor(ToyDataset(size, 1000, seed=seed + 2000).images)  # nobody trained on them
+    ceiling, _ = class_accuracy(judge, real, torch.arange(1000) % 10)
     accuracy, per_class = class_accuracy(judge, images, labels)
+    (seams, speckle), (real_seams, real_speckle) = token_steps(images), token_steps(real)
     return [f"class accuracy of the final samples, by a judge that sees luminance only: {accuracy:.0%} "
             f"(on real held-out images: {ceiling:.0%})",
             "per class: " + ", ".join(f"{name} {a:.0%}" for name, a in zip(TOY_CLASSES, per_class)),
-            "token seams (luma steps across 8x8 block borders / elsewhere; 1 = none): {:.2f} (real held-out images: "
-            "{:.2f}); speckle (mean luma step inside the blocks): {:.3f} (real: {:.3f})".format(
-                *(v for pair in zip(token_steps(images), token_steps(to_tensor(real.images))) for v in pair))]
+            f"token seams (luma steps across 8x8 block borders / elsewhere; 1 = none): {seams:.2f} (real held-out "
+            f"images: {real_seams:.2f}); speckle (mean luma step inside the blocks): {speckle:.3f} (real: {real_speckle:.3f})"]
 
 
 @torch.no_grad()
