@@ -1370,6 +1370,8 @@ def test_train_resume_is_exact():
         run_train(*common, "--epochs", "12", "--output-dir", f"{d}/full")
         full = final_weights(f"{d}/full")
         assert full["step"] == 120
+        bf16 = mar.bf16_autocast(torch.device("cpu"))  # MAR's training steps on a CPU with bf16 instructions: exact too
+        assert f"precision: {'bf16 autocast' if bf16 else 'fp32'}" in open(f"{d}/full/log.txt").read()
         run_train(*common, "--epochs", "3", "--output-dir", f"{d}/resumed")  # stop after 3 epochs, then go on to 12
         assert final_weights(f"{d}/resumed")["step"] == 30
         run_train(*common, "--epochs", "12", "--output-dir", f"{d}/resumed")
@@ -1550,6 +1552,7 @@ def test_train_vae_records_its_latent_scale_and_reports():
     assert vae["latent_scale"] > 0 and vae["config"]["arch"]["embed_dim"] == 4 and vae["step"] == 20
     log = open(f"{shared_run('vae')}/log.txt").read()
     assert "PSNR" in log and os.path.exists(f"{shared_run('vae')}/samples-final.png"), log[-1000:]
+    assert "precision: fp32" in log  # the tokenizers' official precision, on a bf16 CPU too
     report = json.load(open(f"{shared_run('vae')}/report.json"))
     assert report["images"] == 40 and 0 < report["mse"] < 1 and report["psnr"] > 5, report
 

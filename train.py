@@ -855,10 +855,12 @@ def main(args):
             log(f"note: resuming on {world} processes instead of {ckpt.get('world_size')}: random streams re-seeded")
         log(f"resumed from {resume} at step {step} / {total_steps}")
         del ckpt
-    bf16 = cuda and training.bf16  # each model's official precision (MAR, MaskGIT: mixed; CODA, VAE: fp32 unless --bf16)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()  # bf16: no GradScaler
-    if cuda:
-        log(f"precision: {'bf16 autocast' if bf16 else 'fp32'}{', TF32 matmuls' if args.tf32 and not bf16 else ''}")
+    # each model's official precision (MAR, MaskGIT: mixed; CODA, VAE: fp32 unless --bf16), as bf16 (no GradScaler);
+    # on a CPU with bf16 instructions the training steps only (1.3-1.5x faster), grids and reports in fp32
+    bf16 = training.bf16 and mar.bf16_autocast(device)
+    train_amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    amp = train_amp if cuda else nullcontext()
+    log(f"precision: {'bf16 autocast' if bf16 else 'fp32'}{', TF32 matmuls' if cuda and args.tf32 and not bf16 else ''}")
 
     writer = CheckpointWriter()
 
@@ -903,7 +905,7 @@ def main(args):
             cur_lr = learning_rate(step, lr, warmup_steps, total_steps, args.lr_schedule)
             for group in opt.param_groups:
                 group["lr"] = cur_lr * group["lr_scale"]
-            with amp:
+            with train_amp:
                 loss = training.loss(train_model, x, y, step / total_steps)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
@@ -911,7 +913,7 @@ def main(args):
             opt.zero_grad(set_to_none=True)
             update_ema(ema, model, training.ema_decay(step, epoch))
             if hasattr(training, "after_step"):
-                with amp:
+                with train_amp:
                     training.after_step(cur_lr)  # a second player (the GAN discriminator)
             loss_sum += loss.detach()
             step, n_window = step + 1, n_window + 1
