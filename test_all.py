@@ -1287,7 +1287,7 @@ def test_train_defaults_follow_the_data_and_say_so():
     assert (paper.preset, paper.img_size, paper.ema, paper.epochs, paper.warmup_epochs) == ("base", 256, 0.9999, 400, 100)
     assert train.parse_args(["--data-path", data, "--epochs", "3"]).epochs == 3
     builtin = train.parse_args(["--model", "maskgit", "--tokenizer", "t.pth"])
-    assert (builtin.epochs, builtin.cfg) == (20, 3.0) and "built-in data" in builtin.defaults_in_force
+    assert (builtin.epochs, builtin.cfg) == (24, 3.0) and "built-in data" in builtin.defaults_in_force
     with tempfile.TemporaryDirectory() as d:
         run_train("--data-path", data, *MAR, "--epochs", "1", "--output-dir", f"{d}/run")
         assert "defaults: CPU-sized" in open(f"{d}/run/log.txt").read()
