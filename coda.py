@@ -577,7 +577,7 @@ def add_loss_args(p):
     p.add_argument("--disc-weight", type=float, default=1.0)  # official
     p.add_argument("--disc-weight-decay", type=float, default=0.0005)  # official
     p.add_argument("--inception-weights", help="pytorch-fid Inception weights for the rFID of the final report")
-    p.add_argument("--bf16", action="store_true", help="train in bf16 autocast on CUDA (official CODA: fp32, TF32 matmuls unless "
+    p.add_argument("--bf16", action="store_true", help="train in bf16 autocast on CUDA or a bf16 CPU (official CODA: fp32, TF32 unless "
                    "--no-tf32; bf16 changes token assignments of a 16,384-code codebook)")
 
 
@@ -613,7 +613,7 @@ class TokenizerTraining(nn.Module):
     def __init__(self, args, num_classes, device):
         super().__init__()
         self.args, self.device = args, device
-        self.bf16 = args.bf16  # train.py's autocast on CUDA; official CODA trains in fp32
+        self.bf16 = args.bf16  # train.py's autocast (CUDA or a bf16 CPU); official CODA trains in fp32
         self.build(args, device)
         self.criterion = TokenizerLoss(args.l1_weight, args.l2_weight, args.lpips_weight, args.disc,
                                        args.disc_weight, args.dino_weights).to(device)
