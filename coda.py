@@ -551,17 +551,24 @@ class TokenizerLoss(nn.Module):
 # KL-16 recipe as MAR retrained it, LTH14/mar#3): the VAE the built-in pipeline's CODA sits on.
 
 PRESETS = {"mar": dict(codebook_size=16384, levels=MAR_LEVELS),        # the released CODA-MAR
-           "tiny": dict(codebook_size=256, levels=(1, 2, 3, 4, 6, 8))}  # the built-in data, 8x8 latents
+           "tiny": dict(codebook_size=256, levels=(1, 2, 3, 4, 6, 8))}  # small data, up to 8x8 latents
+# The built-in VAE: 32 px -> 4x4x16 latents (stride 8, kl16's width), so CODA's levels are 1-4 and
+# MaskGIT models 30 tokens per image (README: the 8x8x4 latents of "tiny4" need 130, which 2 CPU
+# cores cannot train MaskGIT on well enough to draw squares and triangles).
 VAE_PRESETS = {"kl16": dict(embed_dim=16, ch_mult=(1, 1, 2, 2, 4)),  # MAR's (LDM's KL-16) architecture
-               "tiny": dict(embed_dim=4, ch_mult=(1, 2, 2), ch=32, num_res_blocks=1, attn_resolutions=(), resolution=32)}
-VAE_PRESETS["tiny16"] = dict(VAE_PRESETS["tiny"], embed_dim=16)  # kl16's latent width, for the Table 1 comparison
+               "tiny": dict(embed_dim=16, ch_mult=(1, 2, 2, 2), ch=32, num_res_blocks=1, attn_resolutions=(), resolution=32)}
+VAE_PRESETS["tiny4"] = dict(VAE_PRESETS["tiny"], embed_dim=4, ch_mult=(1, 2, 2))  # stride 4: 8x8x4 (the earlier built-in)
+VAE_PRESETS["tiny16"] = dict(VAE_PRESETS["tiny4"], embed_dim=16)  # 8x8x16, for the Table 1 comparison
 LORA_PARTS = {"both": ("encoder", "decoder"), "encoder": ("encoder",), "decoder": ("decoder",), "none": ()}
 
 PAPER = dict(preset="mar", img_size=256, epochs=10, warmup_epochs=0, batch_size=64, lr=5e-4, lr_schedule="cosine",
              weight_decay=0.005, grad_clip=10.0, ema=0.9999, ckpt_every=1000, sample_every=1000, num_images=5000,
-             lora_rank=32, lpips_weight=1.0, disc="dino")
+             lora="both", lora_rank=32, lpips_weight=1.0, disc="dino")
+# built-in: no VGG / DINO download; LoRA on the decoder only, which keeps the frozen encoder's latent
+# and its small posterior noise, so an image's tokens barely change from one encoding to the next
+# (README: the better tokens for MaskGIT on the built-in data)
 BUILTIN = dict(PAPER, preset="tiny", img_size=32, epochs=5, lr=2e-3, ema=0.999, ckpt_every=500, sample_every=500,
-               num_images=1000, lora_rank=8, lpips_weight=0.0, disc="none")  # no VGG / DINO download on the built-in data
+               num_images=1000, lora="decoder", lora_rank=8, lpips_weight=0.0, disc="none")
 VAE_PAPER = dict(PAPER, preset="kl16", epochs=40, batch_size=32, lr=1e-4, weight_decay=0.0, disc="patch")
 VAE_BUILTIN = dict(BUILTIN, preset="tiny", lr=1e-3, weight_decay=0.0)
 
@@ -593,7 +600,7 @@ def add_args(p):
     p.add_argument("--levels", type=int, nargs="+", help="residual level sides; default: the preset's "
                                                          "(1 2 3 4 5 6 8 10 13 16 for CODA-MAR)")
     p.add_argument("--quantizer", default="attention", choices=["attention", "nearest"], help="nearest: plain (residual) VQ")
-    p.add_argument("--lora", default="both", choices=list(LORA_PARTS), help="where LoRA adapts the VAE (official: both)")
+    p.add_argument("--lora", choices=list(LORA_PARTS), help="where LoRA adapts the VAE (official: both)")
     p.add_argument("--lora-rank", type=int, help="LoRA rank (official 32)")
     p.add_argument("--quantizer-lr", type=float, help="the quantizer's lr (official codebook_learning_rate); default --lr")
     p.add_argument("--vq-weight", type=float, default=1.0)  # official
@@ -721,6 +728,11 @@ class TokenizerTraining(nn.Module):
         return lines, out
 
 
+def preset_levels(preset, side):
+    """The preset's residual levels up to the latent's side (tiny: 1-4 on 4x4 latents, 1-8 on 8x8)."""
+    return tuple(p for p in PRESETS[preset]["levels"] if p <= side)
+
+
 class VAETraining(TokenizerTraining):
     """train.py --model vae: mar.py's KL-VAE from scratch, trained with L1 + L2 + LPIPS + KL and an
     optional GAN."""
@@ -765,13 +777,12 @@ class Training(TokenizerTraining):
     def build(self, args, device):
         vae, scale, vae_config = mar.load_vae(args.vae, device)
         add_lora(vae, args.lora_rank, LORA_PARTS[args.lora])
-        preset = PRESETS[args.preset]
-        levels = tuple(args.levels or preset["levels"])
         if args.img_size % vae.stride:
             raise ValueError(f"--img-size {args.img_size} is not a multiple of the VAE's stride {vae.stride}")
+        levels = tuple(args.levels or preset_levels(args.preset, args.img_size // vae.stride))
         if levels[-1] != args.img_size // vae.stride:
             raise ValueError(f"the last level ({levels[-1]}) must equal the latent size {args.img_size // vae.stride} (--levels)")
-        quantizer = CODAQuantizer(vae.embed_dim, args.codebook_size or preset["codebook_size"], levels, args.quantizer)
+        quantizer = CODAQuantizer(vae.embed_dim, args.codebook_size or PRESETS[args.preset]["codebook_size"], levels, args.quantizer)
         self.model = CODA(vae, quantizer, scale)
         self.config = dict(preset=args.preset, img_size=args.img_size, vae=vae_config, scale=scale, levels=levels,
                            codebook_size=quantizer.codebook_size, quantizer=args.quantizer, lora=args.lora,
@@ -832,7 +843,7 @@ TABLE1 = [
 
 def table1_rows(args):
     """-> [(row name, the flags that make that row)] for --compare-quantizers ("LAST": the latent's side)."""
-    last = str((args.levels or PRESETS[args.preset]["levels"])[-1])
+    last = str(args.levels[-1] if args.levels else args.img_size // mar.load_vae(args.vae, "cpu")[0].stride)
     return [(name, [last if f == "LAST" else f for f in flags]) for name, flags in TABLE1]
 
 

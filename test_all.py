@@ -1121,7 +1121,8 @@ def make_folder(root, per_class=4, classes=10, size=40):
 
 def shared_run(name):
     """Runs several tests start from, made on first use: "data" (40 images), "vae" (2 epochs on it),
-    "coda" (4 epochs on that VAE, attention quantizer, LoRA, PatchGAN, its own quantizer lr)."""
+    "coda" (4 epochs on that VAE, attention quantizer, LoRA on encoder and decoder as the official,
+    PatchGAN, its own quantizer lr)."""
     if name not in _runs:
         d = SHARED.name
         if name == "data":
@@ -1136,7 +1137,7 @@ def shared_run(name):
 
 def coda_flags():
     return ["--model", "coda", "--vae", f"{shared_run('vae')}/checkpoint-last.pth", "--data-path", shared_run("data"),
-            *TOKENIZER, "--ema-start-epoch", "1", "--lr", "5e-4", "--quantizer-lr", "2e-3"]
+            *TOKENIZER, "--lora", "both", "--ema-start-epoch", "1", "--lr", "5e-4", "--quantizer-lr", "2e-3"]
 
 
 def final_weights(out):
@@ -1276,7 +1277,8 @@ def test_train_help_lists_each_models_own_flags_and_defaults():
     assert "default: 64 (paper), 8 (CPU-sized)" in mar_help and "--lora" not in mar_help
     assert "--epochs EPOCHS default: 10 (paper), 5 (CPU-sized)" in " ".join(run_train("--model", "coda", "--help").stdout.split())
     coda_args = train.parse_args(["--model", "coda", "--vae", "x.ckpt"])
-    assert (coda_args.epochs, coda_args.lora_rank, coda_args.lr) == (5, 8, 2e-3) and not hasattr(coda_args, "cfg")
+    assert (coda_args.epochs, coda_args.lora, coda_args.lora_rank, coda_args.lr) == (5, "decoder", 8, 2e-3)
+    assert not hasattr(coda_args, "cfg") and train.parse_args(["--model", "coda", "--vae", "x", "--defaults", "paper"]).lora == "both"
     expect_error(run_train("--model", "vae", "--cfg", "2", check=False), "unrecognized arguments: --cfg 2", "train.py")
 
 
@@ -1293,7 +1295,7 @@ def test_train_defaults_follow_the_data_and_say_so():
     assert (paper.preset, paper.img_size, paper.ema, paper.epochs, paper.warmup_epochs) == ("base", 256, 0.9999, 400, 100)
     assert train.parse_args(["--data-path", data, "--epochs", "3"]).epochs == 3
     builtin = train.parse_args(["--model", "maskgit", "--tokenizer", "t.pth"])
-    assert (builtin.epochs, builtin.cfg) == (24, 3.0) and "built-in data" in builtin.defaults_in_force
+    assert (builtin.epochs, builtin.cfg) == (48, 3.0) and "built-in data" in builtin.defaults_in_force
     with tempfile.TemporaryDirectory() as d:
         run_train("--data-path", data, *MAR, "--epochs", "1", "--output-dir", f"{d}/run")
         assert "defaults: CPU-sized" in open(f"{d}/run/log.txt").read()
@@ -1511,7 +1513,7 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             (["--data-path", data, "--lr", "nan"], "--lr nan: must be a finite number"),
             (["--data-path", data, "--img-size", "0"], "--img-size 0: must be at least 1"),
             (["--data-path", data, "--output-dir", f"{d}/coda.pth/run"], "is a file, not a folder"),
-            (["--model", "vae", "--data-path", data, "--img-size", "30"], "not a multiple of the VAE's stride 4"),
+            (["--model", "vae", "--data-path", data, "--img-size", "30"], "not a multiple of the VAE's stride 8"),
             (["--data-path", data, "--resume", f"{d}/evil.pth"], "holds Python objects other than tensors"),
         ] + ([] if torch.cuda.is_available() else [(["--data-path", data, "--device", "cuda"], "no CUDA device")])
         for flags, expect in cases:
@@ -1555,7 +1557,7 @@ def test_train_refuses_a_second_process_on_the_same_output_dir():
 
 def test_train_vae_records_its_latent_scale_and_reports():
     vae = final_weights(shared_run("vae"))
-    assert vae["latent_scale"] > 0 and vae["config"]["arch"]["embed_dim"] == 4 and vae["step"] == 20
+    assert vae["latent_scale"] > 0 and vae["config"]["arch"]["embed_dim"] == 16 and vae["step"] == 20
     log = open(f"{shared_run('vae')}/log.txt").read()
     assert "PSNR" in log and os.path.exists(f"{shared_run('vae')}/samples-final.png"), log[-1000:]
     assert "precision: fp32" in log  # the tokenizers' official precision, on a bf16 CPU too
@@ -1639,8 +1641,8 @@ def test_train_compare_quantizers_under_torchrun():
         p = run_train(*coda_flags()[:-4], "--compare-quantizers", "--epochs", "1", "--output-dir", f"{d}/cmp", nproc=2)
         table = p.stdout.strip().splitlines()[-5:]
         assert table == open(f"{d}/cmp/table1.txt").read().strip().splitlines()[-5:], p.stdout[-2000:]
-        expect = [("nearest", (8,), "none"), ("nearest", (1, 2, 3, 4, 6, 8), "none"), ("attention", (1, 2, 3, 4, 6, 8), "none"),
-                  ("attention", (1, 2, 3, 4, 6, 8), "decoder"), ("attention", (1, 2, 3, 4, 6, 8), "both")]
+        expect = [("nearest", (4,), "none"), ("nearest", (1, 2, 3, 4), "none"), ("attention", (1, 2, 3, 4), "none"),
+                  ("attention", (1, 2, 3, 4), "decoder"), ("attention", (1, 2, 3, 4), "both")]
         for i, (line, (assign, levels, lora)) in enumerate(zip(table, expect)):
             c, r = final_weights(f"{d}/cmp/table1-{i}")["config"], json.load(open(f"{d}/cmp/table1-{i}/report.json"))
             assert (c["quantizer"], c["levels"], c["lora"]) == (assign, levels, lora), c
@@ -1656,9 +1658,9 @@ def test_train_maskgit_on_cached_coda_tokens():
               shared_run("data"), *FAST, "--num-iter", "2", "--output-dir", f"{d}/mg"]
         run_train(*mg, "--epochs", "2")
         tokens = np.load(f"{d}/mg/tokens.npy")
-        assert tokens.shape == (40, 2, 1 + 4 + 9 + 16 + 36 + 64) and tokens.max() < 256 and tokens.min() >= 0
+        assert tokens.shape == (40, 2, 1 + 4 + 9 + 16) and tokens.max() < 256 and tokens.min() >= 0
         ckpt = final_weights(f"{d}/mg")
-        assert ckpt["step"] == 20 and ckpt["config"]["levels"] == (1, 2, 3, 4, 6, 8)
+        assert ckpt["step"] == 20 and ckpt["config"]["levels"] == (1, 2, 3, 4)
         assert os.path.exists(f"{d}/mg/samples-final.png")
         tf, _ = inception_files(d)
         save_pngs(ref("fid_ref.pt")["B"], f"{d}/real")
