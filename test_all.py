@@ -1279,6 +1279,8 @@ def test_train_help_lists_each_models_own_flags_and_defaults():
     coda_args = train.parse_args(["--model", "coda", "--vae", "x.ckpt"])
     assert (coda_args.epochs, coda_args.lora, coda_args.lora_rank, coda_args.lr) == (5, "decoder", 8, 2e-3)
     assert not hasattr(coda_args, "cfg") and train.parse_args(["--model", "coda", "--vae", "x", "--defaults", "paper"]).lora == "both"
+    assert (coda.preset_levels("tiny", 4), coda.preset_levels("tiny", 8), coda.preset_levels("mar", 16)) == (
+        (1, 2, 3, 4), (1, 2, 3, 4, 6, 8), coda.MAR_LEVELS)  # CODA's default levels follow the VAE's latent side
     expect_error(run_train("--model", "vae", "--cfg", "2", check=False), "unrecognized arguments: --cfg 2", "train.py")
 
 
