@@ -597,8 +597,8 @@ def add_args(p):
     """CODA's own flags (train.py adds the shared ones)."""
     p.add_argument("--vae", required=True, help="the frozen VAE: official kl16.ckpt or a --model vae run's checkpoint")
     p.add_argument("--codebook-size", type=int, help="default: the preset's (16384 for CODA-MAR, 256 tiny)")
-    p.add_argument("--levels", type=int, nargs="+", help="residual level sides; default: the preset's "
-                                                         "(1 2 3 4 5 6 8 10 13 16 for CODA-MAR)")
+    p.add_argument("--levels", type=int, nargs="+", help="residual level sides; default: the preset's up to the latent's "
+                                                         "side (1 2 3 4 5 6 8 10 13 16 for CODA-MAR, 1 2 3 4 tiny)")
     p.add_argument("--quantizer", default="attention", choices=["attention", "nearest"], help="nearest: plain (residual) VQ")
     p.add_argument("--lora", choices=list(LORA_PARTS), help="where LoRA adapts the VAE (official: both)")
     p.add_argument("--lora-rank", type=int, help="LoRA rank (official 32)")
@@ -779,9 +779,10 @@ class Training(TokenizerTraining):
         add_lora(vae, args.lora_rank, LORA_PARTS[args.lora])
         if args.img_size % vae.stride:
             raise ValueError(f"--img-size {args.img_size} is not a multiple of the VAE's stride {vae.stride}")
-        levels = tuple(args.levels or preset_levels(args.preset, args.img_size // vae.stride))
-        if levels[-1] != args.img_size // vae.stride:
-            raise ValueError(f"the last level ({levels[-1]}) must equal the latent size {args.img_size // vae.stride} (--levels)")
+        side = args.img_size // vae.stride  # the latent's side
+        levels = tuple(args.levels or preset_levels(args.preset, side))
+        if levels[-1] != side:
+            raise ValueError(f"the last level ({levels[-1]}) must equal the latent size {side} (--levels)")
         quantizer = CODAQuantizer(vae.embed_dim, args.codebook_size or PRESETS[args.preset]["codebook_size"], levels, args.quantizer)
         self.model = CODA(vae, quantizer, scale)
         self.config = dict(preset=args.preset, img_size=args.img_size, vae=vae_config, scale=scale, levels=levels,
