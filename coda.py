@@ -557,6 +557,9 @@ PRESETS = {"mar": dict(codebook_size=16384, levels=MAR_LEVELS),        # the rel
 # cores cannot train MaskGIT on well enough to draw squares and triangles).
 VAE_PRESETS = {"kl16": dict(embed_dim=16, ch_mult=(1, 1, 2, 2, 4)),  # MAR's (LDM's KL-16) architecture
                "tiny": dict(embed_dim=16, ch_mult=(1, 2, 2, 2), ch=32, num_res_blocks=1, attn_resolutions=(), resolution=32)}
+# LDM's 32 GroupNorm groups are single channels at ch=32 and "tiny" draws grey; groups of 4 channels
+# keep colour, but MaskGIT then draws fewer squares (README)
+VAE_PRESETS["tiny-colour"] = dict(VAE_PRESETS["tiny"], group_channels=4)
 VAE_PRESETS["tiny4"] = dict(VAE_PRESETS["tiny"], embed_dim=4, ch_mult=(1, 2, 2))  # stride 4: 8x8x4 (the earlier built-in)
 VAE_PRESETS["tiny16"] = dict(VAE_PRESETS["tiny4"], embed_dim=16)  # 8x8x16, for the Table 1 comparison
 LORA_PARTS = {"both": ("encoder", "decoder"), "encoder": ("encoder",), "decoder": ("decoder",), "none": ()}

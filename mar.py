@@ -233,7 +233,7 @@ class AutoencoderKL(nn.Module):
     """LDM KL-VAE. Defaults = MAR's kl16: 256px images -> 16x16x16 latents, 66.46M parameters."""
 
     def __init__(self, embed_dim=16, ch_mult=(1, 1, 2, 2, 4), ch=128, num_res_blocks=2, attn_resolutions=(16,),
-                 resolution=256, dropout=0.0):
+                 resolution=256, dropout=0.0, group_channels=None):
         super().__init__()
         self.embed_dim = embed_dim
         self.stride = 2 ** (len(ch_mult) - 1)
@@ -241,6 +241,10 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(ch, ch_mult, num_res_blocks, (), resolution, embed_dim, dropout=dropout)
         self.quant_conv = nn.Conv2d(2 * embed_dim, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, embed_dim, 1)
+        if group_channels:  # GroupNorm in groups of this many channels, not LDM's 32 groups (README: colour)
+            for m in self.modules():
+                if isinstance(m, nn.GroupNorm):
+                    m.num_groups = m.num_channels // group_channels
 
     def encode(self, x):
         """x in [-1, 1], (B, 3, H, W) -> DiagonalGaussian over (B, embed_dim, H/stride, W/stride)."""

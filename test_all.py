@@ -1565,6 +1565,11 @@ def test_train_vae_records_its_latent_scale_and_reports():
     assert "precision: fp32" in log  # the tokenizers' official precision, on a bf16 CPU too
     report = json.load(open(f"{shared_run('vae')}/report.json"))
     assert report["images"] == 40 and 0 < report["mse"] < 1 and report["psnr"] > 5, report
+    # --preset tiny-colour's GroupNorm groups of 4 channels are kept in the checkpoint and honoured when it loads
+    groups = lambda path: {m.num_groups for m in mar.load_vae(path, "cpu")[0].modules() if isinstance(m, torch.nn.GroupNorm)}
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(dict(vae, config=dict(vae["config"], arch=coda.VAE_PRESETS["tiny-colour"])), f"{d}/colour.pth")
+        assert groups(f"{shared_run('vae')}/checkpoint-last.pth") == {32} and groups(f"{d}/colour.pth") == {8, 16}
 
 
 def test_train_coda_trains_lora_and_quantizer_only():
