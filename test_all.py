@@ -457,6 +457,23 @@ def test_mar_grad_checkpointing_and_bf16_autocast():
     assert tokens.dtype == torch.float32 and torch.isfinite(tokens).all()
 
 
+def test_mar_attention_on_a_bf16_cpu_takes_the_math_kernel_and_matches_fp32():
+    """Under CPU bf16 autocast `mar.attention` (MAR's and MaskGIT's) avoids SDPA's CPU flash kernel,
+    whose bf16 backward is slow at short sequences; outputs and gradients stay those of fp32 SDPA."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 31, 32, generator=g, requires_grad=True) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mar.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert "Flash" not in out.grad_fn.name() and out.dtype == torch.bfloat16, out.grad_fn.name()
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    assert_close(out.float(), ref, rtol=5e-2, what="bf16 attention")  # bf16 inputs: 2-3% at most
+    for a, b in zip(grads, ref_grads):  # relative to the whole gradient: bf16 rounds a few elements by 8%
+        assert (a - b).norm() < 0.02 * b.norm(), f"bf16 attention gradients off by {(a - b).norm() / b.norm():.1%}"
+    assert "Flash" in torch.nn.functional.scaled_dot_product_attention(q, k, v).grad_fn.name()  # fp32: SDPA's own choice, unchanged
+
+
 # ---------------------------------------------------------------------------------------------
 # coda.py: parity with the official LeapLabTHU/CODA modules
 # ---------------------------------------------------------------------------------------------
@@ -1297,7 +1314,7 @@ def test_train_defaults_follow_the_data_and_say_so():
     assert (paper.preset, paper.img_size, paper.ema, paper.epochs, paper.warmup_epochs) == ("base", 256, 0.9999, 400, 100)
     assert train.parse_args(["--data-path", data, "--epochs", "3"]).epochs == 3
     builtin = train.parse_args(["--model", "maskgit", "--tokenizer", "t.pth"])
-    assert (builtin.epochs, builtin.cfg) == (48, 3.0) and "built-in data" in builtin.defaults_in_force
+    assert (builtin.epochs, builtin.cfg) == (96, 3.0) and "built-in data" in builtin.defaults_in_force
     with tempfile.TemporaryDirectory() as d:
         run_train("--data-path", data, *MAR, "--epochs", "1", "--output-dir", f"{d}/run")
         assert "defaults: CPU-sized" in open(f"{d}/run/log.txt").read()
