@@ -670,16 +670,18 @@ class ShardSampler(torch.utils.data.Sampler):
 #                           Generate and score (--eval)                         #
 #################################################################################
 
-def judge_samples(images, labels, size, seed):
-    """The built-in data's verdict on generated images -> log lines: the colour-blind judge's class
-    accuracy, overall and per class, the token seams and speckle, each beside real held-out images'."""
+def judge_samples(images, labels, size, seed, grid=100):
+    """The built-in data's verdict on generated images, the first `grid` of them the final grid's ->
+    log lines: the colour-blind judge's class accuracy, overall and per class, on all of them and on
+    the grid alone, the token seams and speckle, each beside real held-out images'."""
     judge, real = toy_judge(size), to_tensor(ToyDataset(size, 1000, seed=seed + 2000).images)  # nobody trained on them
     ceiling, _ = class_accuracy(judge, real, torch.arange(1000) % 10)
-    accuracy, per_class = class_accuracy(judge, images, labels)
+    (accuracy, per_class), (on_grid, per_class_grid) = (class_accuracy(judge, images[:n], labels[:n]) for n in (None, grid))
     (seams, speckle), (real_seams, real_speckle) = token_steps(images), token_steps(real)
-    return [f"class accuracy of the final samples, by a judge that sees luminance only: {accuracy:.0%} "
-            f"(on real held-out images: {ceiling:.0%})",
-            "per class: " + ", ".join(f"{name} {a:.0%}" for name, a in zip(TOY_CLASSES, per_class)),
+    return [f"class accuracy of {len(images)} final samples, by a judge that sees luminance only: {accuracy:.0%} "
+            f"(the grid's {grid}: {on_grid:.0%}; real held-out images: {ceiling:.0%})",
+            f"per class ({len(images)} / grid): " + ", ".join(f"{name} {a:.0%} / {b:.0%}"
+                                                              for name, a, b in zip(TOY_CLASSES, per_class, per_class_grid)),
             f"token seams (luma steps across 8x8 block borders / elsewhere; 1 = none): {seams:.2f} (real held-out "
             f"images: {real_seams:.2f}); speckle (mean luma step inside the blocks): {speckle:.3f} (real: {real_speckle:.3f})"]
 
@@ -876,12 +878,13 @@ def main(args):
             writer.wait()
             barrier()
 
-    def grid(name):  # on rank 0: the picture of the EMA model (see `picture`)
+    def grid(name, seed=args.seed):  # on rank 0: the picture of the EMA model (see `picture`), saved if named
         if rank == 0:
             ema.eval()
             with amp:
-                images, labels, cols = picture(training, ema, num_classes, held_out, args.seed)
-            save_grid(images, os.path.join(args.output_dir, f"samples-{name}.png"), cols)
+                images, labels, cols = picture(training, ema, num_classes, held_out, seed)
+            if name:
+                save_grid(images, os.path.join(args.output_dir, f"samples-{name}.png"), cols)
             return images.float().cpu(), labels
 
     # ---- the loop ----
@@ -997,13 +1000,14 @@ def finish(args, training, model, ema, dataset, bad_files, grid, held_out, log, 
     if rank == 0:
         images, labels = grid("final")
         log(f"wrote {os.path.join(args.output_dir, 'samples-final.png')}")
-        for line in final_report(args, training, ema, images, labels, held_out, device):
+        for line in final_report(args, training, ema, images, labels, grid, held_out, device):
             log(line)
 
 
-def final_report(args, training, ema, images, labels, held_out, device):
+def final_report(args, training, ema, images, labels, grid, held_out, device):
     """A tokenizer's reconstruction report on held-out images (also written to report.json); on the
-    built-in data, a generator's class accuracy by the judge -> lines for the log."""
+    built-in data, a generator's class accuracy by the judge on the final grid (images, labels) and
+    400 more samples drawn as `grid` draws it, with other seeds -> lines for the log."""
     if hasattr(training, "report"):
         net = None  # rFID only with weights: given, or already downloaded (then checked against their SHA-256)
         if args.inception_weights or os.path.exists(fid.cached_weights()):
@@ -1017,7 +1021,9 @@ def final_report(args, training, ema, images, labels, held_out, device):
             json.dump(numbers, f)
         return lines
     if not (args.data_path or getattr(args, "use_cached", False)) and args.img_size == 32:
-        return judge_samples(images, labels, args.img_size, args.seed)
+        more = [grid(None, args.seed + k) for k in range(1, 5)]  # 50 samples a class: one grid's 10 are a noisy verdict
+        return judge_samples(torch.cat([images] + [m[0] for m in more]), torch.cat([labels.cpu()] + [m[1].cpu() for m in more]),
+                             args.img_size, args.seed)
     return []
 
 
