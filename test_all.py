@@ -1261,6 +1261,24 @@ def test_train_colour_blind_judge_separates_the_classes():
         assert not torch.allclose(judge(x.flip(1)), judge(x), atol=1e-3)  # luma differs: so does the verdict
 
 
+def test_train_judge_reports_all_final_samples_and_the_grid_alone():
+    """The verdict line counts the grid's 100 samples and the 400 more, and the grid on its own."""
+    import train
+    labels = torch.arange(10).repeat_interleave(10).repeat(5)                # five grids, one row per class
+    verdict = labels.clone()
+    verdict[:100][labels[:100] == 1] = 0                                      # the grid's squares called discs
+    images = torch.zeros(500, 3, 32, 32)
+    images[:, 0, 0, 0] = verdict / 10                                         # a stand-in judge reads it back
+    fake = lambda x: torch.nn.functional.one_hot((x[:, 0, 0, 0] * 10).round().long().clamp(0, 9), 10).float()
+    real_judge, train.toy_judge = train.toy_judge, lambda size: fake
+    try:
+        overall, per_class, _ = train.judge_samples(images, labels, 32, seed=0)
+    finally:
+        train.toy_judge = real_judge
+    assert overall.startswith("class accuracy of 500 final samples") and "98% (the grid's 100: 90%;" in overall, overall
+    assert "disc 100% / 100%, square 80% / 0%, triangle 100% / 100%" in per_class, per_class
+
+
 def test_train_token_steps_see_mosaics_and_speckle():
     """Real images have no seams at 8x8 borders (ratio near 1); the same images with every 8x8 block
     shifted to its own brightness do (as MAR's undertrained pixel tokens); a shift inside the blocks
