@@ -644,10 +644,9 @@ def attention(q, k, v, dropout_p=0.0):
     MAR or MaskGIT). On a CPU in bf16 autocast it takes SDPA's math kernel: at these short sequences
     the CPU flash kernel's bf16 backward is the slowest op of a step (measured on a 2-core AMX CPU:
     MaskGIT-tiny's step 67 -> 39 ms, MAR-tiny's 14.4 -> 19.5 steps/s; in fp32 the two are equal)."""
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    cpu_bf16 = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    with sdpa_kernel(SDPBackend.MATH) if cpu_bf16 else nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
 
 class Attention(nn.Module):
