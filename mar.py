@@ -643,7 +643,7 @@ def attention(q, k, v, dropout_p=0.0):
     """F.scaled_dot_product_attention of (B, heads, N, head_dim) tensors, bidirectional (no mask in
     MAR or MaskGIT). On a CPU in bf16 autocast it takes SDPA's math kernel: at these short sequences
     the CPU flash kernel's bf16 backward is the slowest op of a step (2-core AMX CPU: MaskGIT-tiny
-    15 -> 26 steps/s, MAR-tiny 14.4 -> 19.5; AVX512-BF16 CPU: 8.5 -> 14.7, 13.6 -> 16.6; fp32: equal)."""
+    15 -> 26 steps/s, MAR-tiny 14.4 -> 19.5; AVX512-BF16 CPU: 8.5 -> 14.7, 13.6 -> 16.6; fp32: about equal)."""
     cpu_bf16 = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
     with sdpa_kernel(SDPBackend.MATH) if cpu_bf16 else nullcontext():
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
