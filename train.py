@@ -676,7 +676,8 @@ def judge_samples(images, labels, size, seed, grid=100):
     the grid alone, the token seams and speckle, each beside real held-out images'."""
     judge, real = toy_judge(size), to_tensor(ToyDataset(size, 1000, seed=seed + 2000).images)  # nobody trained on them
     ceiling, _ = class_accuracy(judge, real, torch.arange(1000) % 10)
-    (accuracy, per_class), (on_grid, per_class_grid) = (class_accuracy(judge, images[:n], labels[:n]) for n in (None, grid))
+    accuracy, per_class = class_accuracy(judge, images, labels)
+    on_grid, per_class_grid = class_accuracy(judge, images[:grid], labels[:grid])
     (seams, speckle), (real_seams, real_speckle) = token_steps(images), token_steps(real)
     return [f"class accuracy of {len(images)} final samples, by a judge that sees luminance only: {accuracy:.0%} "
             f"(the grid's {grid}: {on_grid:.0%}; real held-out images: {ceiling:.0%})",
