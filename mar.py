@@ -1075,7 +1075,7 @@ PAPER = dict(preset="base", img_size=256, epochs=400, warmup_epochs=100, batch_s
              weight_decay=0.02, grad_clip=3.0, ema=0.9999, ckpt_every=1000, sample_every=5000, num_images=50000,
              num_iter=64, cfg=2.9, cfg_schedule="linear", temperature=1.0, diffusion_batch_mul=4)
 BUILTIN = dict(PAPER, preset="tiny", img_size=32, epochs=58, warmup_epochs=1, blr=4e-3, ema=0.999, diffusion_batch_mul=1,
-               ckpt_every=500, sample_every=1000, num_iter=8, cfg=3.0, temperature=0.8, num_images=1000)
+               ckpt_every=500, sample_every=2000, num_iter=8, cfg=3.0, temperature=0.8, num_images=1000)
 # on the built-in data: temperature 0.8, less speckle inside the pixel tokens; CFG 3.0, the shapes' classes best;
 # 58 epochs (9,048 steps), about 10 minutes on 2 CPU cores with bf16 autocast (README, the measurements)
 
@@ -1199,16 +1199,19 @@ def bf16_autocast(device):
     return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def autocast(device, enabled=True):
+    """train.py's precision for training steps and sampling alike: bf16 autocast where
+    `bf16_autocast(device)` (and the model's official precision is mixed: `enabled`), else fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled and bf16_autocast(device) else nullcontext()
+
+
 def bench_device():
-    """-> (the current device with TF32 allowed, the autocast of training steps and of sampling
-    as train.py uses them (bf16 on CUDA; on a CPU, training only, see bf16_autocast), synchronize)."""
+    """-> (the current device with TF32 allowed, train.py's autocast (see `autocast`), synchronize)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    train_amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16_autocast(device) else nullcontext()
-    amp = train_amp if device.type == "cuda" else nullcontext()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    return device, train_amp, amp, sync
+    return device, autocast(device), sync
 
 
 def training_speed(model, inputs, steps, amp, sync, betas):
@@ -1229,7 +1232,7 @@ def training_speed(model, inputs, steps, amp, sync, betas):
 
 
 def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64, 256), cfg=2.9):
-    device, train_amp, amp, sync = bench_device()
+    device, amp, sync = bench_device()
     model = PRESETS[preset]().to(device)
     vae = kl16().to(device).eval() if model.vae_embed_dim == 16 else PixelTokenizer()  # kl16: random weights, timing only
     side = model.seq_h * model.patch_size
@@ -1237,7 +1240,7 @@ def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64
 
     x = torch.randn(batch_size, model.vae_embed_dim, side, side, device=device)
     y = torch.randint(0, model.class_emb.num_embeddings, (batch_size,), device=device)
-    speed = training_speed(model, (x, y), steps, train_amp, sync, betas=(0.9, 0.95))
+    speed = training_speed(model, (x, y), steps, amp, sync, betas=(0.9, 0.95))
     precision = "bf16 autocast" if bf16_autocast(device) else "fp32"
     print(f"training: {speed:.3g} images/s (batch {batch_size}, {precision})")
 

@@ -335,13 +335,13 @@ class Training(nn.Module):
 
 def benchmark(preset="large", batch_size=32, sample_batch=64, steps=10, iters=(8, 32), cfg=2.0):
     """Training images/s and generation images/s (tokens only, no VAE decode) on the current device."""
-    device, train_amp, amp, sync = mar.bench_device()
+    device, amp, sync = mar.bench_device()
     model = PRESETS[preset]().to(device)
     print(f"maskgit_{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{model.length} tokens, codebook {model.codebook_size}, on {device}")
     tokens = torch.randint(0, model.codebook_size, (batch_size, model.length), device=device)
     labels = torch.randint(0, model.num_classes, (batch_size,), device=device)
-    speed = mar.training_speed(model, (tokens, labels), steps, train_amp, sync, betas=(0.9, 0.96))
+    speed = mar.training_speed(model, (tokens, labels), steps, amp, sync, betas=(0.9, 0.96))
     print(f"training: {speed:.1f} images/s (batch {batch_size})")
     model.eval()
     labels = torch.arange(sample_batch, device=device) % model.num_classes
