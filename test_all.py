@@ -62,6 +62,18 @@ def perturbed(model, scale=0.05):
     return model
 
 
+def bf16_sampling_drift(model, device):
+    """MAR samples of the same seed under bf16 autocast and in fp32 -> mean |bf16 - fp32| / mean |fp32|,
+    after checking that the bf16 ones are finite float32 tokens."""
+    samples = []
+    for amp in (False, True):
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+            samples.append(model.eval().sample_tokens(8, 4, cfg=2.0, labels=torch.arange(8, device=device),
+                                                      generator=torch.Generator(device).manual_seed(3)))
+    assert samples[1].dtype == torch.float32 and torch.isfinite(samples[1]).all()
+    return ((samples[1] - samples[0]).abs().mean() / samples[0].abs().mean()).item()
+
+
 def raises(error, fn, *args):
     """Call fn(*args), which must raise `error`; -> the exception (to check its message)."""
     try:
@@ -464,13 +476,7 @@ def test_mar_grad_checkpointing_and_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(x, y)
     assert loss.dtype == torch.float32 and abs(loss.item() - ref_loss.item()) < 0.05 * ref_loss.item()
-    samples = []
-    for amp in (False, True):
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            samples.append(model.eval().sample_tokens(8, 4, cfg=2.0, labels=torch.arange(8),
-                                                      generator=torch.Generator().manual_seed(3)))
-    assert samples[1].dtype == torch.float32 and torch.isfinite(samples[1]).all()
-    drift = (samples[1] - samples[0]).abs().mean() / samples[0].abs().mean()
+    drift = bf16_sampling_drift(model, "cpu")
     assert 0 < drift < 0.1, f"bf16 samples differ from fp32's by {drift:.3f} of their mean size (0: no bf16)"
 
 
@@ -1824,14 +1830,7 @@ def test_cuda_bf16_loss_and_sampling_match_fp32():
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             losses.append(model(x, y).item())
     assert abs(losses[1] - losses[0]) < 0.02 * losses[0], losses
-    model.eval()
-    samples = []
-    for amp in (False, True):
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            samples.append(model.sample_tokens(8, 4, cfg=2.0, labels=torch.arange(8, device="cuda"),
-                                               generator=torch.Generator("cuda").manual_seed(3)))
-    assert samples[1].dtype == torch.float32 and torch.isfinite(samples[1]).all()
-    drift = (samples[1] - samples[0]).abs().mean() / samples[0].abs().mean()
+    drift = bf16_sampling_drift(model, "cuda")
     assert 0 < drift < 0.1, f"bf16 samples differ from fp32's by {drift:.3f} of their mean size (0: no bf16)"
 
 

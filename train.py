@@ -860,7 +860,7 @@ def main(args):
     # each model's official precision (MAR, MaskGIT: mixed; CODA, VAE: fp32 unless --bf16), as bf16 (no GradScaler),
     # for training steps and grids alike, on CUDA and on a CPU with bf16 instructions (1.3-2x faster there)
     bf16 = training.bf16 and mar.bf16_autocast(device)
-    amp = mar.autocast(device, bf16)
+    amp = mar.autocast(device, training.bf16)
     log(f"precision: {'bf16 autocast' if bf16 else 'fp32'}{', TF32 matmuls' if cuda and args.tf32 and not bf16 else ''}")
 
     writer = CheckpointWriter()
