@@ -1302,11 +1302,12 @@ def test_train_judge_reports_all_final_samples_and_the_grid_alone():
     assert "disc 100% / 100%, square 80% / 0%, triangle 100% / 100%" in per_class, per_class
 
 
-def test_train_token_steps_see_mosaics_and_speckle():
+def test_train_token_steps_see_mosaics_speckle_and_roughness():
     """Real images have no seams at 8x8 borders (ratio near 1); the same images with every 8x8 block
     shifted to its own brightness do (as MAR's undertrained pixel tokens); a shift inside the blocks
     (4 px off the grid) is not counted as a seam. Pixel noise lowers the seam ratio, and shows as
-    speckle instead."""
+    speckle instead; the same offsets spread as ramps across the blocks lower it too, and show as
+    roughness."""
     import train
     x = train.to_tensor(train.ToyDataset(32, num_images=200, seed=7).images)
     g = torch.Generator().manual_seed(0)
@@ -1314,9 +1315,14 @@ def test_train_token_steps_see_mosaics_and_speckle():
     mosaic = x + levels.repeat_interleave(8, 2).repeat_interleave(8, 3)
     off_grid = x + levels.repeat_interleave(8, 2).repeat_interleave(8, 3).roll((4, 4), (2, 3))
     noisy = mosaic + 0.3 * torch.randn(mosaic.shape, generator=g)
-    (real, speckle), (tiled, _), (shifted, _), (hidden, noise) = map(train.token_steps, (x, mosaic, off_grid, noisy))
+    smeared = x + torch.nn.functional.interpolate(levels, scale_factor=8, mode="bilinear")  # the same steps as ramps
+    (real, speckle, rough), (tiled, _, rough_tiled), (shifted, _, _), (hidden, noise, _), (ramps, _, rough_ramps) = map(
+        train.token_steps, (x, mosaic, off_grid, noisy, smeared))
     assert 0.9 < real < 1.25 and tiled > 2 * real and shifted < real, (real, tiled, shifted)
     assert hidden < 0.5 * tiled and noise > 3 * speckle, (hidden, tiled, noise, speckle)
+    # spread over the blocks, the offsets hardly step at the borders, but most of the roughness they add stays
+    assert ramps < 0.6 * tiled and rough_ramps - rough > 0.5 * (rough_tiled - rough) > 0.005, (
+        ramps, tiled, rough, rough_ramps, rough_tiled)
 
 
 # ---------------------------------------------------------------------------------------------

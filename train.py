@@ -619,17 +619,18 @@ def class_accuracy(judge, images, labels):
 
 
 def token_steps(images, block=8):
-    """What class accuracy does not see -> (seams, speckle): the mean luma step between neighbouring
-    pixels across the borders of the block x block grid (MAR's pixel tokens) divided by the mean
-    step everywhere else (about 1 for real images; > 2 for a mosaic of tokens each at its own
-    level), and that mean step inside the blocks (noise inside tokens raises it, and would lower
-    the seam ratio if it were reported alone)."""
+    """What class accuracy does not see -> (seams, speckle, roughness): the mean luma step between
+    neighbouring pixels across the borders of the block x block grid (MAR's pixel tokens) divided by
+    the mean step everywhere else (about 1 for real images; > 2 for a mosaic of tokens each at its
+    own level), that mean step inside the blocks (noise inside tokens raises it, and would lower
+    the seam ratio if it were reported alone), and the mean step over the whole image (steps moved
+    off the borders, spread over a few pixels, lower the seam ratio but not this)."""
     y = luminance(images.float().cpu())[:, 0]                               # (B, H, W)
     dx, dy = (y[:, :, 1:] - y[:, :, :-1]).abs(), (y[:, 1:] - y[:, :-1]).abs()
     border = torch.arange(1, y.shape[-1]) % block == 0                     # steps from pixel i-1 to i
     across = torch.cat([dx[:, :, border].flatten(), dy[:, border].flatten()]).mean()
     inside = torch.cat([dx[:, :, ~border].flatten(), dy[:, ~border].flatten()]).mean()
-    return (across / inside).item(), inside.item()
+    return (across / inside).item(), inside.item(), torch.cat([dx.flatten(), dy.flatten()]).mean().item()
 
 
 def training_data(args, rank):
@@ -677,13 +678,14 @@ def judge_samples(images, labels, size, seed, grid=100):
     ceiling, _ = class_accuracy(judge, real, torch.arange(1000) % 10)
     accuracy, per_class = class_accuracy(judge, images, labels)
     on_grid, per_class_grid = class_accuracy(judge, images[:grid], labels[:grid])
-    (seams, speckle), (real_seams, real_speckle) = token_steps(images), token_steps(real)
+    (seams, speckle, rough), (real_seams, real_speckle, real_rough) = token_steps(images), token_steps(real)
     return [f"class accuracy of {len(images)} final samples, by a judge that sees luminance only: {accuracy:.0%} "
             f"(the grid's {grid}: {on_grid:.0%}; real held-out images: {ceiling:.0%})",
             f"per class ({len(images)} / grid): " + ", ".join(f"{name} {a:.0%} / {b:.0%}"
                                                               for name, a, b in zip(TOY_CLASSES, per_class, per_class_grid)),
             f"token seams (luma steps across 8x8 block borders / elsewhere; 1 = none): {seams:.2f} (real held-out "
-            f"images: {real_seams:.2f}); speckle (mean luma step inside the blocks): {speckle:.3f} (real: {real_speckle:.3f})"]
+            f"images: {real_seams:.2f}); speckle (mean luma step inside the blocks): {speckle:.3f} (real: {real_speckle:.3f}); "
+            f"roughness (mean luma step over the whole image): {rough:.3f} (real: {real_rough:.3f})"]
 
 
 @torch.no_grad()
