@@ -10,6 +10,7 @@ so that the zero-initialised layers are not zero. Every official RNG draw was pi
 recorded and passed in, torch draws from seeded global generators, which our code reproduces from
 a seeded torch.Generator. No official code is in this repository.
 """
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -97,6 +98,13 @@ def run_script(script, *flags, nproc=1, check=True, timeout=600):
     if check and p.returncode != 0:
         raise AssertionError(f"{os.path.basename(script)} exited {p.returncode}:\n{p.stderr[-3000:]}")
     return p
+
+
+def two_at_a_time(run, cases):
+    """run(case) for independent cases, two at once (each run has one thread: two fill the 2 cores;
+    most of a failing run is importing torch) -> the results, in the order of `cases`."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return list(pool.map(run, cases))
 
 
 def expect_error(p, text, prog):
@@ -938,8 +946,12 @@ def test_fid_cli_matches_torch_fidelity_on_folders():
         tf, pt = inception_files(d)
         save_pngs(r["A"], f"{d}/A")
         save_pngs(r["B"], f"{d}/B")
-        p = run_fid(f"{d}/A", f"{d}/B", "--weights", tf, "--batch-size", "7")
-        assert p.returncode == 0, p.stderr[-2000:]
+        # the independent runs two at a time: A against B; B's statistics saved, without and with features
+        runs = two_at_a_time(lambda flags: run_fid(*flags, "--weights", tf),
+                             [(f"{d}/A", f"{d}/B", "--batch-size", "7"), (f"{d}/B", "--save-stats", f"{d}/b.npz"),
+                              (f"{d}/B", "--save-stats", f"{d}/bf.npz", "--save-features")])
+        assert all(q.returncode == 0 for q in runs), [q.stderr[-2000:] for q in runs]
+        p = runs[0]
         ref_fid = r["tf_fid_AB"].item()                                  # torch_fidelity.calculate_metrics(A, B)
         assert abs(printed(p, "FID") - ref_fid) < 1e-4 * ref_fid, (printed(p, "FID"), ref_fid)
         is_line = [l for l in p.stdout.splitlines() if l.startswith("IS:")][0].split()
@@ -955,26 +967,24 @@ def test_fid_cli_matches_torch_fidelity_on_folders():
             assert abs(printed(p, name) - expect[key]) <= 1e-4 * abs(expect[key]) + 1e-9, (name, p.stdout, expect[key])
         # saved statistics give the same FID and sFID, also under torchrun with 2 processes (shards); with
         # statistics only, one line says why precision and recall are missing; with --save-features, they are there
-        assert run_fid(f"{d}/B", "--save-stats", f"{d}/b.npz", "--weights", tf).returncode == 0
         p2 = run_fid(f"{d}/A", f"{d}/b.npz", "--weights", tf, torchrun=True)
         assert p2.returncode == 0, p2.stderr[-2000:]
         assert abs(printed(p2, "FID") - ref_fid) < 1e-4 * ref_fid, p2.stdout
         assert abs(printed(p2, "sFID") - expect["sfid"]) < 1e-4 * expect["sfid"], p2.stdout
         assert "precision/recall: not computed: the reference is statistics only" in p2.stdout and "Precision:" not in p2.stdout
-        # ADM's reference batch layout: its statistics are used as stored, its images (arr_0) give P/R
+        assert sorted(np.load(f"{d}/bf.npz").keys()) == ["mu", "mu_s", "pool3", "sigma", "sigma_s"]
+        # ADM's reference batch layout: its statistics are used as stored, its images (arr_0) give P/R;
+        # pytorch-fid mode: pytorch_fid.fid_score.calculate_fid_given_paths on the same folders
         stats = dict(np.load(f"{d}/b.npz"))
         np.savez(f"{d}/adm.npz", arr_0=r["B"].permute(0, 2, 3, 1).numpy(), **{**stats, "mu": stats["mu"] + 0.01})
-        p3 = run_fid(f"{d}/A", f"{d}/adm.npz", "--weights", tf)
+        p3, p4, p5 = two_at_a_time(lambda flags: run_fid(f"{d}/A", *flags),
+                                   [(f"{d}/adm.npz", "--weights", tf), (f"{d}/bf.npz", "--weights", tf),
+                                    (f"{d}/B", "--weights", pt, "--pytorch-fid")])
         stored = fid.frechet_distance(sets[0]["mu"], sets[0]["sigma"], stats["mu"] + 0.01, stats["sigma"])
         assert abs(printed(p3, "FID") - stored) < 1e-4 * stored and abs(stored - ref_fid) > 1e-2, (p3.stdout, stored)
         assert abs(printed(p3, "sFID") - expect["sfid"]) < 1e-4 * expect["sfid"], p3.stdout
         assert (printed(p3, "Precision"), printed(p3, "Recall")) == (printed(p, "Precision"), printed(p, "Recall")), p3.stdout
-        assert run_fid(f"{d}/B", "--save-stats", f"{d}/bf.npz", "--save-features", "--weights", tf).returncode == 0
-        assert sorted(np.load(f"{d}/bf.npz").keys()) == ["mu", "mu_s", "pool3", "sigma", "sigma_s"]
-        p4 = run_fid(f"{d}/A", f"{d}/bf.npz", "--weights", tf)
         assert (printed(p4, "Precision"), printed(p4, "Recall")) == (printed(p, "Precision"), printed(p, "Recall")), p4.stdout
-        # pytorch-fid mode: pytorch_fid.fid_score.calculate_fid_given_paths on the same folders
-        p5 = run_fid(f"{d}/A", f"{d}/B", "--weights", pt, "--pytorch-fid")
         assert abs(printed(p5, "FID") - r["pt_fid_AB"].item()) < 1e-4 * r["pt_fid_AB"].item(), (p5.stdout, p5.stderr[-500:])
 
 
@@ -1052,11 +1062,11 @@ def test_fid_errors_are_one_line():
         cases.append(([f"{d}/A", f"{d}/array.npz"], "a single .npy array, not an .npz archive"))
         np.savez(f"{d}/stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
         cases.append(([f"{d}/stats.npz", "--save-stats", f"{d}/x.npz", "--save-features"], "holds statistics only"))
-        for args, expect in cases:
-            args = args if "--weights" in args else args + ["--weights", tf]
-            expect_error(run_fid(*args), expect, "fid.py")
-        for args, expect in cases[3:5]:  # the same one line when DataLoader workers read the images
-            expect_error(run_fid(*args, "--weights", tf, "--batch-size", "4", workers=2), expect, "fid.py")
+        runs = two_at_a_time(lambda case: run_fid(*case[0], *([] if "--weights" in case[0] else ["--weights", tf])), cases)
+        # the same one line when DataLoader workers read the images
+        runs += two_at_a_time(lambda case: run_fid(*case[0], "--weights", tf, "--batch-size", "4", workers=2), cases[3:5])
+        for p, (args, expect) in zip(runs, cases + cases[3:5]):
+            expect_error(p, expect, "fid.py")
 
 
 def test_fid_and_train_read_16_bit_images_scaled_not_clipped():
@@ -1582,8 +1592,8 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             (["--model", "vae", "--data-path", data, "--img-size", "30"], "not a multiple of the VAE's stride 8"),
             (["--data-path", data, "--resume", f"{d}/evil.pth"], "holds Python objects other than tensors"),
         ] + ([] if torch.cuda.is_available() else [(["--data-path", data, "--device", "cuda"], "no CUDA device")])
-        for flags, expect in cases:
-            p = run_train(*FAST[:6], *flags, "--epochs", "1", check=False)  # the case's flags win
+        runs = two_at_a_time(lambda case: run_train(*FAST[:6], *case[0], "--epochs", "1", check=False), cases)
+        for p, (flags, expect) in zip(runs, cases):  # the case's flags win over FAST's
             expect_error(p, expect, "train.py")
             assert "weights_only=False" not in p.stderr and "unpickled code ran" not in p.stdout, p.stderr[-500:]
 
@@ -1749,9 +1759,12 @@ def eval_setup(d):
     """A trained MAR run, fake Inception weights and reference statistics -> the --eval flags."""
     r = ref("fid_ref.pt")
     tf, _ = inception_files(d)
-    run_train("--data-path", shared_run("data"), "--output-dir", f"{d}/run", "--epochs", "1", *MAR)
     save_pngs(r["B"], f"{d}/real")
-    assert run_fid(f"{d}/real", "--save-stats", f"{d}/real.npz", "--weights", tf).returncode == 0
+    data = shared_run("data")
+    _, stats = two_at_a_time(lambda run: run(), [
+        lambda: run_train("--data-path", data, "--output-dir", f"{d}/run", "--epochs", "1", *MAR),
+        lambda: run_fid(f"{d}/real", "--save-stats", f"{d}/real.npz", "--weights", tf)])
+    assert stats.returncode == 0, stats.stderr[-2000:]
     return tf, ["--eval", "--resume", f"{d}/run/checkpoint-last.pth", "--output-dir", f"{d}/run", "--num-images", "20",
                 "--eval-batch-size", "8", "--inception-weights", tf, *MAR]
 
@@ -1761,13 +1774,14 @@ def test_train_eval_generates_and_scores_like_fid_py():
     on the saved PNGs, with one process or two (the image order is the same)."""
     with tempfile.TemporaryDirectory() as d:
         tf, ev = eval_setup(d)
-        for nproc in (1, 2):  # rank r writes images [10 r, 10 r + 10)
-            p = run_train(*ev, "--fid-stats", f"{d}/real.npz", "--save-images", f"{d}/gen{nproc}", nproc=nproc)
+        evals = [run_train(*ev, "--fid-stats", f"{d}/real.npz", "--save-images", f"{d}/gen{nproc}", nproc=nproc)
+                 for nproc in (1, 2)]  # rank r writes images [10 r, 10 r + 10)
+        checks = two_at_a_time(lambda nproc: run_fid(f"{d}/gen{nproc}", f"{d}/real.npz", "--weights", tf), (1, 2))
+        records = [json.loads(l) for l in open(f"{d}/run/eval.jsonl")][-2:]  # one line per evaluation
+        for nproc, p, check, record in zip((1, 2), evals, checks, records):
             assert sorted(os.listdir(f"{d}/gen{nproc}")) == [f"{i:05d}.png" for i in range(20)]
-            check = run_fid(f"{d}/gen{nproc}", f"{d}/real.npz", "--weights", tf)
             assert abs(printed(p, "FID") - printed(check, "FID")) < 1e-6 * printed(check, "FID"), (p.stdout, check.stdout)
             assert "seconds per image" in p.stdout and "precision/recall: not computed: the reference is statistics only" in p.stdout
-            record = [json.loads(l) for l in open(f"{d}/run/eval.jsonl")][-1]
             assert record["num_images"] == 20 and record["cfg"] == 2.9 and record["processes"] == nproc, record
             for key, name in (("fid", "FID"), ("sfid", "sFID"), ("is_adm", "IS (ADM evaluator)")):
                 assert abs(record[key] - printed(p, name)) < 1e-3 and abs(printed(p, name) - printed(check, name)) < 1e-5 * printed(check, name), (key, p.stdout, check.stdout)
@@ -1781,9 +1795,11 @@ def test_train_eval_generates_and_scores_like_fid_py():
         run_train(*[f"{d}/run2" if a == f"{d}/run" else a for a in ev], nproc=2)  # each rank scores half of them
         one, two = (np.load(f"{d}/{r}/{cached[0]}")["sigma"] for r in ("run", "run2"))
         assert np.abs(one - two).max() < 1e-4 * np.abs(one).mean(), "reference statistics depend on the process count"
-        expect_error(run_train(*ev[:-len(MAR)], "--preset", "tiny", "--img-size", "64", "--num-iter", "2", check=False),
-                     "another config", "train.py")
-        expect_error(run_train(*ev, "--num-images", "15", check=False), "multiple of the 10 classes", "train.py")
+        other, odd = two_at_a_time(lambda flags: run_train(*flags, check=False),
+                                   [(*ev[:-len(MAR)], "--preset", "tiny", "--img-size", "64", "--num-iter", "2"),
+                                    (*ev, "--num-images", "15")])
+        expect_error(other, "another config", "train.py")
+        expect_error(odd, "multiple of the 10 classes", "train.py")
 
 
 # ---------------------------------------------------------------------------------------------
