@@ -1451,14 +1451,17 @@ def test_train_names_a_rank_that_stops_answering():
 def test_train_resume_is_exact():
     with tempfile.TemporaryDirectory() as d:
         common = ["--data-path", shared_run("data"), *MAR]
-        run_train(*common, "--epochs", "12", "--output-dir", f"{d}/full")
+        def resumed():  # stop after 3 epochs, then go on to 12 -> the step of the first stop
+            run_train(*common, "--epochs", "3", "--output-dir", f"{d}/resumed")
+            step = final_weights(f"{d}/resumed")["step"]
+            run_train(*common, "--epochs", "12", "--output-dir", f"{d}/resumed")
+            return step
+        _, first_stop = two_at_a_time(lambda run: run(), [  # the uninterrupted run beside the resumed one
+            lambda: run_train(*common, "--epochs", "12", "--output-dir", f"{d}/full"), resumed])
         full = final_weights(f"{d}/full")
-        assert full["step"] == 120
+        assert full["step"] == 120 and first_stop == 30, (full["step"], first_stop)
         bf16 = mar.bf16_autocast(torch.device("cpu"))  # MAR's training steps on a CPU with bf16 instructions: exact too
         assert f"precision: {'bf16 autocast' if bf16 else 'fp32'}" in open(f"{d}/full/log.txt").read()
-        run_train(*common, "--epochs", "3", "--output-dir", f"{d}/resumed")  # stop after 3 epochs, then go on to 12
-        assert final_weights(f"{d}/resumed")["step"] == 30
-        run_train(*common, "--epochs", "12", "--output-dir", f"{d}/resumed")
         assert "resumed from" in open(f"{d}/resumed/log.txt").read()
         assert same_state(final_weights(f"{d}/resumed"), full), "resumed run differs from the uninterrupted one"
         # SIGTERM mid-run saves a checkpoint; the same command then finishes it, bit-identical
