@@ -998,7 +998,8 @@ def mar_tiny(**kwargs):
     N(0, 0.02), in a CPU-sized run the model never learned where tokens are. 8x8 blocks instead
     of 4x4 run 1.6x more images per second and score 3x higher by the colour-blind judge in the
     same time. On pixel tokens the noise schedule is shifted and the MLP predicts v instead of
-    eps (GaussianDiffusion; README, "Quick start", the measurements under the default run)."""
+    eps (GaussianDiffusion; README, "Quick start", the measurements under the default run); on
+    the 4x4x16 latents of a `--model vae` run (vae_stride=8, vae_embed_dim=16) it predicts v too."""
     return MAR(**{**dict(img_size=32, vae_stride=8, patch_size=1, vae_embed_dim=195, class_num=10,
                          encoder_embed_dim=96, encoder_depth=2, encoder_num_heads=4,
                          decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=4,
@@ -1006,7 +1007,14 @@ def mar_tiny(**kwargs):
                          diffusion_batch_mul=1, sincos_init=True, snr_shift=64.0, v_prediction=True), **kwargs})
 
 
-PRESETS = {"tiny": mar_tiny, "base": mar_base, "large": mar_large, "huge": mar_huge}
+def mar_small(**kwargs):
+    """mar_tiny with a wider, deeper transformer (3 + 3 blocks, 128 wide): for the 4x4x16 latents
+    of a `--model vae` run on the built-in data, where it draws more squares and triangles than
+    tiny in the same steps (README, "Clean samples: MAR on a VAE's latents"). Not a paper configuration."""
+    return mar_tiny(**{**dict(encoder_embed_dim=128, encoder_depth=3, decoder_embed_dim=128, decoder_depth=3), **kwargs})
+
+
+PRESETS = {"tiny": mar_tiny, "small": mar_small, "base": mar_base, "large": mar_large, "huge": mar_huge}
 
 
 def load_checkpoint(path):
@@ -1077,11 +1085,20 @@ def load_vae(path, device):
 
 PAPER = dict(preset="base", img_size=256, epochs=400, warmup_epochs=100, batch_size=64, blr=1e-4, lr_schedule="constant",
              weight_decay=0.02, grad_clip=3.0, ema=0.9999, ckpt_every=1000, sample_every=5000, num_images=50000,
-             num_iter=64, cfg=2.9, cfg_schedule="linear", temperature=1.0, diffusion_batch_mul=4)
+             num_iter=64, cfg=2.9, cfg_schedule="linear", temperature=1.0, diffusion_batch_mul=4, prediction="eps")
 BUILTIN = dict(PAPER, preset="tiny", img_size=32, epochs=58, warmup_epochs=1, blr=4e-3, ema=0.999, diffusion_batch_mul=1,
-               ckpt_every=500, sample_every=2000, num_iter=8, cfg=3.0, temperature=0.8, num_images=1000)
+               ckpt_every=500, sample_every=2000, num_iter=8, cfg=3.0, temperature=0.8, num_images=1000, prediction="v")
 # on the built-in data: temperature 0.8, less speckle inside the pixel tokens; CFG 3.0, the shapes' classes best;
-# 58 epochs (9,048 steps), about 10 minutes on 2 CPU cores with bf16 autocast (README, the measurements)
+# 58 epochs (9,048 steps), about 10 minutes on 2 CPU cores with bf16 autocast (README, the measurements);
+# on the latents of a --model vae run (BUILTIN_LATENT): v-prediction (with the paper's eps the MLP draws
+# saturated blobs there), the small preset, 87 epochs (13,572 steps), constant CFG 4 and temperature 1.0:
+# squares and triangles come out (README, "Clean samples: MAR on a VAE's latents")
+BUILTIN_LATENT = dict(BUILTIN, preset="small", epochs=87, cfg=4.0, cfg_schedule="constant", temperature=1.0)
+
+
+def builtin_defaults(args):
+    """train.py's CPU-sized defaults: BUILTIN on pixel tokens, BUILTIN_LATENT on a VAE's latents."""
+    return BUILTIN_LATENT if args.vae else BUILTIN
 
 
 def add_sampling_args(p):
@@ -1095,13 +1112,16 @@ def add_sampling_args(p):
 def add_args(p):
     """MAR's own flags (train.py adds the shared ones)."""
     p.add_argument("--vae", help="KL-VAE: the official kl16.ckpt or a --model vae run's checkpoint; without it MAR "
-                                 "models pixels")
+                                 "models pixels. With it the CPU-sized defaults are those for latents: preset small, "
+                                 "87 epochs, prediction v, cfg 4.0 constant, temperature 1.0")
     p.add_argument("--patch-size", type=int, help="latent / pixel patch per token (default: 1 with a VAE as the paper, "
                                                   "4 on pixels)")
     p.add_argument("--cache-latents", action="store_true", help="encode --data-path once into --cache-path, then exit")
     p.add_argument("--use-cached", action="store_true", help="train from the latents in --cache-path")
     p.add_argument("--cache-path", help="folder of cached latents (official main_cache.py layout)")
     p.add_argument("--diffusion-batch-mul", type=int, help="noise draws per token and step (official: 4)")
+    p.add_argument("--prediction", choices=["eps", "v"], help="what the Diffusion Loss MLP predicts on VAE latents: "
+                   "eps (paper) or v (the built-in run's); pixel tokens always v")
     p.add_argument("--num-sampling-steps", type=int, default=100, help="diffusion steps per token when sampling (paper)")
     p.add_argument("--grad-checkpointing", action="store_true")
     add_sampling_args(p)
@@ -1133,7 +1153,7 @@ class Training(nn.Module):
     betas = (0.9, 0.95)  # paper App. B
     bf16 = True  # train.py's autocast on CUDA and bf16 CPUs (official: fp16 autocast); loss and CFG in fp32
     PRESETS, PAPER, BUILTIN = PRESETS, PAPER, BUILTIN
-    add_args, check_args = staticmethod(add_args), staticmethod(check_args)
+    add_args, check_args, builtin_defaults = staticmethod(add_args), staticmethod(check_args), staticmethod(builtin_defaults)
 
     def __init__(self, args, num_classes, device):
         super().__init__()
@@ -1152,14 +1172,27 @@ class Training(nn.Module):
         # the architecture facts a resumed or evaluated checkpoint must match
         self.config = dict(preset=args.preset, img_size=args.img_size, vae_stride=self.vae.stride, patch_size=patch,
                            vae_embed_dim=self.vae.embed_dim, class_num=num_classes)
+        v = pixels or args.prediction == "v"  # pixels: the shape is decided at high noise, where eps says little
         if pixels:  # what the tokens and the MLP's output mean: checkpoints of other pixel runs are refused
             self.config["tokens"] = f"PixelTokenizer, level gain {PIXEL_LEVEL_GAIN}; v-prediction, SNR / {self.vae.stride**2}"
-        arch = {k: v for k, v in self.config.items() if k not in ("preset", "tokens")}
+        elif v:  # absent: the paper's eps (every official checkpoint)
+            self.config["prediction"] = "v"
+        arch = {k: v for k, v in self.config.items() if k not in ("preset", "tokens", "prediction")}
         self.model = PRESETS[args.preset](**arch, diffusion_batch_mul=args.diffusion_batch_mul,
                                           num_sampling_steps=args.num_sampling_steps,
                                           grad_checkpointing=args.grad_checkpointing,
                                           snr_shift=self.vae.stride**2 if pixels else 1.0,  # its pixels share one shape
-                                          v_prediction=pixels)  # pixels: the shape is decided at high noise
+                                          v_prediction=v)
+        # train.py caches `encode` of every training image once, up to this many images (beyond: the
+        # official --cache-latents; ImageNet's moments take 84 GB); pixels are cheaper to tokenize than to load
+        self.cache_limit = 0 if pixels or args.use_cached else 100_000
+
+    @torch.no_grad()
+    def encode(self, images):
+        """Images (B, 3, H, W) in [-1, 1] -> the VAE posterior moments of each image and of its flip
+        (B, 2, 2C, h, w), for train.py's cache (as official main_cache.py; a latent is drawn per step)."""
+        both = [self.vae.encode(x.float()).moments for x in (images, images.flip(3))]
+        return torch.stack(both, 1)
 
     def inputs(self, batch, flip):
         """A data batch (images or cached moments, labels) and its flip draws -> (scaled latents, labels)."""
@@ -1167,6 +1200,10 @@ class Training(nn.Module):
         labels = batch[-2].to(self.device, non_blocking=True)
         if self.args.use_cached:  # official main_cache.py: moments of the image and of its flip
             moments = torch.where(flip, batch[1].to(self.device, non_blocking=True), batch[0].to(self.device, non_blocking=True))
+            return DiagonalGaussian(moments).sample() * self.scale, labels
+        if batch[0].ndim == 5:  # train.py's cache of `encode`: (B, 2, 2C, h, w)
+            both = batch[0].to(self.device, non_blocking=True)
+            moments = both[torch.arange(len(both), device=self.device), flip.flatten().long()]
             return DiagonalGaussian(moments).sample() * self.scale, labels
         images = batch[0].to(self.device, non_blocking=True)
         return images_to_latents(self.vae, torch.where(flip, images.flip(3), images), scale=self.scale), labels

@@ -1649,6 +1649,46 @@ def test_train_vae_records_its_latent_scale_and_reports():
         assert groups(f"{shared_run('vae')}/checkpoint-last.pth") == {32} and groups(f"{d}/colour.pth") == {8, 16}
 
 
+def test_train_mar_on_a_vae_run_caches_moments_once_and_predicts_v():
+    """MAR on the latents of a --model vae run: train.py encodes every image and its flip once
+    (the posterior moments, as official main_cache.py), a batch draws its latent from the cached
+    moments of the flip it was dealt, and the CPU-sized defaults make the MLP predict v (recorded in
+    the checkpoint); the paper's defaults keep eps."""
+    import train
+    vae_path = f"{shared_run('vae')}/checkpoint-last.pth"
+    args = train.parse_args(["--model", "mar", "--vae", vae_path, *MAR])
+    training = mar.Training(args, 10, torch.device("cpu"))
+    assert args.prediction == "v" and training.model.diffloss.train_diffusion.v_prediction
+    latent = train.parse_args(["--model", "mar", "--vae", vae_path])
+    assert (latent.preset, latent.epochs, latent.cfg, latent.cfg_schedule, latent.temperature) == ("small", 87, 4.0, "constant", 1.0)
+    assert latent.defaults_in_force.startswith("defaults: CPU-sized, for the built-in data on VAE latents")
+    assert train.parse_args(["--model", "mar", "--vae", vae_path, "--preset", "tiny", "--cfg", "3"]).cfg == 3  # flags win
+    pixels = train.parse_args(["--model", "mar"])
+    assert (pixels.preset, pixels.cfg_schedule, pixels.temperature) == ("tiny", "linear", 0.8)
+    assert training.config["prediction"] == "v" and training.cache_limit == 100_000
+    paper = train.parse_args(["--model", "mar", "--vae", vae_path, *MAR, "--defaults", "paper"])
+    assert paper.prediction == "eps" and "prediction" not in mar.Training(paper, 10, torch.device("cpu")).config
+    images = train.to_tensor(train.ToyDataset(32, 3, seed=4).images)
+    cached = training.encode(images)                                                  # (3, 2, 32, 4, 4)
+    moments = training.vae.encode(torch.cat([images, images.flip(3)])).moments
+    assert_close(cached, torch.stack(moments.chunk(2), 1), rtol=1e-4, what="moments of the image and its flip")
+    flip = torch.tensor([True, False, True])
+    torch.manual_seed(0)
+    x, labels = training.inputs((cached, torch.arange(3), -torch.ones(3)), flip)
+    torch.manual_seed(0)
+    expected = mar.images_to_latents(training.vae, torch.where(flip[:, None, None, None], images.flip(3), images),
+                                     scale=training.scale)
+    assert_close(x, expected, rtol=1e-4, what="a latent drawn from the cached moments")
+    with tempfile.TemporaryDirectory() as d:
+        run_train("--model", "mar", "--vae", vae_path, "--data-path", shared_run("data"), *MAR, "--epochs", "1",
+                  "--output-dir", f"{d}/run")
+        codes = np.load(f"{d}/run/tokens.npy")
+        first = train.ImageFolder(shared_run("data"), 32)[0][0][None]
+        assert codes.shape == (40, 2, 32, 4, 4) and codes.dtype == np.float32
+        assert_close(torch.from_numpy(codes[0]), training.encode(first)[0], rtol=1e-4, what="the cache of image 0")
+        assert final_weights(f"{d}/run")["config"]["prediction"] == "v"
+
+
 def test_train_coda_trains_lora_and_quantizer_only():
     full, vae = final_weights(shared_run("coda")), final_weights(shared_run("vae"))
     groups = full["optimizer"]["param_groups"]  # --quantizer-lr: the quantizer's lr is 4x the LoRA's

@@ -470,7 +470,7 @@ def cache_latents(args, rank, world, device):
 
 class CachedTokens(torch.utils.data.Dataset):
     """Every training image encoded once by the model file's `encode` (MaskGIT: the CODA tokens of
-    the image and of its flip), cached in one .npy: item = (codes, label, -1)."""
+    the image and of its flip; MAR: their VAE moments), cached in one .npy: item = (codes, label, -1)."""
 
     @torch.no_grad()
     def __init__(self, dataset, encode, path, batch_size, num_workers, rank, world, device):
@@ -499,7 +499,7 @@ class CachedTokens(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return torch.from_numpy(self.codes[i].astype(np.int64)), int(self.labels[i]), -1
+        return torch.from_numpy(np.array(self.codes[i])), int(self.labels[i]), -1
 
 
 # ---- the built-in data: procedurally drawn, class-conditional toy images ---------------------
@@ -827,7 +827,8 @@ def main(args):
     dataset = training_data(args, rank)
     num_classes = len(dataset.classes)
     training = build(args, num_classes, device)
-    if hasattr(training, "encode"):  # MaskGIT: tokens of every image (and its flip) computed once
+    if hasattr(training, "encode") and len(dataset) <= getattr(training, "cache_limit", len(dataset)):
+        # MaskGIT's tokens, MAR's VAE moments: of every image and its flip, computed once
         dataset = CachedTokens(dataset, training.encode, args.cache_path or os.path.join(args.output_dir, "tokens.npy"),
                                args.batch_size, args.num_workers, rank, world, device)
     held_out = functools.lru_cache()(lambda n: holdout_images(args, n))
@@ -1058,16 +1059,18 @@ def choose_defaults(args, model):
     many training steps as the built-in run: a small folder of your own trains as that run does."""
     if args.defaults == "paper" or getattr(args, "use_cached", False) or (args.eval and args.fid_stats):
         return model.PAPER, "defaults: the paper's recipe (--defaults paper, cached latents or reference statistics)"
+    builtin = model.builtin_defaults(args) if hasattr(model, "builtin_defaults") else model.BUILTIN  # MAR: by token kind
+    latent = "" if builtin is model.BUILTIN else " on VAE latents"
     if not args.data_path:
-        return model.BUILTIN, "defaults: CPU-sized, for the built-in data (--defaults paper for the paper's recipe)"
+        return builtin, f"defaults: CPU-sized, for the built-in data{latent} (--defaults paper for the paper's recipe)"
     n = len(list_images(args.data_path)[1])
     if args.defaults == "auto" and n >= 100_000 and torch.cuda.is_available():
         return model.PAPER, f"defaults: the paper's recipe ({n:,} images and a GPU; --defaults cpu for the CPU-sized one)"
     steps = BUILTIN_IMAGES / n  # epochs scale so that the run takes as many steps as the built-in one
-    defaults = dict(model.BUILTIN, epochs=max(1, round(model.BUILTIN["epochs"] * steps)),
-                    warmup_epochs=round(model.BUILTIN["warmup_epochs"] * steps))
+    defaults = dict(builtin, epochs=max(1, round(builtin["epochs"] * steps)),
+                    warmup_epochs=round(builtin["warmup_epochs"] * steps))
     why = "--defaults cpu" if args.defaults == "cpu" else "fewer than 100,000 images" if n < 100_000 else "no GPU"
-    return defaults, (f"defaults: CPU-sized ({why}): the built-in run's recipe at {defaults['img_size']} px, "
+    return defaults, (f"defaults: CPU-sized ({why}): the built-in run's recipe{latent} at {defaults['img_size']} px, "
                       f"{defaults['epochs']} epochs of {n:,} images (--defaults paper for the paper's recipe)")
 
 
