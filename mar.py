@@ -1172,17 +1172,17 @@ class Training(nn.Module):
         # the architecture facts a resumed or evaluated checkpoint must match
         self.config = dict(preset=args.preset, img_size=args.img_size, vae_stride=self.vae.stride, patch_size=patch,
                            vae_embed_dim=self.vae.embed_dim, class_num=num_classes)
-        v = pixels or args.prediction == "v"  # pixels: the shape is decided at high noise, where eps says little
+        v_pred = pixels or args.prediction == "v"  # pixels: the shape is decided at high noise, where eps says little
         if pixels:  # what the tokens and the MLP's output mean: checkpoints of other pixel runs are refused
             self.config["tokens"] = f"PixelTokenizer, level gain {PIXEL_LEVEL_GAIN}; v-prediction, SNR / {self.vae.stride**2}"
-        elif v:  # absent: the paper's eps (every official checkpoint)
+        elif v_pred:  # absent: the paper's eps (every official checkpoint)
             self.config["prediction"] = "v"
         arch = {k: v for k, v in self.config.items() if k not in ("preset", "tokens", "prediction")}
         self.model = PRESETS[args.preset](**arch, diffusion_batch_mul=args.diffusion_batch_mul,
                                           num_sampling_steps=args.num_sampling_steps,
                                           grad_checkpointing=args.grad_checkpointing,
                                           snr_shift=self.vae.stride**2 if pixels else 1.0,  # its pixels share one shape
-                                          v_prediction=v)
+                                          v_prediction=v_pred)
         # train.py caches `encode` of every training image once, up to this many images (beyond: the
         # official --cache-latents; ImageNet's moments take 84 GB); pixels are cheaper to tokenize than to load
         self.cache_limit = 0 if pixels or args.use_cached else 100_000
