@@ -1653,7 +1653,7 @@ def test_train_mar_on_a_vae_run_caches_moments_once_and_predicts_v():
     """MAR on the latents of a --model vae run: train.py encodes every image and its flip once
     (the posterior moments, as official main_cache.py), a batch draws its latent from the cached
     moments of the flip it was dealt, and the CPU-sized defaults make the MLP predict v (recorded in
-    the checkpoint); the paper's defaults keep eps."""
+    the checkpoint); the paper's defaults keep eps. A cache that another VAE wrote is refused."""
     import train
     vae_path = f"{shared_run('vae')}/checkpoint-last.pth"
     args = train.parse_args(["--model", "mar", "--vae", vae_path, *MAR])
@@ -1686,7 +1686,17 @@ def test_train_mar_on_a_vae_run_caches_moments_once_and_predicts_v():
         first = train.ImageFolder(shared_run("data"), 32)[0][0][None]
         assert codes.shape == (40, 2, 32, 4, 4) and codes.dtype == np.float32
         assert_close(torch.from_numpy(codes[0]), training.encode(first)[0], rtol=1e-4, what="the cache of image 0")
-        assert final_weights(f"{d}/run")["config"]["prediction"] == "v"
+        trained = final_weights(f"{d}/run")
+        assert trained["config"]["prediction"] == "v"
+        np.save(f"{d}/run/tokens.npy", codes * 1.1)  # as if another VAE had encoded them: refused, not trained on
+        p = run_train("--model", "mar", "--vae", vae_path, "--data-path", shared_run("data"), *MAR, "--epochs", "2",
+                      "--output-dir", f"{d}/run", check=False)
+        expect_error(p, "tokens.npy was encoded from other images or by another VAE", "train.py")
+        assert final_weights(f"{d}/run")["step"] == trained["step"] == 10  # the checkpoint untouched
+    tokens = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])  # MaskGIT's codes: most tokens must agree
+    assert train.same_encoding(tokens, tokens.where(torch.arange(8) != 0, 7))
+    assert not train.same_encoding(tokens, tokens.where(torch.arange(8) < 4, 7).roll(1))
+    assert train.same_encoding(cached[0] * 1.01, cached[0]) and not train.same_encoding(cached[0] * 1.1, cached[0])
 
 
 def test_train_coda_trains_lora_and_quantizer_only():
