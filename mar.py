@@ -998,7 +998,7 @@ def mar_tiny(**kwargs):
     N(0, 0.02), in a CPU-sized run the model never learned where tokens are. 8x8 blocks instead
     of 4x4 run 1.6x more images per second and score 3x higher by the colour-blind judge in the
     same time. On pixel tokens the noise schedule is shifted and the MLP predicts v instead of
-    eps (GaussianDiffusion; README, "Quick start", the measurements under the default run); on
+    eps (GaussianDiffusion; README, "How the CPU-sized recipes were found"); on
     the 4x4x16 latents of a `--model vae` run (vae_stride=8, vae_embed_dim=16) it predicts v too."""
     return MAR(**{**dict(img_size=32, vae_stride=8, patch_size=1, vae_embed_dim=195, class_num=10,
                          encoder_embed_dim=96, encoder_depth=2, encoder_num_heads=4,

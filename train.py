@@ -520,8 +520,8 @@ class CachedTokens(torch.utils.data.Dataset):
 # nothing about the class, while the light/dark contrast shows every shape to a colour-blind eye.
 # Random position, size, rotation, hue and a faint background ramp give variety inside a class.
 # Drawn from signed distance fields (anti-aliased at any size), deterministic from (seed, label,
-# index), no download, generated once into memory. Why light on dark, and why these sizes: the
-# measurements under the default run in the README.
+# index), no download, generated once into memory. Why light on dark, and why these sizes: README,
+# "How the CPU-sized recipes were found".
 
 TOY_CLASSES = ["disc", "square", "triangle", "ring", "plus", "h-stripes", "v-stripes", "checkerboard",
                "gradient", "dots"]
