@@ -1660,7 +1660,8 @@ def test_train_mar_on_a_vae_run_caches_moments_once_and_predicts_v():
     training = mar.Training(args, 10, torch.device("cpu"))
     assert args.prediction == "v" and training.model.diffloss.train_diffusion.v_prediction
     latent = train.parse_args(["--model", "mar", "--vae", vae_path])
-    assert (latent.preset, latent.epochs, latent.cfg, latent.cfg_schedule, latent.temperature) == ("small", 87, 4.0, "constant", 1.0)
+    assert (latent.preset, latent.epochs, latent.diffusion_batch_mul, latent.cfg, latent.cfg_schedule,
+            latent.temperature) == ("small", 58, 4, 4.0, "constant", 1.0)
     assert latent.defaults_in_force.startswith("defaults: CPU-sized, for the built-in data on VAE latents")
     assert train.parse_args(["--model", "mar", "--vae", vae_path, "--preset", "tiny", "--cfg", "3"]).cfg == 3  # flags win
     pixels = train.parse_args(["--model", "mar"])
@@ -1730,11 +1731,13 @@ def test_train_coda_resumes_exactly_with_its_discriminator():
 
 def test_train_refuses_pixel_checkpoints_of_other_tokens():
     """A MAR pixel checkpoint of an earlier version (raw 8x8 pixel patches as tokens, v-prediction)
-    is refused with one line, for resume and --eval: its tokens are not PixelTokenizer's."""
+    is refused with one line, for resume and --eval: its tokens are not PixelTokenizer's. So is a
+    checkpoint whose config matches but whose weights have other sizes (a preset that changed)."""
     with tempfile.TemporaryDirectory() as d:
         common = ["--data-path", shared_run("data"), *MAR, "--output-dir", f"{d}/run"]
         run_train(*common, "--epochs", "1")
         ckpt = final_weights(f"{d}/run")
+        resized = {**ckpt, "model": dict(ckpt["model"]), "config": dict(ckpt["config"])}
         assert ckpt["config"]["tokens"] == "PixelTokenizer, level gain 4.0; v-prediction, SNR / 64"
         del ckpt["config"]["tokens"]
         ckpt["config"].update(vae_stride=1, patch_size=8, vae_embed_dim=3, diffusion="v-prediction, SNR / 64")
@@ -1743,6 +1746,11 @@ def test_train_refuses_pixel_checkpoints_of_other_tokens():
             expect_error(run_train(*common, *more, check=False),
                          "was trained with another config: vae_stride 1 (checkpoint) vs 8 (now), patch_size 8 "
                          "(checkpoint) vs 1 (now), vae_embed_dim 3 (checkpoint) vs 195 (now), tokens None", "train.py")
+        resized["model"]["diffloss.net.final_layer.linear.weight"] = torch.zeros(390, 512)  # an MLP 512 wide
+        torch.save(resized, f"{d}/run/checkpoint-last.pth")
+        expect_error(run_train(*common, "--epochs", "2", check=False), "checkpoint-last.pth['model'] does not match MAR: "
+                     "1 with another shape (first: diffloss.net.final_layer.linear.weight (390, 512) vs (390, 256))",
+                     "train.py")
 
 
 def test_train_resumes_checkpoints_written_before_the_restructuring():

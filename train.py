@@ -263,7 +263,10 @@ def load_resume(path, model_name, training, opt):
     if ckpt.get("model_name") != model_name:
         fail(f"{path} is a checkpoint of --model {ckpt.get('model_name', '(not written by train.py)')}, not {model_name}")
     check_config(path, ckpt["config"], training.config)
-    training.model.load_state_dict(ckpt["model"])
+    try:  # the config holds the sizes flags choose; a preset's inner sizes can still differ (e.g. older presets)
+        mar.load_state(training.model, ckpt["model"], f"{path}['model']")
+    except ValueError as e:
+        fail(f"{e}: trained with another version of --preset {training.args.preset}; use a new --output-dir")
     scales = [group["lr_scale"] for group in opt.param_groups]  # from this run's flags
     opt.load_state_dict(ckpt["optimizer"])
     for group, scale in zip(opt.param_groups, scales):
