@@ -1008,13 +1008,15 @@ def mar_tiny(**kwargs):
 
 
 def mar_small(**kwargs):
-    """mar_tiny with a wider, deeper transformer (3 + 3 blocks, 128 wide) and a narrower MLP (128
-    wide: a latent token has 16 values, not 195): for the 4x4x16 latents of a `--model vae` run on
-    the built-in data, where it draws more squares and triangles than tiny in the same steps. With
-    the paper's 4 noise draws per token a step costs what one draw through a 256-wide MLP did, and
-    learns more (README, "Clean samples: MAR on a VAE's latents"). Not a paper configuration."""
+    """mar_tiny with a wider, deeper transformer (3 + 3 blocks, 128 wide) and, for tokens of up to 64
+    values, a narrower MLP (128 wide; an MLP narrower than its token fails): for the 4x4x16 latents
+    of a `--model vae` run on the built-in data, where it draws more squares and triangles than tiny
+    in the same steps. With the paper's 4 noise draws per token a step costs what one draw through a
+    256-wide MLP did, and learns more (README, "Clean samples: MAR on a VAE's latents"). Not a paper
+    configuration."""
+    width = 128 if kwargs.get("vae_embed_dim", 195) <= 64 else 256
     return mar_tiny(**{**dict(encoder_embed_dim=128, encoder_depth=3, decoder_embed_dim=128, decoder_depth=3,
-                              diffloss_w=128), **kwargs})
+                              diffloss_w=width), **kwargs})
 
 
 PRESETS = {"tiny": mar_tiny, "small": mar_small, "base": mar_base, "large": mar_large, "huge": mar_huge}
