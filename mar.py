@@ -1099,9 +1099,10 @@ BUILTIN = dict(PAPER, preset="tiny", img_size=32, epochs=58, warmup_epochs=1, bl
 # on the built-in data: temperature 0.8, less speckle inside the pixel tokens; CFG 3.0, the shapes' classes best;
 # 58 epochs (9,048 steps), about 10 minutes on 2 CPU cores with bf16 autocast (README, the measurements);
 # on the latents of a --model vae run (BUILTIN_LATENT): v-prediction (with the paper's eps the MLP draws
-# saturated blobs there), the small preset with the paper's 4 noise draws per token, 58 epochs (9,048 steps),
+# saturated blobs there), the small preset with the paper's 4 noise draws per token, 87 epochs (13,572 steps),
 # constant CFG 4 and temperature 1.0: squares and triangles come out (README, "Clean samples: MAR on a VAE's latents")
-BUILTIN_LATENT = dict(BUILTIN, preset="small", diffusion_batch_mul=4, cfg=4.0, cfg_schedule="constant", temperature=1.0)
+BUILTIN_LATENT = dict(BUILTIN, preset="small", epochs=87, diffusion_batch_mul=4, cfg=4.0, cfg_schedule="constant",
+                      temperature=1.0)
 
 
 def builtin_defaults(args):
@@ -1121,7 +1122,7 @@ def add_args(p):
     """MAR's own flags (train.py adds the shared ones)."""
     p.add_argument("--vae", help="KL-VAE: the official kl16.ckpt or a --model vae run's checkpoint; without it MAR "
                                  "models pixels. With it the CPU-sized defaults are those for latents: preset small, "
-                                 "4 noise draws per token, prediction v, cfg 4.0 constant, temperature 1.0")
+                                 "87 epochs, 4 noise draws per token, prediction v, cfg 4.0 constant, temperature 1.0")
     p.add_argument("--patch-size", type=int, help="latent / pixel patch per token (default: 1 with a VAE as the paper, "
                                                   "4 on pixels)")
     p.add_argument("--cache-latents", action="store_true", help="encode --data-path once into --cache-path, then exit")

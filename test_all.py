@@ -1661,7 +1661,7 @@ def test_train_mar_on_a_vae_run_caches_moments_once_and_predicts_v():
     assert args.prediction == "v" and training.model.diffloss.train_diffusion.v_prediction
     latent = train.parse_args(["--model", "mar", "--vae", vae_path])
     assert (latent.preset, latent.epochs, latent.diffusion_batch_mul, latent.cfg, latent.cfg_schedule,
-            latent.temperature) == ("small", 58, 4, 4.0, "constant", 1.0)
+            latent.temperature) == ("small", 87, 4, 4.0, "constant", 1.0)
     assert [mar.mar_small(vae_embed_dim=c).diffloss.net.input_proj.out_features for c in (16, 195)] == [128, 256]
     assert latent.defaults_in_force.startswith("defaults: CPU-sized, for the built-in data on VAE latents")
     assert train.parse_args(["--model", "mar", "--vae", vae_path, "--preset", "tiny", "--cfg", "3"]).cfg == 3  # flags win
