@@ -1695,9 +1695,6 @@ def test_train_mar_on_a_vae_run_caches_moments_once_and_predicts_v():
                       "--output-dir", f"{d}/run", check=False)
         expect_error(p, "tokens.npy was encoded from other images or by another VAE", "train.py")
         assert final_weights(f"{d}/run")["step"] == trained["step"] == 10  # the checkpoint untouched
-    tokens = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])  # MaskGIT's codes: most tokens must agree
-    assert train.same_encoding(tokens, tokens.where(torch.arange(8) != 0, 7))
-    assert not train.same_encoding(tokens, tokens.where(torch.arange(8) < 4, 7).roll(1))
     assert train.same_encoding(cached[0] * 1.01, cached[0]) and not train.same_encoding(cached[0] * 1.1, cached[0])
 
 
