@@ -1124,7 +1124,7 @@ def add_args(p):
                                  "models pixels. With it the CPU-sized defaults are those for latents: preset small, "
                                  "87 epochs, 4 noise draws per token, prediction v, cfg 4.0 constant, temperature 1.0")
     p.add_argument("--patch-size", type=int, help="latent / pixel patch per token (default: 1 with a VAE as the paper, "
-                                                  "4 on pixels)")
+                                                  "8 on pixels)")
     p.add_argument("--cache-latents", action="store_true", help="encode --data-path once into --cache-path, then exit")
     p.add_argument("--use-cached", action="store_true", help="train from the latents in --cache-path")
     p.add_argument("--cache-path", help="folder of cached latents (official main_cache.py layout)")
@@ -1137,7 +1137,8 @@ def add_args(p):
 
 
 def check_args(args):
-    """-> an error message for flags that contradict each other, else None (train.py fails with it)."""
+    """-> an error message for flags that contradict each other, else None (train.py fails with it).
+    Called before the defaults fill the unset flags: what it sees was given on the command line."""
     if args.use_cached and not args.cache_path:
         return "--use-cached needs --cache-path (the folder written by --cache-latents)"
     if args.use_cached and not args.vae:
@@ -1150,6 +1151,8 @@ def check_args(args):
         return "--use-cached reads --cache-path; drop --data-path (or drop --use-cached to train from images)"
     if args.cache_path and not (args.use_cached or args.cache_latents):
         return "--cache-path is only used with --cache-latents or --use-cached"
+    if args.prediction == "eps" and not args.vae:
+        return "--prediction eps is for VAE latents (--vae); pixel tokens are always trained with v"
     return None
 
 

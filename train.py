@@ -1151,14 +1151,14 @@ def parse_args(argv=None):
             action.help = (action.help + "; " if action.help else "") + f"default: {action.default}"
     args = p.parse_args(argv)
 
+    error = model.check_args(args) if hasattr(model, "check_args") else None  # on the flags as given
+    if error:
+        fail(error)
     defaults, args.defaults_in_force = choose_defaults(args, model)
     for key, value in defaults.items():
         if key in vars(args) and getattr(args, key) is None:
             setattr(args, key, value)
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.model}-{args.preset}")
-    error = model.check_args(args) if hasattr(model, "check_args") else None
-    if error:
-        fail(error)
     if args.eval and (args.data_path or getattr(args, "use_cached", False)) and not args.fid_stats:
         fail("--eval on ImageNet needs --fid-stats (ADM's VIRTUAL_imagenet256_labeled.npz, MAR's fid_stats/adm_in256_stats.npz, "
              "or `python fid.py DIR --save-stats`)")
