@@ -1813,6 +1813,17 @@ def test_train_maskgit_on_cached_coda_tokens():
         ckpt = final_weights(f"{d}/mg")
         assert ckpt["step"] == 20 and ckpt["config"]["levels"] == (1, 2, 3, 4)
         assert os.path.exists(f"{d}/mg/samples-final.png") and os.path.exists(f"{d}/real.npz")
+        # a cache that another tokenizer encoded (here: one weight changed) is refused, not trained on
+        import train
+        tokenizer = torch.load(mg[3], weights_only=True)
+        recorded = json.load(open(f"{d}/mg/tokens.npy.json"))["tokenizer_sha256"]
+        assert recorded == train.weights_digest(coda.load_trained(mg[3], "cpu")[0]), recorded
+        next(iter(tokenizer["model_ema"].values())).add_(1e-3)
+        os.makedirs(f"{d}/other")
+        torch.save(tokenizer, f"{d}/other/checkpoint-last.pth")
+        p = run_train(*[f"{d}/other/checkpoint-last.pth" if a == mg[3] else a for a in mg], "--epochs", "3", check=False)
+        expect_error(p, "tokens.npy was encoded by another tokenizer", "train.py")
+        assert final_weights(f"{d}/mg")["step"] == 20  # the checkpoint untouched
         p = run_train(*mg, "--eval", "--num-images", "20", "--eval-batch-size", "10", "--inception-weights", tf,
                       "--fid-stats", f"{d}/real.npz")
         assert printed(p, "FID") > 0 and printed(p, "sFID") > 0 and printed(p, "IS (ADM evaluator)") > 0, p.stdout[-500:]

@@ -477,15 +477,27 @@ def same_encoding(cached, now):
     return bool((cached - now).abs().mean() <= 0.05 * now.abs().mean())
 
 
+def weights_digest(module):
+    """SHA-256 of a module's tensors (names and values): which frozen tokenizer encoded a cache."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class CachedTokens(torch.utils.data.Dataset):
     """Every training image encoded once by the model file's `encode` (MaskGIT: the CODA tokens of
-    the image and of its flip; MAR: their VAE moments), cached in one .npy: item = (codes, label, -1)."""
+    the image and of its flip; MAR: their VAE moments), cached in one .npy: item = (codes, label, -1).
+    `<path>.json` records the digest of the tokenizer's weights, so that a cache encoded by another
+    tokenizer (retrained into the same file, say) is refused instead of trained on."""
 
     @torch.no_grad()
-    def __init__(self, dataset, encode, path, batch_size, num_workers, rank, world, device):
+    def __init__(self, dataset, encode, tokenizer, path, batch_size, num_workers, rank, world, device):
         self.classes = dataset.classes
         self.labels = (np.array([label for _, label in dataset.samples]) if hasattr(dataset, "samples")
                        else np.arange(len(dataset)) % 10)  # the built-in data: label = index % 10
+        digest = weights_digest(tokenizer)
         if not os.path.exists(path):
             mine = range(rank * len(dataset) // world, (rank + 1) * len(dataset) // world)
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size, num_workers=num_workers)
@@ -495,6 +507,8 @@ class CachedTokens(torch.utils.data.Dataset):
             barrier()
             if rank == 0:
                 np.save(path + ".tmp.npy", np.concatenate([np.load(f"{path}.rank{r}.npy") for r in range(world)]))
+                with open(path + ".json", "w") as f:
+                    json.dump(dict(tokenizer_sha256=digest, images=len(dataset)), f)
                 os.replace(path + ".tmp.npy", path)
                 for r in range(world):
                     os.remove(f"{path}.rank{r}.npy")
@@ -503,6 +517,9 @@ class CachedTokens(torch.utils.data.Dataset):
         first = encode(dataset[0][0][None].to(device))[0].cpu()  # image 0 encoded now: is the cache still its?
         if len(self.codes) != len(self.labels) or self.codes.shape[1:] != first.shape:
             fail(f"{path} holds another dataset's or tokenizer's codes {self.codes.shape}; delete it to encode again")
+        if os.path.exists(path + ".json") and json.load(open(path + ".json"))["tokenizer_sha256"] != digest:
+            fail(f"{path} was encoded by another tokenizer (its weights differ from this one's); "
+                 f"use a new --output-dir, or delete it to encode again")
         # moments only: CODA's tokens come from a posterior sample, so encoding an image twice changes some
         if first.is_floating_point() and not same_encoding(torch.from_numpy(np.array(self.codes[0])), first):
             fail(f"{path} was encoded from other images or by another VAE (its image 0 differs); "
@@ -842,7 +859,8 @@ def main(args):
     training = build(args, num_classes, device)
     if hasattr(training, "encode") and len(dataset) <= getattr(training, "cache_limit", len(dataset)):
         # MaskGIT's tokens, MAR's VAE moments: of every image and its flip, computed once
-        dataset = CachedTokens(dataset, training.encode, args.cache_path or os.path.join(args.output_dir, "tokens.npy"),
+        tokenizer = training.tokenizer if hasattr(training, "tokenizer") else training.vae  # MaskGIT's CODA, MAR's VAE
+        dataset = CachedTokens(dataset, training.encode, tokenizer, args.cache_path or os.path.join(args.output_dir, "tokens.npy"),
                                args.batch_size, args.num_workers, rank, world, device)
     held_out = functools.lru_cache()(lambda n: holdout_images(args, n))
     steps_per_epoch = len(dataset) // world // args.batch_size
