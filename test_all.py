@@ -1059,11 +1059,16 @@ def test_fid_errors_are_one_line():
         cases.append(([f"{d}/A", f"{d}/array.npz"], "a single .npy array, not an .npz archive"))
         np.savez(f"{d}/stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
         cases.append(([f"{d}/stats.npz", "--save-stats", f"{d}/x.npz", "--save-features"], "holds statistics only"))
-        runs = two_at_a_time(lambda case: run_fid(*case[0], *([] if "--weights" in case[0] else ["--weights", tf])), cases)
-        # the same one line when DataLoader workers read the images
-        runs += two_at_a_time(lambda case: run_fid(*case[0], "--weights", tf, "--batch-size", "4", workers=2), cases[3:5])
-        for p, (args, expect) in zip(runs, cases + cases[3:5]):
+        weights = lambda args: [] if "--weights" in args else ["--weights", tf]
+        for args, expect in cases:  # in this process: the message of SystemExit, which Python prints, exiting 1
+            message = str(raises(SystemExit, fid.main, [*args, *weights(args), "--num-workers", "0"]))
+            assert message.startswith("fid.py: error:") and expect in message and "\n" not in message, message
+        # as a user runs it; and the same one line when DataLoader workers read the images
+        runs = two_at_a_time(lambda case: run_fid(*case[0], *weights(case[0]), "--batch-size", "4", workers=case[1]),
+                             [(cases[0][0], 0), (cases[3][0], 2), (cases[4][0], 2)])
+        for p, expect in zip(runs, [cases[0][1], cases[3][1], cases[4][1]]):
             expect_error(p, expect, "fid.py")
+            assert p.returncode == 1, p.returncode
 
 
 def test_fid_and_train_read_16_bit_images_scaled_not_clipped():
@@ -1703,6 +1708,14 @@ def test_train_mar_on_a_vae_run_caches_moments_once_and_predicts_v():
                       "--output-dir", f"{d}/run", check=False)
         expect_error(p, "tokens.npy was encoded from other images or by another VAE", "train.py")
         assert final_weights(f"{d}/run")["step"] == trained["step"] == 10  # the checkpoint untouched
+        # the checkpoint records its VAE: sampling it through another VAE (one weight changed) is refused
+        assert trained["tokenizer_sha256"] == json.load(open(f"{d}/run/tokens.npy.json"))["tokenizer_sha256"]
+        vae = torch.load(vae_path, weights_only=True)
+        next(iter(vae["model_ema"].values())).add_(1e-3)
+        torch.save(vae, f"{d}/other-vae.pth")
+        p = run_train("--model", "mar", "--vae", f"{d}/other-vae.pth", *MAR, "--eval", "--resume", f"{d}/run/checkpoint-last.pth",
+                      "--output-dir", f"{d}/run", "--num-images", "10", check=False)
+        expect_error(p, "was trained with another --vae (its weights differ", "train.py")
     assert train.same_encoding(cached[0] * 1.01, cached[0]) and not train.same_encoding(cached[0] * 1.1, cached[0])
 
 

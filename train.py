@@ -486,6 +486,23 @@ def weights_digest(module):
     return h.hexdigest()
 
 
+def tokenizer_digest(training):
+    """-> (the flag that names a generator's frozen tokenizer, the digest of its weights), or (None,
+    None) for the tokenizers' own runs. Checkpoints and token caches record it, so that tokens made by
+    one VAE or CODA file are never trained on or decoded by another."""
+    for flag, name in (("--tokenizer", "tokenizer"), ("--vae", "vae")):  # MaskGIT's CODA; MAR's VAE
+        if getattr(training, name, None) is not None:
+            return flag, weights_digest(getattr(training, name))
+    return None, None
+
+
+def check_tokenizer(path, ckpt, flag, digest):
+    """Stop with one line if the checkpoint was trained on the tokens of another tokenizer (checkpoints
+    of earlier versions and official files record none)."""
+    if ckpt.get("tokenizer_sha256") not in (None, digest):
+        fail(f"{path} was trained with another {flag} (its weights differ from this one's); give the {flag} it was trained with")
+
+
 class CachedTokens(torch.utils.data.Dataset):
     """Every training image encoded once by the model file's `encode` (MaskGIT: the CODA tokens of
     the image and of its flip; MAR: their VAE moments), cached in one .npy: item = (codes, label, -1).
@@ -493,11 +510,10 @@ class CachedTokens(torch.utils.data.Dataset):
     tokenizer (retrained into the same file, say) is refused instead of trained on."""
 
     @torch.no_grad()
-    def __init__(self, dataset, encode, tokenizer, path, batch_size, num_workers, rank, world, device):
+    def __init__(self, dataset, encode, digest, path, batch_size, num_workers, rank, world, device):
         self.classes = dataset.classes
         self.labels = (np.array([label for _, label in dataset.samples]) if hasattr(dataset, "samples")
                        else np.arange(len(dataset)) % 10)  # the built-in data: label = index % 10
-        digest = weights_digest(tokenizer)
         if not os.path.exists(path):
             mine = range(rank * len(dataset) // world, (rank + 1) * len(dataset) // world)
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size, num_workers=num_workers)
@@ -756,6 +772,7 @@ def evaluate(args, rank, world, device):
     training = build(args, num_classes, device)
     if "config" in ckpt:  # official MAR files carry none
         check_config(ckpt_path, ckpt["config"], training.config)
+    check_tokenizer(ckpt_path, ckpt, *tokenizer_digest(training))
     del ckpt
     try:
         mar.load_weights(training.model, ckpt_path, "model_ema")  # the EMA weights, as the paper evaluates
@@ -857,10 +874,10 @@ def main(args):
     dataset = training_data(args, rank)
     num_classes = len(dataset.classes)
     training = build(args, num_classes, device)
+    tokenizer_flag, digest = tokenizer_digest(training)
     if hasattr(training, "encode") and len(dataset) <= getattr(training, "cache_limit", len(dataset)):
         # MaskGIT's tokens, MAR's VAE moments: of every image and its flip, computed once
-        tokenizer = training.tokenizer if hasattr(training, "tokenizer") else training.vae  # MaskGIT's CODA, MAR's VAE
-        dataset = CachedTokens(dataset, training.encode, tokenizer, args.cache_path or os.path.join(args.output_dir, "tokens.npy"),
+        dataset = CachedTokens(dataset, training.encode, digest, args.cache_path or os.path.join(args.output_dir, "tokens.npy"),
                                args.batch_size, args.num_workers, rank, world, device)
     held_out = functools.lru_cache()(lambda n: holdout_images(args, n))
     steps_per_epoch = len(dataset) // world // args.batch_size
@@ -878,6 +895,7 @@ def main(args):
     resume = resume_from(args.resume, ckpt_path, rank, world)
     if resume:
         ckpt = load_resume(resume, args.model, training, opt)
+        check_tokenizer(resume, ckpt, tokenizer_flag, digest)
         step = ckpt["step"]
         if rank == 0:  # a run killed after its last checkpoint logged steps that will now run again
             keep_metrics_until(os.path.join(args.output_dir, "metrics.jsonl"), step)
@@ -906,7 +924,8 @@ def main(args):
             extra = training.checkpoint_state(ema, held_out) if hasattr(training, "checkpoint_state") else {}
             writer.write({"model": model.state_dict(), "model_ema": ema.state_dict(), "optimizer": opt.state_dict(),
                           "step": step, "epoch": step / steps_per_epoch, "args": vars(args), "model_name": args.model,
-                          "config": training.config, "rng": states, "world_size": world, **extra}, ckpt_path)
+                          "config": training.config, "tokenizer_sha256": digest, "rng": states, "world_size": world, **extra},
+                         ckpt_path)
         if final:
             writer.wait()
             barrier()
