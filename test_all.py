@@ -1781,8 +1781,7 @@ def test_train_resumes_checkpoints_written_before_the_restructuring():
         ckpt = final_weights(f"{d}/old")
         ckpt["recipe"] = ckpt.pop("second_player")
         torch.save(ckpt, f"{d}/old/checkpoint-last.pth")
-        for name in ("old", "new"):
-            run_train(*coda_flags(), "--epochs", "5", "--output-dir", f"{d}/{name}")
+        two_at_a_time(lambda name: run_train(*coda_flags(), "--epochs", "5", "--output-dir", f"{d}/{name}"), ("old", "new"))
         old, new = final_weights(f"{d}/old"), final_weights(f"{d}/new")
         assert old["step"] == new["step"] == 50 and same_state(old, new)
         assert all(torch.equal(old["second_player"]["disc"][k], v) for k, v in new["second_player"]["disc"].items())
