@@ -1343,21 +1343,22 @@ def test_train_token_steps_see_mosaics_speckle_and_roughness():
 
 def test_train_help_lists_each_models_own_flags_and_defaults():
     import train
-    mg = run_train("--model", "maskgit", "--help").stdout
+    mg, mar_help, coda_help, wrong = two_at_a_time(lambda flags: run_train(*flags, check=False), [
+        ("--model", "maskgit", "--help"), ("--model", "mar", "--help"), ("--model", "coda", "--help"), ("--model", "vae", "--cfg", "2")])
+    mg, mar_help, coda_help = mg.stdout, " ".join(mar_help.stdout.split()), " ".join(coda_help.stdout.split())
     assert "--choice-temperature" in mg and "--tokenizer" in mg and "--eval" in mg
     assert not any(f in mg for f in ("--lora-rank", "--disc ", "--vae ", "--diffusion-batch-mul"))
     flat = " ".join(mg.split())  # help text wraps: compare with single spaces
     assert "--cfg CFG classifier-free guidance scale; default: 1.0 (paper), 3.0 (CPU-sized)" in flat
     assert "--num-iter NUM_ITER generation steps for sample grids and --eval; default: 8" in flat
-    mar_help = " ".join(run_train("--model", "mar", "--help").stdout.split())
     assert "default: 64 (paper), 8 (CPU-sized)" in mar_help and "--lora" not in mar_help
-    assert "--epochs EPOCHS default: 10 (paper), 5 (CPU-sized)" in " ".join(run_train("--model", "coda", "--help").stdout.split())
+    assert "--epochs EPOCHS default: 10 (paper), 5 (CPU-sized)" in coda_help
     coda_args = train.parse_args(["--model", "coda", "--vae", "x.ckpt"])
     assert (coda_args.epochs, coda_args.lora, coda_args.lora_rank, coda_args.lr) == (5, "decoder", 8, 2e-3)
     assert not hasattr(coda_args, "cfg") and train.parse_args(["--model", "coda", "--vae", "x", "--defaults", "paper"]).lora == "both"
     assert (coda.preset_levels("tiny", 4), coda.preset_levels("tiny", 8), coda.preset_levels("mar", 16)) == (
         (1, 2, 3, 4), (1, 2, 3, 4, 6, 8), coda.MAR_LEVELS)  # CODA's default levels follow the VAE's latent side
-    expect_error(run_train("--model", "vae", "--cfg", "2", check=False), "unrecognized arguments: --cfg 2", "train.py")
+    expect_error(wrong, "unrecognized arguments: --cfg 2", "train.py")
 
 
 def test_train_defaults_follow_the_data_and_say_so():
