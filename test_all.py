@@ -1155,6 +1155,14 @@ SHARED = tempfile.TemporaryDirectory()  # the runs below, made once and removed 
 _runs = {}
 
 
+def altered_copy(path, out):
+    """A copy of a train.py VAE or CODA checkpoint with one EMA weight changed: another tokenizer of the same layout."""
+    ckpt = torch.load(path, weights_only=True)
+    next(iter(ckpt["model_ema"].values())).add_(1e-3)
+    torch.save(ckpt, out)
+    return out
+
+
 def run_train(*flags, **kw):
     return run_script(TRAIN, *flags, **kw)
 
@@ -1711,10 +1719,7 @@ def test_train_mar_on_a_vae_run_caches_moments_once_and_predicts_v():
         assert final_weights(f"{d}/run")["step"] == trained["step"] == 10  # the checkpoint untouched
         # the checkpoint records its VAE: sampling it through another VAE (one weight changed) is refused
         assert trained["tokenizer_sha256"] == json.load(open(f"{d}/run/tokens.npy.json"))["tokenizer_sha256"]
-        vae = torch.load(vae_path, weights_only=True)
-        next(iter(vae["model_ema"].values())).add_(1e-3)
-        torch.save(vae, f"{d}/other-vae.pth")
-        p = run_train("--model", "mar", "--vae", f"{d}/other-vae.pth", *MAR, "--eval", "--resume", f"{d}/run/checkpoint-last.pth",
+        p = run_train("--model", "mar", "--vae", altered_copy(vae_path, f"{d}/other-vae.pth"), *MAR, "--eval", "--resume", f"{d}/run/checkpoint-last.pth",
                       "--output-dir", f"{d}/run", "--num-images", "10", check=False)
         expect_error(p, "was trained with another --vae (its weights differ", "train.py")
     assert train.same_encoding(cached[0] * 1.01, cached[0]) and not train.same_encoding(cached[0] * 1.1, cached[0])
@@ -1828,13 +1833,10 @@ def test_train_maskgit_on_cached_coda_tokens():
         assert os.path.exists(f"{d}/mg/samples-final.png") and os.path.exists(f"{d}/real.npz")
         # a cache that another tokenizer encoded (here: one weight changed) is refused, not trained on
         import train
-        tokenizer = torch.load(mg[3], weights_only=True)
         recorded = json.load(open(f"{d}/mg/tokens.npy.json"))["tokenizer_sha256"]
         assert recorded == train.weights_digest(coda.load_trained(mg[3], "cpu")[0]), recorded
-        next(iter(tokenizer["model_ema"].values())).add_(1e-3)
-        os.makedirs(f"{d}/other")
-        torch.save(tokenizer, f"{d}/other/checkpoint-last.pth")
-        p = run_train(*[f"{d}/other/checkpoint-last.pth" if a == mg[3] else a for a in mg], "--epochs", "3", check=False)
+        other = altered_copy(mg[3], f"{d}/other.pth")
+        p = run_train(*[other if a == mg[3] else a for a in mg], "--epochs", "3", check=False)
         expect_error(p, "tokens.npy was encoded by another tokenizer", "train.py")
         assert final_weights(f"{d}/mg")["step"] == 20  # the checkpoint untouched
         p = run_train(*mg, "--eval", "--num-images", "20", "--eval-batch-size", "10", "--inception-weights", tf,
