@@ -233,7 +233,8 @@ def sample_noise(shape, generator, device):
 
 def masked_cross_entropy(logits, targets, mask, label_smoothing=0.1):
     """Mean cross-entropy over the masked positions only; unmasked positions get zero weight."""
-    loss = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none", label_smoothing=label_smoothing)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none",  # (B L, V): rows contiguous
+                           label_smoothing=label_smoothing).view_as(targets)                       # (B, L)
     return (loss * mask).sum() / mask.sum().clamp_min(1)
 
 

@@ -1689,6 +1689,8 @@ def test_train_mar_on_a_vae_run_caches_moments_once_and_predicts_v():
     assert train.parse_args(["--model", "mar", "--vae", vae_path, "--preset", "tiny", "--cfg", "3"]).cfg == 3  # flags win
     pixels = train.parse_args(["--model", "mar"])
     assert (pixels.preset, pixels.cfg_schedule, pixels.temperature) == ("tiny", "linear", 0.8)
+    assert train.tokenizer_digest(training) == ("--vae", train.weights_digest(training.vae))
+    assert train.tokenizer_digest(mar.Training(pixels, 10, torch.device("cpu"))) == (None, None)  # fixed pixels: no weights
     assert training.config["prediction"] == "v" and training.cache_limit == 100_000
     paper = train.parse_args(["--model", "mar", "--vae", vae_path, *MAR, "--defaults", "paper"])
     assert paper.prediction == "eps" and "prediction" not in mar.Training(paper, 10, torch.device("cpu")).config

@@ -488,18 +488,19 @@ def weights_digest(module):
 
 def tokenizer_digest(training):
     """-> (the flag that names a generator's frozen tokenizer, the digest of its weights), or (None,
-    None) for the tokenizers' own runs. Checkpoints and token caches record it, so that tokens made by
-    one VAE or CODA file are never trained on or decoded by another."""
+    None) for the tokenizers' own runs and MAR on pixels. Checkpoints and token caches record it, so
+    that tokens made by one VAE or CODA file are never trained on or decoded by another."""
     for flag, name in (("--tokenizer", "tokenizer"), ("--vae", "vae")):  # MaskGIT's CODA; MAR's VAE
-        if getattr(training, name, None) is not None:
-            return flag, weights_digest(getattr(training, name))
+        module = getattr(training, name, None)
+        if module is not None and module.state_dict():  # not MAR's PixelTokenizer: fixed, it has no weights
+            return flag, weights_digest(module)
     return None, None
 
 
 def check_tokenizer(path, ckpt, flag, digest):
     """Stop with one line if the checkpoint was trained on the tokens of another tokenizer (checkpoints
     of earlier versions and official files record none)."""
-    if ckpt.get("tokenizer_sha256") not in (None, digest):
+    if digest is not None and ckpt.get("tokenizer_sha256") not in (None, digest):
         fail(f"{path} was trained with another {flag} (its weights differ from this one's); give the {flag} it was trained with")
 
 
@@ -533,9 +534,12 @@ class CachedTokens(torch.utils.data.Dataset):
         first = encode(dataset[0][0][None].to(device))[0].cpu()  # image 0 encoded now: is the cache still its?
         if len(self.codes) != len(self.labels) or self.codes.shape[1:] != first.shape:
             fail(f"{path} holds another dataset's or tokenizer's codes {self.codes.shape}; delete it to encode again")
-        if os.path.exists(path + ".json") and json.load(open(path + ".json"))["tokenizer_sha256"] != digest:
-            fail(f"{path} was encoded by another tokenizer (its weights differ from this one's); "
-                 f"use a new --output-dir, or delete it to encode again")
+        if os.path.exists(path + ".json"):  # an older version's cache has none
+            with open(path + ".json") as f:
+                recorded = json.load(f)["tokenizer_sha256"]
+            if recorded != digest:
+                fail(f"{path} was encoded by another tokenizer (its weights differ from this one's); "
+                     f"use a new --output-dir, or delete it to encode again")
         # moments only: CODA's tokens come from a posterior sample, so encoding an image twice changes some
         if first.is_floating_point() and not same_encoding(torch.from_numpy(np.array(self.codes[0])), first):
             fail(f"{path} was encoded from other images or by another VAE (its image 0 differs); "
