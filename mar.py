@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 
 def randn(shape, generator, device):
@@ -268,37 +269,59 @@ def kl16():
 
 class PixelTokenizer(nn.Module):
     """The tokenizer of the CPU-sized runs without a VAE (not in the paper): a fixed, exactly
-    invertible linear map from an image to one token per block x block pixels, so that MAR still
-    models continuous tokens, here of 3 + 3 block^2 values, without a VAE to train first.
+    invertible encoder and a small learned decoder, so that MAR still models continuous tokens,
+    here of 3 block^2 values, without a VAE to train first.
 
-    With raw pixel patches as tokens, each token's brightness is its own: a level the condition
-    gets slightly wrong shows as a hard step at every token border, and the samples were a mosaic
-    of blocks (README, the measurements). Here a token holds its block's mean colour (3 values,
-    times `gain`, the weight of the level in Diffusion Loss) and the block's detail: the image minus
-    the bilinear upsampling of all the block means, a smooth surface. A wrong level then changes
-    the image as a smooth bump across the neighbouring blocks, not as a step at the border."""
+    Encoding is polyphase: on a grid of g x g tokens (g = image side / block), token (a, b) holds
+    the pixels (a + g i, b + g j) for i, j < block, a block x block subsampled copy of the whole
+    image. With tokens that are patches, the small model's errors showed as steps at every patch
+    border, a mosaic; with polyphase tokens they spread over the image as a fine grain instead
+    (README, the measurements). Decoding undoes the permutation exactly, then `cleanup`, a 6-layer
+    conv net trained before MAR (`cleanup_loss`) on real images whose tokens got the errors MAR
+    makes, removes the grain, as a VAE's decoder learns to decode noisy posterior samples. Its last
+    layer starts at zero: untrained, `decode` is the exact inverse of `encode`."""
 
-    def __init__(self, block=8, gain=4.0):
+    def __init__(self, block=8, width=32, depth=6):
         super().__init__()
-        self.stride, self.embed_dim, self.gain = block, 3 + 3 * block * block, gain
-
-    def surface(self, means):
-        """(B, 3, h, w) block means -> (B, 3, H, W) their bilinear upsampling."""
-        return F.interpolate(means, scale_factor=self.stride, mode="bilinear", align_corners=False)
+        self.stride, self.embed_dim = block, 3 * block * block
+        layers = [nn.Conv2d(3, width, 3, padding=1), nn.SiLU()]
+        for _ in range(depth - 2):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.SiLU()]
+        self.cleanup = nn.Sequential(*layers, nn.Conv2d(width, 3, 3, padding=1))
+        nn.init.zeros_(self.cleanup[-1].weight)
+        nn.init.zeros_(self.cleanup[-1].bias)
 
     def encode(self, x):
-        """(B, 3, H, W) in [-1, 1] -> tokens (B, 3 + 3 b^2, h, w): gain x block means, then detail."""
+        """(B, 3, H, W) in [-1, 1] -> tokens (B, 3 b^2, g, g): token (a, b) = pixels (a + g i, b + g j)."""
         B, C, H, W = x.shape
-        b, means = self.stride, F.avg_pool2d(x, self.stride)
-        detail = (x - self.surface(means)).reshape(B, C, H // b, b, W // b, b).permute(0, 1, 3, 5, 2, 4)
-        return torch.cat([means * self.gain, detail.reshape(B, C * b * b, H // b, W // b)], dim=1)
+        b, g = self.stride, H // self.stride
+        x = x.reshape(B, C, b, g, b, g).permute(0, 1, 2, 4, 3, 5)  # (B, C, i, j, a, b)
+        return x.reshape(B, C * b * b, g, g)
+
+    def unshuffle(self, z):
+        """tokens (B, 3 b^2, g, g) -> images (B, 3, H, W): the exact inverse of encode."""
+        B, _, g, _ = z.shape
+        b = self.stride
+        return z.reshape(B, 3, b, b, g, g).permute(0, 1, 2, 4, 3, 5).reshape(B, 3, b * g, b * g)
 
     def decode(self, z):
-        """tokens (B, 3 + 3 b^2, h, w) -> images (B, 3, H, W), the exact inverse of encode."""
-        B, _, h, w = z.shape
-        b = self.stride
-        detail = z[:, 3:].reshape(B, 3, b, b, h, w).permute(0, 1, 4, 2, 5, 3).reshape(B, 3, h * b, w * b)
-        return self.surface(z[:, :3] / self.gain) + detail
+        """tokens -> images (B, 3, H, W): the exact inverse, then the learned clean-up (a residual)."""
+        x = self.unshuffle(z).clamp(-1, 1).contiguous(memory_format=torch.channels_last)  # faster for convs
+        return (x + self.cleanup(x)).contiguous()
+
+    def corrupt(self, z, generator=None, offset=0.15, noise=0.1):
+        """The errors of a small MAR, for training `cleanup`: each token's colour channel shifted by
+        one offset, each value by its own noise; their sizes drawn per image up to `offset` / `noise`."""
+        B, _, g, _ = z.shape
+        r = lambda *s: torch.rand(*s, generator=generator, device=z.device)
+        n = lambda *s: torch.randn(*s, generator=generator, device=z.device)
+        shift = n(B, 3, 1, g, g) * r(B, 1, 1, 1, 1) * offset                      # (B, 3, 1, g, g)
+        z = z + shift.expand(-1, -1, self.stride ** 2, -1, -1).reshape(z.shape)
+        return z + n(*z.shape) * r(B, 1, 1, 1) * noise
+
+    def cleanup_loss(self, x, generator=None):
+        """Real images (B, 3, H, W) -> MSE of the decoded corrupted tokens against the images."""
+        return F.mse_loss(self.decode(self.corrupt(self.encode(x), generator)).float(), x.float())
 
 
 # =============================================================================================
@@ -1095,8 +1118,8 @@ PAPER = dict(preset="base", img_size=256, epochs=400, warmup_epochs=100, batch_s
              weight_decay=0.02, grad_clip=3.0, ema=0.9999, ckpt_every=1000, sample_every=5000, num_images=50000,
              num_iter=64, cfg=2.9, cfg_schedule="linear", temperature=1.0, diffusion_batch_mul=4, prediction="eps")
 BUILTIN = dict(PAPER, preset="tiny", img_size=32, epochs=58, warmup_epochs=1, blr=4e-3, ema=0.999, diffusion_batch_mul=1,
-               ckpt_every=500, sample_every=2000, num_iter=8, cfg=3.0, temperature=0.8, num_images=1000, prediction="v")
-# on the built-in data: temperature 0.8, less speckle inside the pixel tokens; CFG 3.0, the shapes' classes best;
+               ckpt_every=500, sample_every=2000, num_iter=8, cfg=5.0, temperature=1.0, num_images=1000, prediction="v")
+# on the built-in data: temperature 1.0 (the paper's) and CFG 5.0 (linear), the shapes' classes best;
 # 58 epochs (9,048 steps), about 10 minutes on 2 CPU cores with bf16 autocast (README, the measurements);
 # on the latents of a --model vae run (BUILTIN_LATENT): v-prediction (with the paper's eps the MLP draws
 # saturated blobs there), the small preset with the paper's 4 noise draws per token, 87 epochs (13,572 steps),
@@ -1133,6 +1156,8 @@ def add_args(p):
                    "eps (paper) or v (the built-in run's); pixel tokens always v")
     p.add_argument("--num-sampling-steps", type=int, default=100, help="diffusion steps per token when sampling (paper)")
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--cleanup-steps", type=int, default=1000, help="on pixels: steps that fit PixelTokenizer's "
+                   "clean-up decoder before MAR trains (0: the exact inverse, no clean-up)")
     add_sampling_args(p)
 
 
@@ -1156,9 +1181,6 @@ def check_args(args):
     return None
 
 
-PIXEL_LEVEL_GAIN = 4.0  # PixelTokenizer's weight of a token's mean colour (README, the measurements)
-
-
 class Training(nn.Module):
     """What train.py needs to train MAR: the model (`model`), the frozen VAE between images and
     tokens, the inputs of a data batch, the loss, the optimizer's groups and sampling."""
@@ -1180,13 +1202,13 @@ class Training(nn.Module):
         if args.img_size % (stride * patch):
             raise ValueError(f"--img-size {args.img_size} is not a multiple of VAE stride x patch size = {stride * patch}")
         if pixels:  # the patch becomes the tokenizer's stride, and MAR takes one token per patch
-            self.vae, self.scale, patch = PixelTokenizer(patch, PIXEL_LEVEL_GAIN), 1.0, 1
+            self.vae, self.scale, patch = PixelTokenizer(patch).to(device), 1.0, 1
         # the architecture facts a resumed or evaluated checkpoint must match
         self.config = dict(preset=args.preset, img_size=args.img_size, vae_stride=self.vae.stride, patch_size=patch,
                            vae_embed_dim=self.vae.embed_dim, class_num=num_classes)
         v_pred = pixels or args.prediction == "v"  # pixels: the shape is decided at high noise, where eps says little
         if pixels:  # what the tokens and the MLP's output mean: checkpoints of other pixel runs are refused
-            self.config["tokens"] = f"PixelTokenizer, level gain {PIXEL_LEVEL_GAIN}; v-prediction, SNR / {self.vae.stride**2}"
+            self.config["tokens"] = f"PixelTokenizer, polyphase, clean-up decoder; v-prediction, SNR / {self.vae.stride**2}"
         elif v_pred:  # absent: the paper's eps (every official checkpoint)
             self.config["prediction"] = "v"
         arch = {k: v for k, v in self.config.items() if k not in ("preset", "tokens", "prediction")}
@@ -1220,6 +1242,27 @@ class Training(nn.Module):
         images = batch[0].to(self.device, non_blocking=True)
         return images_to_latents(self.vae, torch.where(flip, images.flip(3), images), scale=self.scale), labels
 
+    def prepare(self, dataset, log):
+        """Before MAR trains on pixels: fit PixelTokenizer's clean-up decoder on the training images
+        (--cleanup-steps Adam steps of 64 images at lr 1e-3, in train.py's precision: about 1.5 minutes
+        on 2 CPU cores), then freeze it. -> the fitted module (train.py makes it equal on all ranks)."""
+        tok, a = self.vae, self.args
+        if not isinstance(tok, PixelTokenizer) or not a.cleanup_steps:
+            return tok
+        draws = torch.Generator().manual_seed(a.seed)  # the same on every rank
+        loader = torch.utils.data.DataLoader(dataset, 64, num_workers=a.num_workers, drop_last=True, sampler=
+                                             torch.utils.data.RandomSampler(dataset, True, 64 * a.cleanup_steps, draws))
+        tok.to(memory_format=torch.channels_last).requires_grad_(True)
+        opt, noise = torch.optim.Adam(tok.parameters(), 1e-3), torch.Generator(self.device).manual_seed(a.seed)
+        for batch in tqdm(loader, desc="fitting the pixel tokenizer's clean-up decoder", dynamic_ncols=True):
+            with autocast(self.device):
+                loss = tok.cleanup_loss(batch[0].to(self.device, non_blocking=True), noise)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        log(f"PixelTokenizer's clean-up decoder: {a.cleanup_steps} steps, final loss {loss.item():.5f}")
+        return tok.requires_grad_(False)
+
     def loss(self, model, x, labels, progress):
         """Diffusion Loss of the masked tokens (Eq. 2), random order and mask ratio; the number of
         masked tokens is drawn outside `model`, which may be compiled (see MAR.forward)."""
@@ -1232,6 +1275,14 @@ class Training(nn.Module):
 
     def ema_decay(self, step, epoch):
         return self.args.ema
+
+    def checkpoint_state(self, ema, held_out):
+        """On pixels, the tokenizer's fitted decoder: the run's own (a VAE is a file of its own)."""
+        return dict(tokenizer=self.vae.state_dict()) if isinstance(self.vae, PixelTokenizer) else {}
+
+    def load_checkpoint_state(self, ckpt):
+        if isinstance(self.vae, PixelTokenizer):
+            load_state(self.vae, ckpt["tokenizer"], "the checkpoint's ['tokenizer']")
 
     @torch.no_grad()
     def sample(self, model, labels, generator):

@@ -1149,7 +1149,7 @@ TRAIN = os.path.join(HERE, "train.py")
 # fast settings: 32 px images from a small folder, batch 4, few steps, cheap grids; then per model
 FAST = ["--preset", "tiny", "--img-size", "32", "--batch-size", "4", "--log-every", "5", "--sample-every", "1000",
         "--warmup-epochs", "1", "--blr", "1e-3", "--device", "cpu"]
-MAR = FAST + ["--num-iter", "2", "--num-sampling-steps", "5"]
+MAR = FAST + ["--num-iter", "2", "--num-sampling-steps", "5", "--cleanup-steps", "3"]
 TOKENIZER = FAST + ["--lpips-weight", "0", "--disc", "patch"]
 SHARED = tempfile.TemporaryDirectory()  # the runs below, made once and removed at exit
 _runs = {}

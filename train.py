@@ -492,7 +492,7 @@ def tokenizer_digest(training):
     that tokens made by one VAE or CODA file are never trained on or decoded by another."""
     for flag, name in (("--tokenizer", "tokenizer"), ("--vae", "vae")):  # MaskGIT's CODA; MAR's VAE
         module = getattr(training, name, None)
-        if module is not None and module.state_dict():  # not MAR's PixelTokenizer: fixed, it has no weights
+        if module is not None and getattr(training.args, name, None):  # not MAR's PixelTokenizer: the run's own
             return flag, weights_digest(module)
     return None, None
 
@@ -777,6 +777,8 @@ def evaluate(args, rank, world, device):
     if "config" in ckpt:  # official MAR files carry none
         check_config(ckpt_path, ckpt["config"], training.config)
     check_tokenizer(ckpt_path, ckpt, *tokenizer_digest(training))
+    if hasattr(training, "load_checkpoint_state") and "config" in ckpt:
+        training.load_checkpoint_state(ckpt)  # MAR on pixels: its tokenizer's decoder
     del ckpt
     try:
         mar.load_weights(training.model, ckpt_path, "model_ema")  # the EMA weights, as the paper evaluates
@@ -913,6 +915,10 @@ def main(args):
             log(f"note: resuming on {world} processes instead of {ckpt.get('world_size')}: random streams re-seeded")
         log(f"resumed from {resume} at step {step} / {total_steps}")
         del ckpt
+    elif hasattr(training, "prepare"):  # MAR on pixels: its tokenizer's decoder, fitted first
+        fitted = training.prepare(dataset, log)
+        for t in fitted.state_dict().values() if world > 1 else ():
+            dist.broadcast(t, 0)  # rank 0's weights everywhere (a GPU's convs are not bitwise reproducible)
     # each model's official precision (MAR, MaskGIT: mixed; CODA, VAE: fp32 unless --bf16), as bf16 (no GradScaler),
     # for training steps and grids alike, on CUDA and on a CPU with bf16 instructions (1.3-2x faster there)
     bf16 = training.bf16 and mar.bf16_autocast(device)
