@@ -1618,6 +1618,7 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             (["--data-path", data, "--img-size", "0"], "--img-size 0: must be at least 1"),
             (["--data-path", data, "--output-dir", f"{d}/coda.pth/run"], "is a file, not a folder"),
             (["--data-path", data, "--prediction", "eps"], "--prediction eps is for VAE latents"),
+            (["--data-path", data, "--cleanup-steps", "-1"], "--cleanup-steps -1: must be at least 0"),
         ]
         for flags, expect in flag_cases:
             message = str(raises(SystemExit, train.parse_args, [*FAST[:6], *flags, "--epochs", "1"]))

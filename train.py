@@ -1222,7 +1222,7 @@ def check_numbers(args):
     """Every number a flag gave is usable, before anything is built: counts at least 1 (0 where
     allowed), rates finite and positive, the EMA decay in [0, 1]."""
     for key, value in vars(args).items():
-        flag, low = "--" + key.replace("_", "-"), 0 if key in ("warmup_epochs", "num_workers", "ema_start_epoch", "seed") else 1
+        flag, low = "--" + key.replace("_", "-"), 0 if key in ("warmup_epochs", "num_workers", "ema_start_epoch", "seed", "cleanup_steps") else 1
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if isinstance(value, int) and value < low:
