@@ -224,19 +224,20 @@ def test_mar_pixel_tokenizer_is_exact_polyphase_and_its_cleanup_removes_grain():
     originals, and their roughness (luma steps) toward the real images'."""
     import train
     tok = mar.PixelTokenizer(8)
-    x = train.to_tensor(train.ToyDataset(32, num_images=2000, seed=3).images)
+    x = train.to_tensor(train.ToyDataset(32, num_images=1000, seed=3).images)
     z = tok.encode(x[:20])                                                     # (20, 192, 4, 4)
     assert z.shape == (20, 192, 4, 4) and mar.mar_tiny().token_embed_dim == tok.embed_dim
     assert torch.equal(z[:, :, 1, 2].reshape(20, 3, 8, 8), x[:20, :, 1::4, 2::4])
     assert torch.equal(tok.decode(z), x[:20])
-    train_set, test_set = x[:1800], x[1800:]
+    train_set, test_set = x[:800], x[800:]
     g = torch.Generator().manual_seed(0)
     noisy = tok.corrupt(tok.encode(test_set), g)
     with torch.no_grad():
         before = tok.decode(noisy)
-    opt = torch.optim.Adam(tok.parameters(), 3e-3)
-    for _ in range(150):
-        loss = tok.cleanup_loss(train_set[torch.randint(1800, (16,), generator=g)], g)
+    opt = torch.optim.Adam(tok.to(memory_format=torch.channels_last).parameters(), 3e-3)
+    for _ in range(150):  # in train.py's precision (bf16 autocast on a CPU with bf16 instructions)
+        with mar.autocast(torch.device("cpu")):
+            loss = tok.cleanup_loss(train_set[torch.randint(800, (16,), generator=g)], g)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -244,8 +245,8 @@ def test_mar_pixel_tokenizer_is_exact_polyphase_and_its_cleanup_removes_grain():
         after = tok.decode(noisy)
     err = lambda y: (y - test_set).pow(2).mean().item()
     rough = lambda y: train.token_steps(y)[2]
-    assert err(after) < 0.5 * err(before), (err(before), err(after))                # 0.36 x when written
-    assert rough(after) - rough(test_set) < 0.7 * (rough(before) - rough(test_set)), (  # 0.51 x
+    assert err(after) < 0.5 * err(before), (err(before), err(after))                # 0.37 x when written
+    assert rough(after) - rough(test_set) < 0.7 * (rough(before) - rough(test_set)), (  # 0.55 x
         rough(test_set), rough(before), rough(after))
 
 
@@ -1519,14 +1520,22 @@ def test_train_checkpoints_are_written_in_the_background_from_a_snapshot():
 
 def test_train_a_signal_during_the_final_report_stops_at_once():
     """Issue 14 case 9: once the final checkpoint is written, SIGTERM during the end-of-run report
-    (here the built-in judge's training) stops the run at once, exit 143, the checkpoint complete."""
+    (here the built-in judge's training) stops the run at once, exit 143, the checkpoint complete.
+    So does SIGTERM before the first training step, with nothing to save."""
     with tempfile.TemporaryDirectory() as d:
         out = f"{d}/run"
-        code, err, seconds = interrupt("--epochs", "1", "--batch-size", "256", "--num-iter", "2", "--num-sampling-steps", "5",
-                                       "--device", "cpu", "--output-dir", out, logged="samples-final.png")
+        flags = ["--epochs", "1", "--batch-size", "256", "--num-iter", "2", "--num-sampling-steps", "5", "--device", "cpu",
+                 "--output-dir", out]
+        code, err, seconds = interrupt(*flags, "--cleanup-steps", "3", logged="samples-final.png")
         assert code == 143 and seconds < 10, (code, seconds, err[-1000:])
         assert "stopped by SIGTERM after the final checkpoint was written" in err and "Traceback" not in err, err[-1000:]
         assert final_weights(out)["step"] == 39 and "class accuracy" not in open(f"{out}/log.txt").read()
+        # before the loop (here while MAR's pixel decoder is fitted): nothing to save, one line, at once
+        code, err, seconds = interrupt("--data-path", shared_run("data"), *MAR, "--output-dir", f"{d}/early",
+                                       "--cleanup-steps", "100000", logged="parameters")
+        assert code == 143 and seconds < 10 and "Traceback" not in err, (code, seconds, err[-1000:])
+        assert "stopped by SIGTERM before the first training step; nothing to save" in err, err[-1000:]
+        assert not os.path.exists(f"{d}/early/checkpoint-last.pth")
 
 def test_train_metrics_hold_one_line_per_step_after_a_resume():
     """A run killed after its last checkpoint had logged later steps: the resumed run logs them again,
@@ -1900,7 +1909,7 @@ def test_train_eval_generates_and_scores_like_fid_py():
             record = [json.loads(l) for l in open(f"{d}/{run}/eval.jsonl")][-1]  # one line per evaluation
             assert sorted(os.listdir(f"{d}/gen{nproc}")) == [f"{i:05d}.png" for i in range(20)]
             assert "seconds per image" in p.stdout and record["num_images"] == 20 and record["processes"] == nproc, record
-            assert record["cfg"] == (2.9 if nproc == 1 else 3.0), record  # reference statistics: the paper's defaults
+            assert record["cfg"] == (2.9 if nproc == 1 else 5.0), record  # reference statistics: the paper's defaults
             for key, name in keys + ([("precision", "Precision"), ("recall", "Recall")] if nproc == 2 else []):
                 assert abs(record[key] - printed(p, name)) < 1e-3, (key, p.stdout)
                 assert abs(printed(p, name) - printed(check, name)) <= 1e-5 * printed(check, name) + 1e-9, (key, p.stdout, check.stdout)

@@ -848,6 +848,14 @@ def request_stop(signum, frame):
     STOP["signal"], STOP["code"] = signal.Signals(signum).name, 128 + signum
 
 
+def stop_before_training(signum, frame):
+    """SIGTERM / SIGINT while data, token caches or MAR's pixel decoder are prepared: nothing of the
+    run's training to save yet (caches are written atomically): stop at once, with one line."""
+    print(f"train.py: stopped by {signal.Signals(signum).name} before the first training step; nothing to save: "
+          f"the same command starts again", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
 def stop_now(signum, frame):
     print(f"train.py: stopped by {signal.Signals(signum).name} after the final checkpoint was written; the final "
           f"grid and report were skipped", file=sys.stderr)
@@ -876,6 +884,8 @@ def main(args):
         return evaluate(args, rank, world, device)
 
     log = open_run_folder(args, rank, world, device)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop_before_training)  # until the loop, where a signal saves a checkpoint first
     # ---- data, model, EMA, optimizer ----
     dataset = training_data(args, rank)
     num_classes = len(dataset.classes)
