@@ -1246,10 +1246,10 @@ class Training(nn.Module):
     def prepare(self, dataset, log):
         """Before MAR trains on pixels: fit PixelTokenizer's clean-up decoder on the training images
         (--cleanup-steps Adam steps of 64 images at lr 1e-3, in train.py's precision: about 1.5 minutes
-        on 2 CPU cores), then freeze it. -> the fitted module (train.py makes it equal on all ranks)."""
+        on 2 CPU cores), then freeze it. -> the fitted module (train.py makes it equal on all ranks), or None."""
         tok, a = self.vae, self.args
         if not isinstance(tok, PixelTokenizer) or not a.cleanup_steps:
-            return tok
+            return None
         draws = torch.Generator().manual_seed(a.seed)  # the same on every rank
         loader = torch.utils.data.DataLoader(dataset, 64, num_workers=a.num_workers, drop_last=True, sampler=
                                              torch.utils.data.RandomSampler(dataset, True, 64 * a.cleanup_steps, draws))

@@ -1892,12 +1892,18 @@ def eval_setup(d):
 def test_train_eval_generates_and_scores_like_fid_py():
     """Class-balanced samples from the EMA weights, scored in memory: the printed numbers equal fid.py's
     on the saved PNGs, against given reference statistics (one process) and against the built-in
-    data's held-out images (two processes: each rank generates and scores half)."""
+    data's held-out images (two processes: each rank generates and scores half). The samples are
+    decoded by the checkpoint's own pixel decoder: one whose output is 0.25 brighter draws brighter
+    images than the original checkpoint from the same tokens."""
     with tempfile.TemporaryDirectory() as d:
         tf, ev = eval_setup(d)
         out = lambda run: [f"{d}/{run}" if a == f"{d}/run" else a for a in ev]  # --eval with another --output-dir
+        ckpt = final_weights(f"{d}/run")
+        ckpt["tokenizer"]["cleanup.10.bias"] += 0.25
+        torch.save(ckpt, f"{d}/brighter.pth")
+        brighter = [f"{d}/brighter.pth" if a == f"{d}/run/checkpoint-last.pth" else a for a in out("stats")]
         stats, one = two_at_a_time(lambda run: run(), [  # the reference statistics are cached in the run folder
-            lambda: run_train(*out("stats"), "--fid-stats", f"{d}/real.npz", "--save-images", f"{d}/gen1"),
+            lambda: run_train(*brighter, "--fid-stats", f"{d}/real.npz", "--save-images", f"{d}/gen1"),
             lambda: run_train(*ev)])
         two = run_train(*out("run2"), "--save-images", f"{d}/gen2", nproc=2)  # rank r writes images [10 r, 10 r + 10)
         cached = [f for f in os.listdir(f"{d}/run") if f.startswith("fid_stats_builtin_32px_20_")]
@@ -1913,6 +1919,10 @@ def test_train_eval_generates_and_scores_like_fid_py():
             for key, name in keys + ([("precision", "Precision"), ("recall", "Recall")] if nproc == 2 else []):
                 assert abs(record[key] - printed(p, name)) < 1e-3, (key, p.stdout)
                 assert abs(printed(p, name) - printed(check, name)) <= 1e-5 * printed(check, name) + 1e-9, (key, p.stdout, check.stdout)
+        # images 0-7 are the first batch of rank 0 in both runs: the same tokens, decoded 0.25 brighter in gen1
+        from PIL import Image
+        mean = lambda run: np.mean([np.asarray(Image.open(f"{d}/{run}/{i:05d}.png"), np.float32) for i in range(8)])
+        assert mean("gen1") - mean("gen2") > 15, (mean("gen1"), mean("gen2"))  # 0.25 = 32 levels, less the clamped
         # statistics alone hold no features: one line says why precision and recall are missing
         assert "precision/recall: not computed: the reference is statistics only" in stats.stdout, stats.stdout
         assert "Precision:" not in stats.stdout and "not computed" not in one.stdout, one.stdout
