@@ -848,18 +848,18 @@ def request_stop(signum, frame):
     STOP["signal"], STOP["code"] = signal.Signals(signum).name, 128 + signum
 
 
-def stop_before_training(signum, frame):
-    """SIGTERM / SIGINT while data, token caches or MAR's pixel decoder are prepared: nothing of the
-    run's training to save yet (caches are written atomically): stop at once, with one line."""
-    print(f"train.py: stopped by {signal.Signals(signum).name} before the first training step; nothing to save: "
-          f"the same command starts again", file=sys.stderr)
-    raise SystemExit(128 + signum)
+def stop_at_once(when):
+    """-> a SIGTERM / SIGINT handler for the phases with nothing left to save: one line saying
+    `when`, then exit with 128 + the signal's number."""
+    def stop(signum, frame):
+        print(f"train.py: stopped by {signal.Signals(signum).name} {when}", file=sys.stderr)
+        raise SystemExit(128 + signum)
+    return stop
 
 
-def stop_now(signum, frame):
-    print(f"train.py: stopped by {signal.Signals(signum).name} after the final checkpoint was written; the final "
-          f"grid and report were skipped", file=sys.stderr)
-    raise SystemExit(128 + signum)
+# while data, token caches or MAR's pixel decoder are prepared (caches are written atomically); after the final checkpoint
+stop_before_training = stop_at_once("before the first training step; nothing to save: the same command starts again")
+stop_now = stop_at_once("after the final checkpoint was written; the final grid and report were skipped")
 
 
 def build(args, num_classes, device):
