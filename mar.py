@@ -1251,9 +1251,9 @@ class Training(nn.Module):
         tok, a = self.vae, self.args
         if not isinstance(tok, PixelTokenizer) or not a.cleanup_steps:
             return None
-        draws = torch.Generator().manual_seed(a.seed)  # the same on every rank
-        loader = torch.utils.data.DataLoader(dataset, 16, num_workers=a.num_workers, drop_last=True, sampler=
-                                             torch.utils.data.RandomSampler(dataset, True, 16 * a.cleanup_steps, draws))
+        size, draws = 16, torch.Generator().manual_seed(a.seed)  # images per step; the same draws on every rank
+        loader = torch.utils.data.DataLoader(dataset, size, num_workers=a.num_workers, drop_last=True, sampler=
+                                             torch.utils.data.RandomSampler(dataset, True, size * a.cleanup_steps, draws))
         tok.to(memory_format=torch.channels_last).requires_grad_(True)
         opt, noise = torch.optim.Adam(tok.parameters(), 1e-3), torch.Generator(self.device).manual_seed(a.seed)
         for batch in tqdm(loader, desc="fitting the pixel tokenizer's clean-up decoder", dynamic_ncols=True):

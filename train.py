@@ -927,8 +927,9 @@ def main(args):
         del ckpt
     elif hasattr(training, "prepare"):  # MAR on pixels: its tokenizer's decoder, fitted first
         fitted = training.prepare(dataset, log)
-        for t in fitted.state_dict().values() if fitted is not None and world > 1 else ():
-            dist.broadcast(t, 0)  # rank 0's weights everywhere (a GPU's convs are not bitwise reproducible)
+        if fitted is not None and world > 1:  # rank 0's weights everywhere (a GPU's convs are not bitwise reproducible)
+            for t in fitted.state_dict().values():
+                dist.broadcast(t, 0)
     # each model's official precision (MAR, MaskGIT: mixed; CODA, VAE: fp32 unless --bf16), as bf16 (no GradScaler),
     # for training steps and grids alike, on CUDA and on a CPU with bf16 instructions (1.3-2x faster there)
     bf16 = training.bf16 and mar.bf16_autocast(device)
