@@ -32,7 +32,6 @@ Read it top to bottom:
 """
 import argparse
 import hashlib
-import math
 import os
 import sys
 import time

@@ -904,7 +904,6 @@ class MAR(nn.Module):
         ones; gathering the masked ones gives the same value with less compute. Each (z, x) pair is
         repeated `diffusion_batch_mul` times with independent (t, noise) draws: the cheap MLP gets a
         4x larger batch without re-running the transformer (official issue #14)."""
-        M = masked.shape[1]
         z = torch.gather(z, 1, masked[..., None].expand(-1, -1, z.shape[-1])).reshape(-1, z.shape[-1])  # (B*M, Dd)
         target = torch.gather(target, 1, masked[..., None].expand(-1, -1, target.shape[-1])).reshape(-1, target.shape[-1])
         mul = self.diffusion_batch_mul

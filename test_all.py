@@ -75,6 +75,12 @@ def bf16_sampling_drift(model, device):
     return ((samples[1] - samples[0]).abs().mean() / samples[0].abs().mean()).item()
 
 
+def read(path, mode="r"):
+    """The whole file at `path` (closed again at once)."""
+    with open(path, mode) as f:
+        return f.read()
+
+
 def raises(error, fn, *args):
     """Call fn(*args), which must raise `error`; -> the exception (to check its message)."""
     try:
@@ -301,7 +307,6 @@ def test_mar_one_reverse_step():
     model, r = ref_mar()
     gen, net, x, z = model.diffloss.gen_diffusion, model.diffloss.net, r["step_x"], r["step_z"]
     assert gen.timestep_map.tolist() == r["tmap_10"].tolist()
-    noise_gen = lambda: torch.Generator().manual_seed(0)
     for j in (0, 5, 9):
         for cfg, fn, key in ((3.0, lambda x_, t_: net.forward_with_cfg(x_, t_, z, 3.0), "step_out_cfg"),
                              (1.0, lambda x_, t_: net(x_, t_, z), "step_out")):
@@ -1225,8 +1230,8 @@ def interrupt(*flags, lines=2, logged=None):
     """Start train.py, send SIGTERM once metrics.jsonl has `lines` lines (mid-run), or once log.txt
     holds the text `logged` -> (exit code, stderr, seconds from the signal to the exit)."""
     out = flags[list(flags).index("--output-dir") + 1]
-    read = lambda name: open(os.path.join(out, name)).read() if os.path.exists(os.path.join(out, name)) else ""
-    ready = (lambda: logged in read("log.txt")) if logged else (lambda: read("metrics.jsonl").count("\n") >= lines)
+    output = lambda name: read(os.path.join(out, name)) if os.path.exists(os.path.join(out, name)) else ""
+    ready = (lambda: logged in output("log.txt")) if logged else (lambda: output("metrics.jsonl").count("\n") >= lines)
     proc = subprocess.Popen([sys.executable, TRAIN, *flags], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     while proc.poll() is None and time.time() - t0 < 180 and not ready():
@@ -1327,7 +1332,7 @@ def test_train_judge_reports_all_final_samples_and_the_grid_alone():
     fake = lambda x: torch.nn.functional.one_hot((x[:, 0, 0, 0] * 10).round().long().clamp(0, 9), 10).float()
     real_judge, train.toy_judge = train.toy_judge, lambda size: fake
     try:
-        overall, per_class, _ = train.judge_samples(images, labels, 32, seed=0)
+        overall, per_class, _ = train.judge_samples(images, labels, 32, seed=0, grid=100)
     finally:
         train.toy_judge = real_judge
     assert overall.startswith("class accuracy of 500 final samples") and "98% (the grid's 100: 90%;" in overall, overall
@@ -1397,7 +1402,7 @@ def test_train_defaults_follow_the_data_and_say_so():
     assert (builtin.epochs, builtin.cfg) == (96, 3.0) and "built-in data" in builtin.defaults_in_force
     with tempfile.TemporaryDirectory() as d:
         run_train("--data-path", data, *MAR, "--epochs", "1", "--output-dir", f"{d}/run")
-        assert "defaults: CPU-sized" in open(f"{d}/run/log.txt").read()
+        assert "defaults: CPU-sized" in read(f"{d}/run/log.txt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1412,7 +1417,7 @@ def test_train_ddp_two_processes_keep_ranks_identical():
         ckpt = final_weights(out)
         assert ckpt["step"] == 10 and ckpt["world_size"] == 2  # 40 images / 2 ranks / batch 4 = 5 steps per epoch
         assert all(torch.equal(ckpt["model"][k], rank0[k]) for k in rank0)  # no "module." / "_orig_mod." prefixes
-        assert "2 process(es)" in open(f"{out}/log.txt").read() and os.path.exists(f"{out}/samples-final.png")
+        assert "2 process(es)" in read(f"{out}/log.txt") and os.path.exists(f"{out}/samples-final.png")
 
 
 
@@ -1452,12 +1457,12 @@ def test_train_names_a_rank_that_stops_answering():
         proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                                  TRAIN, *flags], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=d)
         t0 = time.time()
-        while time.time() - t0 < 120 and not (os.path.exists(f"{out}/metrics.jsonl") and open(f"{out}/metrics.jsonl").read().count("\n") >= 2):
+        while time.time() - t0 < 120 and not (os.path.exists(f"{out}/metrics.jsonl") and read(f"{out}/metrics.jsonl").count("\n") >= 2):
             time.sleep(0.2)
-        stat = lambda p: open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()  # [state, parent pid, ...]
+        stat = lambda p: read(f"/proc/{p}/stat").rsplit(")", 1)[1].split()  # [state, parent pid, ...]
         children = [int(p) for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/stat")
                     and stat(p)[1] == str(proc.pid)]
-        rank = {int(b"\0RANK=1\0" in b"\0" + open(f"/proc/{p}/environ", "rb").read()): p for p in children}
+        rank = {int(b"\0RANK=1\0" in b"\0" + read(f"/proc/{p}/environ", "rb")): p for p in children}
         assert sorted(rank) == [0, 1], (children, proc.poll(), proc.stderr.read() if proc.poll() is not None else "")
         os.kill(rank[1], signal.SIGSTOP)
         alive = lambda p: os.path.exists(f"/proc/{p}/stat") and stat(p)[0] != "Z"
@@ -1489,15 +1494,15 @@ def test_train_resume_is_exact():
         full = final_weights(f"{d}/full")
         assert full["step"] == 120 and first_stop == 30, (full["step"], first_stop)
         bf16 = mar.bf16_autocast(torch.device("cpu"))  # MAR's training steps on a CPU with bf16 instructions: exact too
-        assert f"precision: {'bf16 autocast' if bf16 else 'fp32'}" in open(f"{d}/full/log.txt").read()
-        assert "resumed from" in open(f"{d}/resumed/log.txt").read()
+        assert f"precision: {'bf16 autocast' if bf16 else 'fp32'}" in read(f"{d}/full/log.txt")
+        assert "resumed from" in read(f"{d}/resumed/log.txt")
         # the pixel tokenizer's decoder: fitted once, before step 0, then restored from the checkpoint
-        assert open(f"{d}/resumed/log.txt").read().count("clean-up decoder: 3 steps") == 1
+        assert read(f"{d}/resumed/log.txt").count("clean-up decoder: 3 steps") == 1
         tok = final_weights(f"{d}/resumed")["tokenizer"]
         assert tok["cleanup.10.weight"].abs().sum() > 0 and all(torch.equal(v, full["tokenizer"][k]) for k, v in tok.items())
         assert same_state(final_weights(f"{d}/resumed"), full), "resumed run differs from the uninterrupted one"
         assert code == 143 and 0 < stopped < 120, (code, stopped, err[-1000:])  # 128 + SIGTERM
-        assert "stopped by SIGTERM" in open(f"{d}/pre/log.txt").read()
+        assert "stopped by SIGTERM" in read(f"{d}/pre/log.txt")
         assert same_state(final_weights(f"{d}/pre"), full), "preempted + resumed run differs from the uninterrupted one"
 
 
@@ -1529,7 +1534,7 @@ def test_train_a_signal_during_the_final_report_stops_at_once():
         code, err, seconds = interrupt(*flags, "--cleanup-steps", "3", logged="samples-final.png")
         assert code == 143 and seconds < 10, (code, seconds, err[-1000:])
         assert "stopped by SIGTERM after the final checkpoint was written" in err and "Traceback" not in err, err[-1000:]
-        assert final_weights(out)["step"] == 39 and "class accuracy" not in open(f"{out}/log.txt").read()
+        assert final_weights(out)["step"] == 39 and "class accuracy" not in read(f"{out}/log.txt")
         # before the loop (here while MAR's pixel decoder is fitted): nothing to save, one line, at once
         code, err, seconds = interrupt("--data-path", shared_run("data"), *MAR, "--output-dir", f"{d}/early",
                                        "--cleanup-steps", "100000", logged="parameters")
@@ -1548,7 +1553,7 @@ def test_train_metrics_hold_one_line_per_step_after_a_resume():
             with open(f"{d}/run/metrics.jsonl", "a") as f:
                 f.write(train_append + "\n")
         run_train(*flags, "--epochs", "2")
-        steps = [json.loads(l)["step"] for l in open(f"{d}/run/metrics.jsonl")]
+        steps = [json.loads(l)["step"] for l in read(f"{d}/run/metrics.jsonl").splitlines()]
         assert steps == [5, 10, 15, 20], steps
 
 
@@ -1567,13 +1572,13 @@ def test_train_corrupt_images_are_skipped():
         data = make_folder(os.path.join(d, "data"))
         with open(os.path.join(data, "class00", "broken.png"), "wb") as f:
             f.write(b"\x89PNG\r\n\x1a\n this is not an image")
-        good = open(os.path.join(data, "class01", "img0.png"), "rb").read()
+        good = read(os.path.join(data, "class01", "img0.png"), "rb")
         with open(os.path.join(data, "class01", "truncated.png"), "wb") as f:
             f.write(good[: len(good) // 2])
         run_train("--data-path", data, *MAR, "--epochs", "3", "--output-dir", f"{d}/run")
-        log = open(f"{d}/run/log.txt").read()  # 2 bad files over 3 epochs: counted once each, and named
+        log = read(f"{d}/run/log.txt")  # 2 bad files over 3 epochs: counted once each, and named
         assert "skipped 2 unreadable images" in log and "broken.png" in log and "truncated.png" in log, log[-1500:]
-        assert json.loads(open(f"{d}/run/metrics.jsonl").readlines()[-1])["skipped_images"] == 2
+        assert json.loads(read(f"{d}/run/metrics.jsonl").splitlines()[-1])["skipped_images"] == 2
 
 
 def test_train_cached_latents_with_a_kl16_layout_vae():
@@ -1684,10 +1689,10 @@ def test_train_refuses_a_second_process_on_the_same_output_dir():
 def test_train_vae_records_its_latent_scale_and_reports():
     vae = final_weights(shared_run("vae"))
     assert vae["latent_scale"] > 0 and vae["config"]["arch"]["embed_dim"] == 16 and vae["step"] == 20
-    log = open(f"{shared_run('vae')}/log.txt").read()
+    log = read(f"{shared_run('vae')}/log.txt")
     assert "PSNR" in log and os.path.exists(f"{shared_run('vae')}/samples-final.png"), log[-1000:]
     assert "precision: fp32" in log  # the tokenizers' official precision, on a bf16 CPU too
-    report = json.load(open(f"{shared_run('vae')}/report.json"))
+    report = json.loads(read(f"{shared_run('vae')}/report.json"))
     assert report["images"] == 40 and 0 < report["mse"] < 1 and report["psnr"] > 5, report
     # --preset tiny-colour's GroupNorm groups of 4 channels are kept in the checkpoint and honoured when it loads
     groups = lambda path: {m.num_groups for m in mar.load_vae(path, "cpu")[0].modules() if isinstance(m, torch.nn.GroupNorm)}
@@ -1745,7 +1750,7 @@ def test_train_mar_on_a_vae_run_caches_moments_once_and_predicts_v():
         expect_error(p, "tokens.npy was encoded from other images or by another VAE", "train.py")
         assert final_weights(f"{d}/run")["step"] == trained["step"] == 10  # the checkpoint untouched
         # the checkpoint records its VAE: sampling it through another VAE (one weight changed) is refused
-        assert trained["tokenizer_sha256"] == json.load(open(f"{d}/run/tokens.npy.json"))["tokenizer_sha256"]
+        assert trained["tokenizer_sha256"] == json.loads(read(f"{d}/run/tokens.npy.json"))["tokenizer_sha256"]
         p = run_train("--model", "mar", "--vae", altered_copy(vae_path, f"{d}/other-vae.pth"), *MAR, "--eval", "--resume", f"{d}/run/checkpoint-last.pth",
                       "--output-dir", f"{d}/run", "--num-images", "10", check=False)
         expect_error(p, "was trained with another --vae (its weights differ", "train.py")
@@ -1761,9 +1766,9 @@ def test_train_coda_trains_lora_and_quantizer_only():
     frozen = [k for k in full["model"] if k not in trained]
     assert trained and all(torch.equal(full["model"][k], full["model_ema"][k]) for k in frozen)
     assert all(torch.equal(full["model"][k], vae["model_ema"][k[4:]]) for k in frozen if k.startswith("vae."))
-    log = open(f"{shared_run('coda')}/log.txt").read()
+    log = read(f"{shared_run('coda')}/log.txt")
     assert "codebook usage:" in log and "PSNR" in log, log[-1500:]
-    rows = [json.loads(l) for l in open(f"{shared_run('coda')}/metrics.jsonl")]
+    rows = [json.loads(l) for l in read(f"{shared_run('coda')}/metrics.jsonl").splitlines()]
     assert [r["step"] for r in rows] == list(range(5, 41, 5)), [r["step"] for r in rows]
     assert all(k in rows[-1] for k in ("codebook_usage", "q_loss", "entropy", "d_loss", "l1")), rows[-1]
 
@@ -1833,11 +1838,11 @@ def test_train_compare_quantizers_under_torchrun():
     with tempfile.TemporaryDirectory() as d:
         p = run_train(*coda_flags()[:-4], "--compare-quantizers", "--epochs", "1", "--output-dir", f"{d}/cmp", nproc=2)
         table = p.stdout.strip().splitlines()[-5:]
-        assert table == open(f"{d}/cmp/table1.txt").read().strip().splitlines()[-5:], p.stdout[-2000:]
+        assert table == read(f"{d}/cmp/table1.txt").strip().splitlines()[-5:], p.stdout[-2000:]
         expect = [("nearest", (4,), "none"), ("nearest", (1, 2, 3, 4), "none"), ("attention", (1, 2, 3, 4), "none"),
                   ("attention", (1, 2, 3, 4), "decoder"), ("attention", (1, 2, 3, 4), "both")]
         for i, (line, (assign, levels, lora)) in enumerate(zip(table, expect)):
-            c, r = final_weights(f"{d}/cmp/table1-{i}")["config"], json.load(open(f"{d}/cmp/table1-{i}/report.json"))
+            c, r = final_weights(f"{d}/cmp/table1-{i}")["config"], json.loads(read(f"{d}/cmp/table1-{i}/report.json"))
             assert (c["quantizer"], c["levels"], c["lora"]) == (assign, levels, lora), c
             assert line.split()[-5:] == [f"{r['usage']:.1%}", f"{r['quant_error']:.5f}", f"{r['mse']:.5f}",
                                          f"{r['psnr']:.2f}", f"{r['ssim']:.3f}"], (line, r)
@@ -1860,7 +1865,7 @@ def test_train_maskgit_on_cached_coda_tokens():
         assert os.path.exists(f"{d}/mg/samples-final.png") and os.path.exists(f"{d}/real.npz")
         # a cache that another tokenizer encoded (here: one weight changed) is refused, not trained on
         import train
-        recorded = json.load(open(f"{d}/mg/tokens.npy.json"))["tokenizer_sha256"]
+        recorded = json.loads(read(f"{d}/mg/tokens.npy.json"))["tokenizer_sha256"]
         assert recorded == train.weights_digest(coda.load_trained(mg[3], "cpu")[0]), recorded
         other = altered_copy(mg[3], f"{d}/other.pth")
         p = run_train(*[other if a == mg[3] else a for a in mg], "--epochs", "3", check=False)
@@ -1912,7 +1917,7 @@ def test_train_eval_generates_and_scores_like_fid_py():
                                [(f"{d}/gen1", f"{d}/real.npz"), (f"{d}/gen2", f"{d}/run2/{cached[0]}")])
         keys = [("fid", "FID"), ("sfid", "sFID"), ("is_adm", "IS (ADM evaluator)")]
         for run, p, check, nproc in (("stats", stats, checks[0], 1), ("run2", two, checks[1], 2)):
-            record = [json.loads(l) for l in open(f"{d}/{run}/eval.jsonl")][-1]  # one line per evaluation
+            record = [json.loads(l) for l in read(f"{d}/{run}/eval.jsonl").splitlines()][-1]  # one line per evaluation
             assert sorted(os.listdir(f"{d}/gen{nproc}")) == [f"{i:05d}.png" for i in range(20)]
             assert "seconds per image" in p.stdout and record["num_images"] == 20 and record["processes"] == nproc, record
             assert record["cfg"] == (2.9 if nproc == 1 else 5.0), record  # reference statistics: the paper's defaults
@@ -1926,7 +1931,7 @@ def test_train_eval_generates_and_scores_like_fid_py():
         # statistics alone hold no features: one line says why precision and recall are missing
         assert "precision/recall: not computed: the reference is statistics only" in stats.stdout, stats.stdout
         assert "Precision:" not in stats.stdout and "not computed" not in one.stdout, one.stdout
-        record = [json.loads(l) for l in open(f"{d}/run/eval.jsonl")][-1]
+        record = [json.loads(l) for l in read(f"{d}/run/eval.jsonl").splitlines()][-1]
         assert 0 <= record["precision"] <= 1 and 0 <= record["recall"] <= 1 and record["sfid"] > 0, record
         assert abs(record["precision"] - printed(one, "Precision")) < 1e-4, one.stdout
         # the reference statistics of one process and of two (each rank scores half the held-out images)
@@ -1970,9 +1975,9 @@ def test_cuda_train_steps_of_each_model():
                                  "--num-iter", "2"], "bf16 autocast"))
         for name, flags, precision in runs:
             run_train(*flags, "--data-path", data, "--epochs", "1", "--output-dir", f"{d}/{name}")
-            log = open(f"{d}/{name}/log.txt").read()
+            log = read(f"{d}/{name}/log.txt")
             assert "device: CPU" not in log and f"precision: {precision}" in log, (name, log[-800:])
-            losses = [json.loads(l)["loss"] for l in open(f"{d}/{name}/metrics.jsonl")]
+            losses = [json.loads(l)["loss"] for l in read(f"{d}/{name}/metrics.jsonl").splitlines()]
             assert losses and all(math.isfinite(v) for v in losses), (name, losses)
 
 
