@@ -81,6 +81,13 @@ def read(path, mode="r"):
         return f.read()
 
 
+def image(path):
+    """The PIL image at `path`, in memory (its file closed again at once)."""
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.copy()
+
+
 def raises(error, fn, *args):
     """Call fn(*args), which must raise `error`; -> the exception (to check its message)."""
     try:
@@ -1097,13 +1104,13 @@ def test_fid_and_train_read_16_bit_images_scaled_not_clipped():
         values = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
         os.makedirs(f"{d}/c0")
         Image.fromarray(values).save(f"{d}/c0/deep.png")
-        assert Image.open(f"{d}/c0/deep.png").mode == "I;16"
+        assert image(f"{d}/c0/deep.png").mode == "I;16"
         expect = np.round(values / 257).astype(np.uint8)
         assert np.array_equal(fid.ImageFiles(f"{d}/c0")[0].numpy(), np.stack([expect] * 3))
         loaded = train.ImageFolder(d, 32)[0][0]                   # (3, 32, 32) in [-1, 1]
         assert torch.equal(loaded, train.to_tensor(np.stack([expect] * 3, -1)))
         Image.fromarray(np.zeros((4, 4), np.float32)).save(f"{d}/c0/float.tif")
-        assert "32-bit float image" in str(raises(ValueError, fid.to_rgb, Image.open(f"{d}/c0/float.tif")))
+        assert "32-bit float image" in str(raises(ValueError, fid.to_rgb, image(f"{d}/c0/float.tif")))
 
 
 def test_fid_offline_without_weights_says_where_to_put_them():
@@ -1925,8 +1932,7 @@ def test_train_eval_generates_and_scores_like_fid_py():
                 assert abs(record[key] - printed(p, name)) < 1e-3, (key, p.stdout)
                 assert abs(printed(p, name) - printed(check, name)) <= 1e-5 * printed(check, name) + 1e-9, (key, p.stdout, check.stdout)
         # images 0-7 are the first batch of rank 0 in both runs: the same tokens, decoded 0.25 brighter in gen1
-        from PIL import Image
-        mean = lambda run: np.mean([np.asarray(Image.open(f"{d}/{run}/{i:05d}.png"), np.float32) for i in range(8)])
+        mean = lambda run: np.mean([np.asarray(image(f"{d}/{run}/{i:05d}.png"), np.float32) for i in range(8)])
         assert mean("gen1") - mean("gen2") > 15, (mean("gen1"), mean("gen2"))  # 0.25 = 32 levels, less the clamped
         # statistics alone hold no features: one line says why precision and recall are missing
         assert "precision/recall: not computed: the reference is statistics only" in stats.stdout, stats.stdout
