@@ -610,7 +610,8 @@ class DiffLoss(nn.Module):
         cfg = torch.full((), float(cfg), device=z.device)  # a tensor: one graph serves every scale
         if self.cuda_graphs:
             try:
-                return self.replay(noise, c, cfg, guided, temperature, noises)
+                with torch.cuda.device(z.device):  # streams, pool and capture on z's GPU, not the current one
+                    return self.replay(noise, c, cfg, guided, temperature, noises)
             except RuntimeError as e:  # a capture that fails (an old driver, a debug mode): eager from now on
                 print(f"note: CUDA graph capture failed, sampling eagerly: {str(e).splitlines()[0][:150]}")
                 self.cuda_graphs = False
@@ -643,7 +644,8 @@ class DiffLoss(nn.Module):
                 run()  # warm-up on a side stream, as capture requires
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with no_cache(), torch.cuda.graph(graph, pool=graphs["pool"]):
+            # thread_local: a DataLoader's pin-memory thread may call CUDA while a grid is captured
+            with no_cache(), torch.cuda.graph(graph, pool=graphs["pool"], capture_error_mode="thread_local"):
                 out = run()
             graphs[key] = graph, static, out
         graph, static, out = graphs[key]
@@ -1339,7 +1341,7 @@ def training_speed(model, inputs, steps, amp, sync, betas):
 def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64, 256), cfg=2.9):
     device, amp, sync = bench_device()
     model = PRESETS[preset]().to(device)
-    vae = kl16().to(device).eval() if model.vae_embed_dim == 16 else PixelTokenizer()  # kl16: random weights, timing only
+    vae = (kl16() if model.vae_embed_dim == 16 else PixelTokenizer()).to(device).eval()  # random weights, timing only
     side = model.seq_h * model.patch_size
     print(f"mar_{preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}")
 
