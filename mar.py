@@ -721,6 +721,9 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+COMPILE_BUCKETS = 6  # mask sizes a --compile run meets (MAR.draw_num_masked); dynamo recompiles at most 8 times
+
+
 def mask_ratio_from_uniform(u, min_ratio=0.7):
     """Paper Sec. 4.2 (masked autoregressive models): the training mask ratio is drawn from a
     Gaussian of mean 1.0 and std 0.25 truncated to [min_ratio, 1] (inverse-CDF sampling of u ~ U(0,1);
@@ -911,15 +914,25 @@ class MAR(nn.Module):
         mul = self.diffusion_batch_mul
         return self.diffloss(target.repeat(mul, 1), z.repeat(mul, 1), t, noise)  # rows: (repeat, sample, token)
 
-    def draw_num_masked(self):
+    def draw_num_masked(self, buckets=None):
         """How many tokens a training batch masks: one mask ratio per batch (Sec. 4.2), so every
-        row masks the same number of tokens. A host-side draw (a CPU random number)."""
-        return math.ceil(self.seq_len * mask_ratio_from_uniform(torch.rand((), dtype=torch.float64), self.mask_ratio_min))
+        row masks the same number of tokens. A host-side draw (a CPU random number). With `buckets`
+        (train.py --compile) the number is rounded at random to one of that many evenly spaced
+        values from ceil(L * mask_ratio_min) to L, up or down in proportion to its distance from
+        each, so its mean is unchanged: a compiled model then meets only `buckets` static shapes,
+        each compiled once (inductor's dynamic shapes failed on this graph with torch 2.11)."""
+        num_masked = math.ceil(self.seq_len * mask_ratio_from_uniform(torch.rand((), dtype=torch.float64), self.mask_ratio_min))
+        lo, hi = math.ceil(self.seq_len * self.mask_ratio_min), self.seq_len
+        if buckets is None or hi - lo < buckets:  # already at most `buckets` values
+            return num_masked
+        pos = (num_masked - lo) / (hi - lo) * (buckets - 1)  # in grid steps
+        i = math.floor(pos) + int(torch.rand((), dtype=torch.float64).item() < pos - math.floor(pos))
+        return round(lo + i * (hi - lo) / (buckets - 1))
 
     def forward(self, x, labels, num_masked=None):
         """Training loss. x (B, C, H, W): latents already multiplied by VAE_SCALE (or pixels).
         `num_masked` is drawn here unless given: train.py draws it before the call, so that a
-        compiled forward holds no host value (no graph break) and sees it as a dynamic size."""
+        compiled forward holds no host value (no graph break) and sees one of a few static sizes."""
         target = self.patchify(x)  # (B, L, C)
         B = target.shape[0]
         orders = self.sample_orders(B, x.device)
@@ -1269,7 +1282,7 @@ class Training(nn.Module):
     def loss(self, model, x, labels, progress):
         """Diffusion Loss of the masked tokens (Eq. 2), random order and mask ratio; the number of
         masked tokens is drawn outside `model`, which may be compiled (see MAR.forward)."""
-        return model(x, labels, self.model.draw_num_masked())
+        return model(x, labels, self.model.draw_num_masked(COMPILE_BUCKETS if self.args.compile else None))
 
     @staticmethod
     def no_weight_decay(name, param):
@@ -1321,19 +1334,25 @@ def bench_device():
     return device, autocast(device), sync
 
 
-def training_speed(model, inputs, steps, amp, sync, betas):
-    """Images/s of full AdamW training steps (forward, backward, update) on fixed inputs, after 3
-    warm-up steps; model(*inputs) must return the loss."""
+def training_speed(model, inputs, steps, amp, sync, betas, warmup=((),) * 3):
+    """Images/s of full AdamW training steps (forward, backward, update) on fixed inputs, after one
+    warm-up step per entry of `warmup` (extra arguments: MAR's mask sizes); model(*inputs) must
+    return the loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=betas, fused=True)  # fused, as train.py
-    for i in range(steps + 3):
-        if i == 3:
-            sync()
-            t0 = time.perf_counter()
+
+    def step(*extra):
         with amp:
-            loss = model(*inputs)
+            loss = model(*inputs, *extra)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    for extra in warmup:
+        step(*extra)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
     sync()
     return len(inputs[0]) * steps / (time.perf_counter() - t0)
 
@@ -1347,9 +1366,16 @@ def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64
 
     x = torch.randn(batch_size, model.vae_embed_dim, side, side, device=device)
     y = torch.randint(0, model.class_emb.num_embeddings, (batch_size,), device=device)
-    speed = training_speed(model, (x, y), steps, amp, sync, betas=(0.9, 0.95))
+    # on CUDA every mask size once first: each new sequence length builds cuDNN attention plans
+    # (about 0.1 s on an H200), paid once per size in a run but by most of 10 timed steps
+    sizes = range(math.ceil(model.seq_len * model.mask_ratio_min), model.seq_len + 1)
+    warmup = [(n,) for n in sizes] if device.type == "cuda" else [()] * 3
+    speed = training_speed(model, (x, y), steps, amp, sync, betas=(0.9, 0.95), warmup=warmup)
     precision = "bf16 autocast" if bf16_autocast(device) else "fp32"
     print(f"training: {speed:.3g} images/s (batch {batch_size}, {precision})")
+    if device.type == "cuda":
+        print(f"training peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        torch.cuda.reset_peak_memory_stats()
 
     model.eval()
     labels = torch.arange(sample_batch, device=device) % model.class_emb.num_embeddings
@@ -1368,7 +1394,7 @@ def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64
               f"(num_iter {num_iter}, cfg {cfg} linear, batch {sample_batch}, {model.diffloss.gen_diffusion.num_steps} "
               f"diffusion steps, decoding to pixels included)")
     if device.type == "cuda":
-        print(f"peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        print(f"sampling peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import types
 import time
 import traceback
 import urllib.error
@@ -445,18 +446,21 @@ def test_mar_training_step_learns():
 
 def test_mar_compiled_training_step_has_no_graph_break_and_stops_recompiling():
     """--compile: the mask size is drawn outside the model (`draw_num_masked`), so dynamo traces the
-    whole training forward as one graph, with the number of masked tokens a dynamic size. Warm-up
-    compiles at most 4 graphs (the first size, any size, and the 0 and 1 known-token edge cases);
-    after that no mask size compiles again. The compiled loss equals the eager one."""
+    whole training forward as one graph, static as train.py compiles it (dynamic=False). Warm-up
+    compiles one graph per mask size (MAR-tiny at 32 px: 12 to 16 of 16 tokens, the 0 and 1
+    known-token edge cases among them); after that no size compiles again. The compiled loss
+    equals the eager one."""
     import torch._dynamo
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
     model = perturbed(mar.mar_tiny(num_sampling_steps=10))  # the loss then depends on the whole network
-    compiled = torch.compile(model, backend="eager")  # dynamo only: no C++ compiler needed
+    compiled = torch.compile(model, backend="eager", dynamic=False)  # dynamo only: no C++ compiler needed
     x, y = torch.randn(4, 192, 4, 4), torch.randint(0, 10, (4,))
-    for n in (12, 14, 16, 15):  # warm-up: general sizes, 0 and 1 known tokens
+    sizes = {model.draw_num_masked(mar.COMPILE_BUCKETS) for _ in range(200)}
+    assert sizes == {12, 13, 14, 15, 16}, sizes
+    for n in sorted(sizes):  # warm-up
         compiled(x, y, n).backward()
     graphs = counters["stats"]["unique_graphs"]
     for n in (13, 12, 16, 15, 14):
@@ -464,8 +468,20 @@ def test_mar_compiled_training_step_has_no_graph_break_and_stops_recompiling():
             eager = model(x, y, n)
         assert_close(compiled(x, y, n), eager, rtol=1e-5, what=f"compiled loss, {n} masked")
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert graphs <= 4 and counters["stats"]["unique_graphs"] == graphs, (graphs, dict(counters["stats"]))
+    assert graphs <= 5 and counters["stats"]["unique_graphs"] == graphs, (graphs, dict(counters["stats"]))
     torch._dynamo.reset()
+
+
+def test_mar_compile_buckets_keep_the_mask_size_mean():
+    """Under --compile a 256-token model's mask sizes (180 to 256, Sec. 4.2) are rounded at random
+    to 6 evenly spaced values, up or down in proportion to the distance: the mean stays the paper's."""
+    m = types.SimpleNamespace(seq_len=256, mask_ratio_min=0.7)
+    torch.manual_seed(0)
+    plain = torch.tensor([mar.MAR.draw_num_masked(m) for _ in range(20000)], dtype=torch.float64)
+    bucketed = torch.tensor([mar.MAR.draw_num_masked(m, 6) for _ in range(20000)], dtype=torch.float64)
+    assert set(bucketed.tolist()) == {180, 195, 210, 226, 241, 256}, set(bucketed.tolist())
+    assert 220 < plain.mean() < 226 and abs(bucketed.mean() - plain.mean()) < 0.6, (plain.mean(), bucketed.mean())
+    assert bucketed.std() > plain.std(), "rounding to a grid spreads the sizes, never narrows them"
 
 
 def test_mar_tiny_positions_start_at_the_2d_sincos_table():
@@ -1974,7 +1990,8 @@ def test_cuda_train_steps_of_each_model():
     with tempfile.TemporaryDirectory() as d:
         data, runs = shared_run("data"), []
         runs.append(("mar", ["--model", "mar", *on_cuda(MAR)], "bf16 autocast"))
-        runs.append(("mar-compiled", ["--model", "mar", *on_cuda(MAR), "--compile"], "bf16 autocast"))
+        # compiled at 16 px: 4 tokens, so 2 mask sizes and 2 compilations (inductor) in its 10 steps
+        runs.append(("mar-compiled", ["--model", "mar", *on_cuda(MAR), "--img-size", "16", "--compile"], "bf16 autocast"))
         runs.append(("vae", ["--model", "vae", *on_cuda(TOKENIZER)], "fp32"))
         runs.append(("coda", ["--model", "coda", "--vae", f"{d}/vae/checkpoint-last.pth", *on_cuda(TOKENIZER)], "fp32"))
         runs.append(("maskgit", ["--model", "maskgit", "--tokenizer", f"{d}/coda/checkpoint-last.pth", *on_cuda(FAST),
@@ -2029,8 +2046,14 @@ def test_cuda_precision_recall_on_the_gpu_equal_the_cpu():
     """The nearest-neighbour blocks on the GPU (TF32 off) give ADM's numbers, as on the CPU."""
     need_cuda()
     r = ref("adm_ref.pt")
-    real, fake = sparse_features(1, 3000, range(1000, 1400)), sparse_features(2, 2500)
-    assert fid.precision_recall(real, fake, block=1000, device="cuda") == (r["overflow_precision"].item(), r["overflow_recall"].item())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    found = {}
+    for case, scaled in (("exact", ()), ("overflow", range(1000, 1400))):
+        real, fake = sparse_features(1, 3000, scaled), sparse_features(2, 2500)
+        radii = [fid.manifold_radii(f.cuda(), block=1000).cpu() for f in (real, fake)]
+        found[case] = ([(a != r[f"{case}_radii_{n}"]).sum().item() for a, n in zip(radii, ("ref", "sample"))],
+                       fid.precision_recall(real, fake, block=1000, device="cuda"))
+    assert all(found[c] == ([0, 0], (r[f"{c}_precision"].item(), r[f"{c}_recall"].item())) for c in found), found
 
 
 def test_cuda_benchmarks_run():

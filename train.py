@@ -1044,7 +1044,7 @@ def distribute(training, compile, device, world):
     model = ddp(training.model)
     if hasattr(training, "wrap"):
         training.wrap(ddp)
-    return torch.compile(model) if compile else model
+    return torch.compile(model, dynamic=False) if compile else model  # static shapes (see MAR.draw_num_masked)
 
 
 def resume_from(flag, ckpt_path, rank, world):
