@@ -1,6 +1,8 @@
 """
 All tests, on CPU: `python test_all.py` (or `python test_all.py mar` to run the tests whose name
 contains "mar"). Prints one line per test and ends with `N passed, N failed`; exits 1 on failure.
+The tests run in two processes of one thread each (`main`), the longest first, since most of them
+wait on one single-threaded `train.py` or `fid.py` at a time; the order of the lines varies.
 
 Parity tests compare against `.ci/reference/mar_ref.pt`: tensors produced by running the official
 LTH14/mar code (commit fe470ac: models/mar.py, models/diffloss.py, models/vae.py, diffusion/) in a
@@ -1192,6 +1194,7 @@ FAST = ["--preset", "tiny", "--img-size", "32", "--batch-size", "4", "--log-ever
 MAR = FAST + ["--num-iter", "2", "--num-sampling-steps", "5", "--cleanup-steps", "3"]
 TOKENIZER = FAST + ["--lpips-weight", "0", "--disc", "patch"]
 SHARED = tempfile.TemporaryDirectory()  # the runs below, made once and removed at exit
+SHARED_DIR = os.environ.get("TEST_ALL_SHARED", SHARED.name)  # the runner's, when it runs tests in two processes
 _runs = {}
 
 
@@ -1222,15 +1225,21 @@ def make_folder(root, per_class=4, classes=10, size=40):
 def shared_run(name):
     """Runs several tests start from, made on first use: "data" (40 images), "vae" (2 epochs on it),
     "coda" (4 epochs on that VAE, attention quantizer, LoRA on encoder and decoder as the official,
-    PatchGAN, its own quantizer lr)."""
+    PatchGAN, its own quantizer lr). Made once for both test processes: a lock file says who makes it."""
+    import fcntl
     if name not in _runs:
-        d = SHARED.name
-        if name == "data":
-            make_folder(f"{d}/data")
-        elif name == "vae":
-            run_train("--model", "vae", "--data-path", shared_run("data"), *TOKENIZER, "--epochs", "2", "--output-dir", f"{d}/vae")
-        else:
-            run_train(*coda_flags(), "--epochs", "4", "--output-dir", f"{d}/coda")
+        d = SHARED_DIR
+        with open(f"{d}/{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the other test process may be making it now
+            if not os.path.exists(f"{d}/{name}.done"):
+                if name == "data":
+                    make_folder(f"{d}/data")
+                elif name == "vae":
+                    run_train("--model", "vae", "--data-path", shared_run("data"), *TOKENIZER, "--epochs", "2",
+                              "--output-dir", f"{d}/vae")
+                else:
+                    run_train(*coda_flags(), "--epochs", "4", "--output-dir", f"{d}/coda")
+                open(f"{d}/{name}.done", "w").close()
         _runs[name] = f"{d}/{name}"
     return _runs[name]
 
@@ -2069,23 +2078,88 @@ def test_cuda_benchmarks_run():
 
 # ---------------------------------------------------------------------------------------------
 
-def main():
-    pattern = sys.argv[1] if len(sys.argv) > 1 else ""
-    tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and callable(f) and pattern in n]
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    passed = failed = skipped = 0
-    for name, fn in tests:
-        t0 = time.time()
+def run_test(name):
+    """-> (PASS, FAIL or SKIP, the line to print: with the traceback on a failure)."""
+    t0 = time.time()
+    try:
+        globals()[name]()
+        return "PASS", f"PASS {name} ({time.time() - t0:.1f}s)"
+    except Skip as why:
+        return "SKIP", f"SKIP {name} ({why})"
+    except Exception:
+        return "FAIL", f"FAIL {name} ({time.time() - t0:.1f}s)\n{traceback.format_exc()}"
+
+
+def worker():
+    """`python test_all.py --worker`: runs the test names read from stdin, one result line each
+    (what the tests themselves print goes to stderr)."""
+    results, sys.stdout = sys.stdout, sys.stderr
+    torch.set_num_threads(1)
+    for line in sys.stdin:
+        print(RESULT + json.dumps(run_test(line.strip())), file=results, flush=True)
+
+
+RESULT = "@@test_all "
+FIRST = ("test_fid_cli_matches_torch_fidelity_on_folders", "test_train_eval_generates_and_scores_like_fid_py",
+         "test_train_a_signal_during_the_final_report_stops_at_once")  # the longest, started first
+
+
+def lane(todo, report):
+    """One test process (one thread): takes names from `todo` until it is empty. A process that
+    dies fails its test and is replaced."""
+    import queue
+    proc = None
+    while True:
         try:
-            fn()
-            passed += 1
-            print(f"PASS {name} ({time.time() - t0:.1f}s)", flush=True)
-        except Skip as why:
-            skipped += 1
-            print(f"SKIP {name} ({why})", flush=True)
-        except Exception:
-            failed += 1
-            print(f"FAIL {name} ({time.time() - t0:.1f}s)\n{traceback.format_exc()}", flush=True)
+            name = todo.get_nowait()
+        except queue.Empty:
+            break
+        if proc is None:
+            proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True, env=dict(os.environ, TEST_ALL_SHARED=SHARED_DIR))
+        proc.stdin.write(name + "\n")
+        proc.stdin.flush()
+        for line in proc.stdout:
+            if line.startswith(RESULT):
+                report(*json.loads(line[len(RESULT):]))
+                break
+        else:
+            report("FAIL", f"FAIL {name}: its test process exited ({proc.wait()})")
+            proc = None
+    if proc is not None:
+        proc.stdin.close()
+        proc.wait()
+
+
+def main():
+    if sys.argv[1:] == ["--worker"]:
+        return worker()
+    import queue
+    import threading
+    pattern = sys.argv[1] if len(sys.argv) > 1 else ""
+    names = [n for n, f in globals().items() if n.startswith("test_") and callable(f) and pattern in n]
+    names.sort(key=lambda n: n not in FIRST)  # stable: otherwise in the files' order
+    counts, lock = {"PASS": 0, "FAIL": 0, "SKIP": 0}, threading.Lock()
+
+    def report(status, text):
+        with lock:
+            counts[status] += 1
+            print(text, flush=True)
+
+    if len(names) > 1 and (os.cpu_count() or 1) >= 2:  # two test processes of one thread: both cores busy
+        todo = queue.Queue()
+        for n in names:
+            todo.put(n)
+        lanes = [threading.Thread(target=lane, args=(todo, report), daemon=True) for _ in range(2)]
+        for t in lanes:
+            t.start()
+        for t in lanes:
+            t.join()
+    else:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        for n in names:
+            report(*run_test(n))
+    passed, failed, skipped = counts["PASS"], counts["FAIL"], counts["SKIP"]
     print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
     sys.exit(1 if failed else 0)
 
