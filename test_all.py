@@ -2100,8 +2100,9 @@ def worker():
 
 
 RESULT = "@@test_all "
+# the longest tests, started first
 FIRST = ("test_fid_cli_matches_torch_fidelity_on_folders", "test_train_eval_generates_and_scores_like_fid_py",
-         "test_train_a_signal_during_the_final_report_stops_at_once")  # the longest, started first
+         "test_train_a_signal_during_the_final_report_stops_at_once", "test_train_maskgit_on_cached_coda_tokens")
 
 
 def lane(todo, report):
