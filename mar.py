@@ -609,10 +609,12 @@ class DiffLoss(nn.Module):
         noises = randn((self.gen_diffusion.num_steps, *noise.shape), generator, z.device)  # (S, N, C)
         cfg = torch.full((), float(cfg), device=z.device)  # a tensor: one graph serves every scale
         if self.cuda_graphs:
+            stream = torch.cuda.current_stream(z.device)
             try:
                 with torch.cuda.device(z.device):  # streams, pool and capture on z's GPU, not the current one
                     return self.replay(noise, c, cfg, guided, temperature, noises)
             except RuntimeError as e:  # a capture that fails (an old driver, a debug mode): eager from now on
+                torch.cuda.set_stream(stream)  # a failed capture can leave its own stream current
                 print(f"note: CUDA graph capture failed, sampling eagerly: {str(e).splitlines()[0][:150]}")
                 self.cuda_graphs = False
         return self.loop(noise, c, cfg, guided, temperature, noises=noises)
@@ -914,20 +916,27 @@ class MAR(nn.Module):
         mul = self.diffusion_batch_mul
         return self.diffloss(target.repeat(mul, 1), z.repeat(mul, 1), t, noise)  # rows: (repeat, sample, token)
 
+    def mask_sizes(self, buckets=None):
+        """The numbers of masked tokens a training batch can have: every one from
+        ceil(L * mask_ratio_min) to L, or `buckets` evenly spaced ones from the same range."""
+        lo, hi = math.ceil(self.seq_len * self.mask_ratio_min), self.seq_len
+        if buckets is None or hi - lo < buckets:
+            return list(range(lo, hi + 1))
+        return [round(lo + i * (hi - lo) / (buckets - 1)) for i in range(buckets)]
+
     def draw_num_masked(self, buckets=None):
         """How many tokens a training batch masks: one mask ratio per batch (Sec. 4.2), so every
         row masks the same number of tokens. A host-side draw (a CPU random number). With `buckets`
-        (train.py --compile) the number is rounded at random to one of that many evenly spaced
-        values from ceil(L * mask_ratio_min) to L, up or down in proportion to its distance from
-        each, so its mean is unchanged: a compiled model then meets only `buckets` static shapes,
-        each compiled once (inductor's dynamic shapes failed on this graph with torch 2.11)."""
+        (train.py --compile) the number is rounded at random to one of `mask_sizes(buckets)`, up or
+        down in proportion to its distance from each, so its mean is unchanged: a compiled model
+        then meets only a few static shapes, each compiled once (inductor's dynamic shapes failed
+        on this graph with torch 2.11)."""
         num_masked = math.ceil(self.seq_len * mask_ratio_from_uniform(torch.rand((), dtype=torch.float64), self.mask_ratio_min))
-        lo, hi = math.ceil(self.seq_len * self.mask_ratio_min), self.seq_len
-        if buckets is None or hi - lo < buckets:  # already at most `buckets` values
+        sizes = self.mask_sizes(buckets)
+        if len(sizes) == sizes[-1] - sizes[0] + 1:  # every size: nothing to round
             return num_masked
-        pos = (num_masked - lo) / (hi - lo) * (buckets - 1)  # in grid steps
-        i = math.floor(pos) + int(torch.rand((), dtype=torch.float64).item() < pos - math.floor(pos))
-        return round(lo + i * (hi - lo) / (buckets - 1))
+        pos = (num_masked - sizes[0]) / (sizes[-1] - sizes[0]) * (len(sizes) - 1)  # in grid steps
+        return sizes[math.floor(pos) + int(torch.rand((), dtype=torch.float64).item() < pos - math.floor(pos))]
 
     def forward(self, x, labels, num_masked=None):
         """Training loss. x (B, C, H, W): latents already multiplied by VAE_SCALE (or pixels).
@@ -1334,10 +1343,10 @@ def bench_device():
     return device, autocast(device), sync
 
 
-def training_speed(model, inputs, steps, amp, sync, betas, warmup=((),) * 3):
+def training_speed(model, inputs, steps, amp, sync, betas, warmup=((),) * 3, draw=tuple):
     """Images/s of full AdamW training steps (forward, backward, update) on fixed inputs, after one
-    warm-up step per entry of `warmup` (extra arguments: MAR's mask sizes); model(*inputs) must
-    return the loss."""
+    warm-up step per entry of `warmup` (extra arguments: MAR's mask sizes); a timed step passes
+    draw()'s; model(*inputs, *extra) must return the loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=betas, fused=True)  # fused, as train.py
 
     def step(*extra):
@@ -1352,12 +1361,12 @@ def training_speed(model, inputs, steps, amp, sync, betas, warmup=((),) * 3):
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        step()
+        step(*draw())
     sync()
     return len(inputs[0]) * steps / (time.perf_counter() - t0)
 
 
-def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64, 256), cfg=2.9):
+def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64, 256), cfg=2.9, compile=False):
     device, amp, sync = bench_device()
     model = PRESETS[preset]().to(device)
     vae = (kl16() if model.vae_embed_dim == 16 else PixelTokenizer()).to(device).eval()  # random weights, timing only
@@ -1366,12 +1375,17 @@ def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64
 
     x = torch.randn(batch_size, model.vae_embed_dim, side, side, device=device)
     y = torch.randint(0, model.class_emb.num_embeddings, (batch_size,), device=device)
-    # on CUDA every mask size once first: each new sequence length builds cuDNN attention plans
-    # (about 0.1 s on an H200), paid once per size in a run but by most of 10 timed steps
-    sizes = range(math.ceil(model.seq_len * model.mask_ratio_min), model.seq_len + 1)
-    warmup = [(n,) for n in sizes] if device.type == "cuda" else [()] * 3
-    speed = training_speed(model, (x, y), steps, amp, sync, betas=(0.9, 0.95), warmup=warmup)
-    precision = "bf16 autocast" if bf16_autocast(device) else "fp32"
+    # Warm-up: compiled, one step per mask size train.py --compile meets (each compiles a graph);
+    # eager on CUDA, every mask size once, since each new sequence length builds cuDNN attention
+    # plans (about 0.1 s on an H200): paid once per size in a run, but by most of 10 timed steps.
+    if compile:
+        trained, buckets = torch.compile(model, dynamic=False), COMPILE_BUCKETS
+        draw = lambda: (model.draw_num_masked(buckets),)
+    else:
+        trained, buckets, draw = model, None, tuple
+    warmup = [(n,) for n in model.mask_sizes(buckets)] if compile or device.type == "cuda" else [()] * 3
+    speed = training_speed(trained, (x, y), steps, amp, sync, betas=(0.9, 0.95), warmup=warmup, draw=draw)
+    precision = ("bf16 autocast" if bf16_autocast(device) else "fp32") + (", compiled" if compile else "")
     print(f"training: {speed:.3g} images/s (batch {batch_size}, {precision})")
     if device.type == "cuda":
         print(f"training peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
@@ -1405,5 +1419,7 @@ if __name__ == "__main__":
     parser.add_argument("--sample-batch", type=int, default=256)  # the paper's 0.3 s/image is at batch 256
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--num-iter", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--compile", action="store_true", help="time training as train.py --compile (warm-up "
+                        "compiles one graph per mask size: minutes)")
     args = parser.parse_args()
-    benchmark(args.preset, args.batch_size, args.sample_batch, args.steps, args.num_iter)
+    benchmark(args.preset, args.batch_size, args.sample_batch, args.steps, args.num_iter, compile=args.compile)

@@ -478,6 +478,8 @@ def test_mar_compile_buckets_keep_the_mask_size_mean():
     """Under --compile a 256-token model's mask sizes (180 to 256, Sec. 4.2) are rounded at random
     to 6 evenly spaced values, up or down in proportion to the distance: the mean stays the paper's."""
     m = types.SimpleNamespace(seq_len=256, mask_ratio_min=0.7)
+    m.mask_sizes = lambda buckets=None: mar.MAR.mask_sizes(m, buckets)
+    assert m.mask_sizes(6) == [180, 195, 210, 226, 241, 256] and m.mask_sizes() == list(range(180, 257))
     torch.manual_seed(0)
     plain = torch.tensor([mar.MAR.draw_num_masked(m) for _ in range(20000)], dtype=torch.float64)
     bucketed = torch.tensor([mar.MAR.draw_num_masked(m, 6) for _ in range(20000)], dtype=torch.float64)
