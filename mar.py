@@ -996,11 +996,11 @@ class MAR(nn.Module):
 def images_to_latents(vae, images, generator=None, scale=VAE_SCALE):
     """images in [-1, 1] -> a sample of the posterior, times the VAE's scale (MAR trains on
     samples, not means, so the latent is re-drawn every time). Encoding costs ~137 GFLOP per 256 px
-    image: on CUDA it runs in bf16 and channels_last (the official code encodes in fp32); the
-    posterior's moments and its sample stay fp32."""
+    image: on a GPU with bf16 it runs in bf16 and channels_last (the official code encodes in
+    fp32); the posterior's moments and its sample stay fp32."""
     if isinstance(vae, PixelTokenizer):  # fixed and exact: nothing to sample
         return vae.encode(images)
-    if images.device.type != "cuda":
+    if images.device.type != "cuda" or not bf16_autocast(images.device):
         return vae.encode(images.float()).sample(generator) * scale
     with torch.autocast("cuda", dtype=torch.bfloat16):
         moments = vae.encode(images.contiguous(memory_format=torch.channels_last)).moments
@@ -1323,9 +1323,12 @@ class Training(nn.Module):
 # =============================================================================================
 
 def bf16_autocast(device):
-    """Whether train.py's training steps run in bf16 autocast on `device`: on CUDA, and on a CPU
-    with bf16 matrix instructions (AVX512-BF16 or AMX, as oneDNN reports), where they are faster."""
-    return device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether train.py's training steps run in bf16 autocast on `device`: on a GPU with bf16
+    (Ampere and later; fp32 on a V100, where bf16 is only emulated), and on a CPU with bf16 matrix
+    instructions (AVX512-BF16 or AMX, as oneDNN reports), where they are faster."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def autocast(device, enabled=True):

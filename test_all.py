@@ -507,6 +507,17 @@ def test_mar_tiny_positions_start_at_the_2d_sincos_table():
     paper_init = mar.mar_tiny(sincos_init=False)
     assert 0.018 < paper_init.decoder_pos_embed_learned.std() < 0.022
 
+def test_mar_bf16_only_on_gpus_with_native_bf16():
+    """A V100 emulates bf16 (slowly): MAR and MaskGIT train there in fp32; an A100 or H100 in bf16."""
+    saved = torch.cuda.is_bf16_supported
+    try:
+        for native, expect in ((False, False), (True, True)):  # V100: bf16 only with emulation counted
+            torch.cuda.is_bf16_supported = lambda including_emulation=True, native=native: native or including_emulation
+            assert mar.bf16_autocast(torch.device("cuda")) == expect, native
+    finally:
+        torch.cuda.is_bf16_supported = saved
+
+
 def test_mar_grad_checkpointing_and_bf16_autocast():
     """Gradient checkpointing changes memory, not results; under bf16 autocast (train.py's training
     steps and grids on a bf16 CPU) the loss stays close to fp32, and sampling from the same seed keeps
