@@ -17,14 +17,16 @@ import contextlib
 import json
 import math
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import types
+import threading
 import time
 import traceback
+import types
 import urllib.error
 
 import numpy as np
@@ -2121,7 +2123,6 @@ FIRST = ("test_fid_cli_matches_torch_fidelity_on_folders", "test_train_eval_gene
 def lane(todo, report):
     """One test process (one thread): takes names from `todo` until it is empty. A process that
     dies fails its test and is replaced."""
-    import queue
     proc = None
     while True:
         try:
@@ -2137,6 +2138,7 @@ def lane(todo, report):
             if line.startswith(RESULT):
                 report(*json.loads(line[len(RESULT):]))
                 break
+            sys.stderr.write(line)  # anything else written to the process's stdout
         else:
             report("FAIL", f"FAIL {name}: its test process exited ({proc.wait()})")
             proc = None
@@ -2148,8 +2150,6 @@ def lane(todo, report):
 def main():
     if sys.argv[1:] == ["--worker"]:
         return worker()
-    import queue
-    import threading
     pattern = sys.argv[1] if len(sys.argv) > 1 else ""
     names = [n for n, f in globals().items() if n.startswith("test_") and callable(f) and pattern in n]
     names.sort(key=lambda n: n not in FIRST)  # stable: otherwise in the files' order
