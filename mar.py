@@ -1369,7 +1369,20 @@ def training_speed(model, inputs, steps, amp, sync, betas, warmup=((),) * 3, dra
     return len(inputs[0]) * steps / (time.perf_counter() - t0)
 
 
-def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64, 256), cfg=2.9, compile=False):
+def timed(fn, sync, spent):
+    """fn, wrapped to add its wall time, synchronized on both sides, to spent[0]."""
+    def call(*args, **kwargs):
+        sync()
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sync()
+        spent[0] += time.perf_counter() - t0
+        return out
+    return call
+
+
+def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64, 256), cfg=2.9, compile=False,
+              breakdown=False):
     device, amp, sync = bench_device()
     model = PRESETS[preset]().to(device)
     vae = (kl16() if model.vae_embed_dim == 16 else PixelTokenizer()).to(device).eval()  # random weights, timing only
@@ -1402,14 +1415,21 @@ def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64
         if device.type == "cuda":  # capture this schedule's CUDA graphs (one per token-batch shape) untimed
             with amp:
                 model.sample_tokens(sample_batch, num_iter, cfg=cfg, labels=labels)
+        diffusion, decoding = [0.0], [0.0]
+        if breakdown:  # Diffusion Loss's sampling and the decoding timed apart, synchronized around each
+            model.diffloss.sample = timed(model.diffloss.sample, sync, diffusion)
         sync()
         t0 = time.perf_counter()
         with amp:
-            latents_to_images(vae, model.sample_tokens(sample_batch, num_iter, cfg=cfg, labels=labels))
+            timed(latents_to_images, sync, decoding)(vae, model.sample_tokens(sample_batch, num_iter, cfg=cfg, labels=labels))
         sync()
-        print(f"sampling: {(time.perf_counter() - t0) / sample_batch:.4f} s/image "
-              f"(num_iter {num_iter}, cfg {cfg} linear, batch {sample_batch}, {model.diffloss.gen_diffusion.num_steps} "
-              f"diffusion steps, decoding to pixels included)")
+        total = time.perf_counter() - t0
+        print(f"sampling: {total / sample_batch:.4f} s/image (num_iter {num_iter}, cfg {cfg} linear, batch "
+              f"{sample_batch}, {model.diffloss.gen_diffusion.num_steps} diffusion steps, decoding to pixels included)")
+        if breakdown:
+            del model.diffloss.sample  # the method again
+            print(f"  of which: transformer and the rest {(total - diffusion[0] - decoding[0]) / sample_batch:.4f}, "
+                  f"Diffusion Loss {diffusion[0] / sample_batch:.4f}, decoding {decoding[0] / sample_batch:.4f} s/image")
     if device.type == "cuda":
         print(f"sampling peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
@@ -1424,5 +1444,8 @@ if __name__ == "__main__":
     parser.add_argument("--num-iter", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--compile", action="store_true", help="time training as train.py --compile (warm-up "
                         "compiles one graph per mask size: minutes)")
+    parser.add_argument("--breakdown", action="store_true", help="time the transformer, Diffusion Loss and the "
+                        "decoding of sampling apart (synchronizing around each: slightly slower overall)")
     args = parser.parse_args()
-    benchmark(args.preset, args.batch_size, args.sample_batch, args.steps, args.num_iter, compile=args.compile)
+    benchmark(args.preset, args.batch_size, args.sample_batch, args.steps, args.num_iter, compile=args.compile,
+              breakdown=args.breakdown)

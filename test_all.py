@@ -2084,8 +2084,10 @@ def test_cuda_benchmarks_run():
     """`python mar.py --bench` and `python maskgit.py --bench` run and print their figures (tiny
     presets here, on whatever device there is; the real figures come from the default presets)."""
     p = run_script(os.path.join(HERE, "mar.py"), "--bench", "--preset", "tiny", "--batch-size", "8", "--sample-batch", "4",
-                   "--steps", "2", "--num-iter", "2")
+                   "--steps", "2", "--num-iter", "2", "--breakdown")
     assert "training:" in p.stdout and p.stdout.count("sampling:") == 1, p.stdout
+    parts = [float(w.strip(",")) for w in p.stdout.split("of which:")[1].split() if w[0].isdigit()]
+    assert len(parts) == 3 and all(v > 0 for v in parts), p.stdout  # transformer, Diffusion Loss, decoding
     p = run_script(os.path.join(HERE, "maskgit.py"), "--bench", "--preset", "tiny", "--batch-size", "8",
                    "--sample-batch", "4", "--num-iter", "2")
     assert "training:" in p.stdout and p.stdout.count("generation:") == 1, p.stdout
