@@ -1415,13 +1415,14 @@ def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64
         if device.type == "cuda":  # capture this schedule's CUDA graphs (one per token-batch shape) untimed
             with amp:
                 model.sample_tokens(sample_batch, num_iter, cfg=cfg, labels=labels)
-        diffusion, decoding = [0.0], [0.0]
+        diffusion, decoding, decode = [0.0], [0.0], latents_to_images
         if breakdown:  # Diffusion Loss's sampling and the decoding timed apart, synchronized around each
             model.diffloss.sample = timed(model.diffloss.sample, sync, diffusion)
+            decode = timed(latents_to_images, sync, decoding)
         sync()
         t0 = time.perf_counter()
         with amp:
-            timed(latents_to_images, sync, decoding)(vae, model.sample_tokens(sample_batch, num_iter, cfg=cfg, labels=labels))
+            decode(vae, model.sample_tokens(sample_batch, num_iter, cfg=cfg, labels=labels))
         sync()
         total = time.perf_counter() - t0
         print(f"sampling: {total / sample_batch:.4f} s/image (num_iter {num_iter}, cfg {cfg} linear, batch "
