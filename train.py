@@ -875,6 +875,7 @@ def main(args):
     """Train --model as the flags say (or --cache-latents / --eval); returns the trained model, or
     None if the run stopped early (a signal: resumable) or did not train."""
     rank, world, device = setup_distributed(args.device, args.dist_timeout)
+    mar.keep_freed_memory()  # CPU steps reuse freed memory instead of page-faulting it in again
     cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # no effect on CPU
     torch.manual_seed(args.seed + rank)  # per-rank seeds, as the official code
