@@ -1342,16 +1342,17 @@ def keep_freed_memory():
     """Tell glibc's malloc to keep the memory that tensors free for reuse, instead of handing it
     back to the operating system (train.py and the benchmarks call this once). By default glibc
     serves large blocks (from 128 KiB, a threshold it raises as it goes) with a fresh mmap and
-    trims the top of its heap, so a CPU step that allocates and frees the same MB-sized activations every time page-faults
-    them in again: MAR-tiny's training step on 2 cores took 3,800-10,000 page faults and 8-22 ms of
-    kernel time; with this, none, and 14-28% more steps per second (six alternating runs). Peak
-    memory is unchanged: the same blocks are reused. -> whether it applied (False without glibc)."""
+    trims the top of its heap, so a CPU step that allocates and frees the same MB-sized
+    activations every time page-faults them in again: MAR-tiny's training step on 2 cores took 3,800-10,000 page faults and 8-22 ms of
+    kernel time; with this, none, and 14-28% more steps per second (six alternating runs). The
+    process then holds on to its peak memory between steps instead of returning part of it and
+    asking for it again. -> whether it applied (False without glibc)."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # macOS, Windows, musl: their allocators are left as they are
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # macOS, Windows, musl: their allocators are left as they are
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))  # 32 MiB: its largest
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 1 << 30))  # 32 MiB: the largest allowed
 
 
 def bench_device():
