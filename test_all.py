@@ -562,7 +562,6 @@ def test_mar_attention_on_a_bf16_cpu_takes_the_math_kernel_and_matches_fp32():
     assert "Flash" in torch.nn.functional.scaled_dot_product_attention(q, k, v).grad_fn.name()  # fp32: SDPA's own choice, unchanged
 
 
-
 def test_mar_keep_freed_memory_stops_page_faults_of_repeated_steps():
     """A step that allocates and frees the same 128 MiB of tensors over and over page-faults them in
     again every time under glibc's defaults (fresh mmaps, or a heap whose freed top is trimmed
@@ -586,6 +585,7 @@ def test_mar_keep_freed_memory_stops_page_faults_of_repeated_steps():
     if applied == "False":  # not glibc: nothing was changed, nothing to measure
         return
     assert int(default) > 10 * 16 * 1024 and int(kept) < 100, f"page faults of 10 steps: {default} by default, {kept} after"
+
 
 # ---------------------------------------------------------------------------------------------
 # coda.py: parity with the official LeapLabTHU/CODA modules
