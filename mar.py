@@ -1343,10 +1343,10 @@ def keep_freed_memory():
     back to the operating system (train.py and the benchmarks call this once). By default glibc
     serves large blocks (from 128 KiB, a threshold it raises as it goes) with a fresh mmap and
     trims the top of its heap, so a CPU step that allocates and frees the same MB-sized
-    activations every time page-faults them in again: MAR-tiny's training step on 2 cores took 3,800-10,000 page faults and 8-22 ms of
-    kernel time; with this, none, and 6-28% more steps per second (6 of 7 alternating pairs). The
-    process then holds on to its peak memory between steps instead of returning part of it and
-    asking for it again. -> whether it applied (False without glibc)."""
+    activations every time page-faults them in again: MAR-tiny's training step on 2 cores took
+    3,800-10,000 page faults and 8-22 ms of kernel time; with this, none, and 6-28% more steps per
+    second (6 of 7 alternating pairs). The process then holds on to its peak memory between steps
+    instead of returning part of it and asking for it again. -> whether it applied (False without glibc)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # macOS, Windows, musl: their allocators are left as they are

@@ -2137,7 +2137,6 @@ def worker():
     (what the tests themselves print goes to stderr)."""
     results, sys.stdout = sys.stdout, sys.stderr
     torch.set_num_threads(1)
-    mar.keep_freed_memory()  # as train.py
     for line in sys.stdin:
         print(RESULT + json.dumps(run_test(line.strip())), file=results, flush=True)
 
@@ -2176,6 +2175,7 @@ def lane(todo, report):
 
 
 def main():
+    mar.keep_freed_memory()  # as train.py: in the test processes, or here when the tests run in this one
     if sys.argv[1:] == ["--worker"]:
         return worker()
     pattern = sys.argv[1] if len(sys.argv) > 1 else ""
@@ -2199,7 +2199,6 @@ def main():
             t.join()
     else:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
-        mar.keep_freed_memory()  # as train.py
         for n in names:
             report(*run_test(n))
     passed, failed, skipped = counts["PASS"], counts["FAIL"], counts["SKIP"]
