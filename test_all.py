@@ -242,7 +242,7 @@ def test_mar_pixel_tokenizer_is_exact_polyphase_and_its_cleanup_removes_grain():
     originals, and their roughness (luma steps) toward the real images'."""
     import train
     tok = mar.PixelTokenizer(8)
-    x = train.to_tensor(train.ToyDataset(32, num_images=1000, seed=3).images)
+    x = train.to_tensor(train.toy_images(32, num_images=1000, seed=3))
     z = tok.encode(x[:20])                                                     # (20, 192, 4, 4)
     assert z.shape == (20, 192, 4, 4) and mar.mar_tiny().token_embed_dim == tok.embed_dim
     assert torch.equal(z[:, :, 1, 2].reshape(20, 3, 8, 8), x[:20, :, 1::4, 2::4])
@@ -1349,8 +1349,9 @@ def test_train_builtin_data_is_deterministic_and_varied():
     assert a.dtype == np.uint8 and a.shape == (32, 32, 3) and np.array_equal(a, b)
     assert train.toy_image(3, 7, seed=0, size=64).shape == (64, 64, 3)
     data = train.ToyDataset(32, num_images=400)
-    x = data.images.float()
-    assert data[13][1] == 3 and len(data.classes) == 10
+    x = train.toy_images(32, num_images=400).float()
+    assert torch.equal(data[13][0], train.to_tensor(train.toy_image(3, 1, seed=0))) and data[13][1] == 3
+    assert torch.equal(train.to_tensor(x[13].byte()), data[13][0]) and len(data.classes) == 10
     for c in range(10):  # variety inside a class: images differ clearly from each other
         assert x[c::10].std(0).mean() > 20, c
 
@@ -1361,7 +1362,7 @@ def test_train_builtin_classes_cannot_be_told_apart_by_colour():
     held-out images. Luma is left out on purpose: how much of the image is light depends on the
     shape (a disc covers more than a ring), and shape is what the classes are about."""
     import train
-    x = train.to_tensor(train.ToyDataset(32, num_images=3000, seed=7).images)  # (N, 3, H, W)
+    x = train.to_tensor(train.toy_images(32, num_images=3000, seed=7))  # (N, 3, H, W)
     chroma = x - train.luminance(x)  # what the judge does not see
     features, labels = torch.cat([chroma.mean((2, 3)), chroma.std((2, 3))], 1), torch.arange(3000) % 10
     features = (features - features.mean(0)) / features.std(0)
@@ -1383,7 +1384,7 @@ def test_train_colour_blind_judge_separates_the_classes():
     import train
     torch.manual_seed(0)
     judge = train.toy_judge(steps=200, seed=0)  # 98% here (the runs train it for 1,000 steps: 99-100%)
-    x = train.to_tensor(train.ToyDataset(32, num_images=500, seed=123).images)
+    x = train.to_tensor(train.toy_images(32, num_images=500, seed=123))
     labels = torch.arange(500) % 10
     accuracy, per_class = train.class_accuracy(judge, x, labels)
     assert accuracy >= 0.9 and min(per_class) >= 0.7, (accuracy, per_class)
@@ -1418,7 +1419,7 @@ def test_train_token_steps_see_mosaics_speckle_and_roughness():
     speckle instead; the same offsets spread as ramps across the blocks lower it too, and show as
     roughness."""
     import train
-    x = train.to_tensor(train.ToyDataset(32, num_images=200, seed=7).images)
+    x = train.to_tensor(train.toy_images(32, num_images=200, seed=7))
     g = torch.Generator().manual_seed(0)
     levels = (torch.rand(200, 1, 4, 4, generator=g) - 0.5) * 0.6                 # one offset per 8x8 block
     mosaic = x + levels.repeat_interleave(8, 2).repeat_interleave(8, 3)
@@ -1796,7 +1797,7 @@ def test_train_mar_on_a_vae_run_caches_moments_once_and_predicts_v():
     assert training.config["prediction"] == "v" and training.cache_limit == 100_000
     paper = train.parse_args(["--model", "mar", "--vae", vae_path, *MAR, "--defaults", "paper"])
     assert paper.prediction == "eps" and "prediction" not in mar.Training(paper, 10, torch.device("cpu")).config
-    images = train.to_tensor(train.ToyDataset(32, 3, seed=4).images)
+    images = train.to_tensor(train.toy_images(32, 3, seed=4))
     cached = training.encode(images)                                                  # (3, 2, 32, 4, 4)
     moments = training.vae.encode(torch.cat([images, images.flip(3)])).moments
     assert_close(cached, torch.stack(moments.chunk(2), 1), rtol=1e-4, what="moments of the image and its flip")
