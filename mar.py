@@ -30,7 +30,6 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -673,12 +672,16 @@ GRAPHS = weakref.WeakKeyDictionary()  # DiffLoss -> its captured sampling graphs
 
 def attention(q, k, v, dropout_p=0.0):
     """F.scaled_dot_product_attention of (B, heads, N, head_dim) tensors, bidirectional (no mask in
-    MAR or MaskGIT). On a CPU in bf16 autocast it takes SDPA's math kernel: at these short sequences
-    the CPU flash kernel's bf16 backward is the slowest op of a step (2-core AMX CPU: MaskGIT-tiny
-    15 -> 26 steps/s, MAR-tiny 14.4 -> 19.5; AVX512-BF16 CPU: 8.5 -> 14.7, 13.6 -> 16.6; fp32: about equal)."""
-    cpu_bf16 = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-    with sdpa_kernel(SDPBackend.MATH) if cpu_bf16 else nullcontext():
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    MAR or MaskGIT). On a CPU in bf16 autocast it is written out instead, softmax(q k^T / sqrt(d)) v
+    with the products in bf16 and the softmax in fp32, as CUDA autocast computes it: at these short
+    sequences the CPU flash kernel's bf16 backward is the slowest op of a step (2-core AMX CPU:
+    MaskGIT-tiny 15 -> 26 steps/s, MAR-tiny 14.4 -> 19.5; AVX512-BF16 CPU: 8.5 -> 14.7, 13.6 ->
+    16.6), and SDPA's math kernel costs MaskGIT-tiny 6-11% more than this (fp32: SDPA, about
+    equal)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).float().softmax(-1)  # (B, heads, N, N)
+        return F.dropout(weights, dropout_p) @ v
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
 
 class Attention(nn.Module):
