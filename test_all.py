@@ -545,9 +545,10 @@ def test_mar_grad_checkpointing_and_bf16_autocast():
     assert 0 < drift < 0.1, f"bf16 samples differ from fp32's by {drift:.3f} of their mean size (0: no bf16)"
 
 
-def test_mar_attention_on_a_bf16_cpu_takes_the_math_kernel_and_matches_fp32():
+def test_mar_attention_on_a_bf16_cpu_avoids_the_flash_kernel_and_matches_fp32():
     """Under CPU bf16 autocast `mar.attention` (MAR's and MaskGIT's) avoids SDPA's CPU flash kernel,
-    whose bf16 backward is slow at short sequences; outputs and gradients stay those of fp32 SDPA."""
+    whose bf16 backward is slow at short sequences (it writes the product out, softmax in fp32);
+    outputs and gradients stay those of fp32 SDPA."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 31, 32, generator=g, requires_grad=True) for _ in range(3))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
