@@ -676,8 +676,8 @@ def attention(q, k, v, dropout_p=0.0):
     with the products in bf16 and the softmax in fp32, as CUDA autocast computes it: at these short
     sequences the CPU flash kernel's bf16 backward is the slowest op of a step (2-core AMX CPU:
     MaskGIT-tiny 15 -> 26 steps/s, MAR-tiny 14.4 -> 19.5; AVX512-BF16 CPU: 8.5 -> 14.7, 13.6 ->
-    16.6), and SDPA's math kernel costs MaskGIT-tiny 7-11% more than this (fp32: SDPA, about
-    equal)."""
+    16.6), and SDPA's math kernel costs MaskGIT-tiny 7-11% more than this. In fp32, SDPA itself
+    (its kernels are about equally fast there)."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).float().softmax(-1)  # (B, heads, N, N)
         return F.dropout(weights, dropout_p) @ v
