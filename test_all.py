@@ -384,7 +384,9 @@ def test_mar_strict_load_official_layouts():
         # kl16.ckpt layout: {'model': state_dict}
         vpath = os.path.join(d, "kl.ckpt")
         torch.save({"model": r["vae_state_dict"]}, vpath)
-        mar.load_weights(vae, vpath, "model")
+        other = perturbed(ref_vae()[0])  # other weights: a load that did nothing would fail below
+        mar.load_weights(other, vpath, "model")
+        assert all(torch.equal(v, r["vae_state_dict"][k]) for k, v in other.state_dict().items())
 
 
 def test_mar_wrong_or_truncated_checkpoints_raise_one_line():
@@ -505,7 +507,7 @@ def test_mar_tiny_positions_start_at_the_2d_sincos_table():
         for p in (tiny.encoder_pos_embed_learned, tiny.decoder_pos_embed_learned, tiny.diffusion_pos_embed_learned):
             assert torch.equal(p[0, -side * side:], mar.sincos_2d(96, side))
     assert torch.equal(mar.sincos_2d(96, 8), table)
-    assert 0.01 < tiny.encoder_pos_embed_learned[0, :4].std() < 0.04           # the 4 buffer slots
+    assert 0.017 < tiny.encoder_pos_embed_learned[0, :4].std() < 0.023         # the 4 buffer slots: N(0, 0.02)
     paper_init = mar.mar_tiny(sincos_init=False)
     assert 0.018 < paper_init.decoder_pos_embed_learned.std() < 0.022
 
@@ -565,17 +567,23 @@ def test_mar_attention_on_a_bf16_cpu_avoids_the_flash_kernel_and_matches_fp32():
 
 def test_mar_keep_freed_memory_stops_page_faults_of_repeated_steps():
     """A step that allocates and frees the same 128 MiB of tensors over and over page-faults them in
-    again every time under glibc's defaults (fresh mmaps, or a heap whose freed top is trimmed
-    beyond 64 MiB at most); after `keep_freed_memory` it reuses them. In a fresh process (this one
-    may have called it already); counts of minor page faults of 4 KiB."""
+    again every time under glibc's static defaults (8 MiB blocks above the 128 KiB mmap threshold:
+    a fresh mmap each); after `keep_freed_memory` it reuses them. The defaults are set explicitly:
+    glibc's dynamic threshold sometimes absorbed the blocks already (about 1 run in 6 saw no faults
+    before the call), and a no-op call must fail. In a fresh process (this one may have called it
+    already); counts of minor page faults of 4 KiB."""
     code = """if True:
-        import resource, sys, torch, mar
+        import ctypes, resource, sys, torch, mar
         def faults():
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             for _ in range(10):  # a step: sixteen 8 MiB activations, freed at its end
                 x = [torch.ones(2 << 20) for _ in range(16)]
                 del x
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD: glibc's default, fixed
+        except (OSError, AttributeError):
+            pass
         faults(); default = faults()
         applied = mar.keep_freed_memory()
         faults(); kept = faults()
@@ -583,8 +591,8 @@ def test_mar_keep_freed_memory_stops_page_faults_of_repeated_steps():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=HERE, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     applied, default, kept = p.stdout.split()
-    if applied == "False":  # not glibc: nothing was changed, nothing to measure
-        return
+    if applied == "False":
+        raise Skip("not glibc: keep_freed_memory changes nothing here")
     assert int(default) > 10 * 16 * 1024 and int(kept) < 100, f"page faults of 10 steps: {default} by default, {kept} after"
 
 
@@ -852,6 +860,8 @@ def test_maskgit_layout_loss_and_determinism():
     assert torch.allclose(loss, expect, atol=1e-6)
     # training masks: ceil(gamma(r) L) positions, at least one
     m = maskgit.random_mask(1000, 20, "cpu", torch.Generator().manual_seed(0))
+    r = torch.rand(1000, generator=torch.Generator().manual_seed(0))                 # the r of each row, drawn first
+    assert torch.equal(m.sum(1), torch.ceil(torch.cos(math.pi / 2 * r) * 20).long())  # the cosine schedule
     assert m.sum(1).min() >= 1 and abs(m.float().mean().item() - 2 / math.pi) < 0.03   # E[cos(pi r / 2)] = 2 / pi
     # a fixed generator fixes the samples, with and without CFG
     model = maskgit.maskgit_tiny().eval()
@@ -1839,6 +1849,8 @@ def test_train_coda_trains_lora_and_quantizer_only():
     trained = [k for k in full["model"] if "lora_layer" in k or k.startswith("quantizer.")]
     frozen = [k for k in full["model"] if k not in trained]
     assert trained and all(torch.equal(full["model"][k], full["model_ema"][k]) for k in frozen)
+    ups = [k for k in trained if k.endswith("lora_layer.up.weight")]  # zero at the start: trained if nonzero
+    assert ups and all(full["model"][k].abs().sum() > 0 for k in ups), ups
     assert all(torch.equal(full["model"][k], vae["model_ema"][k[4:]]) for k in frozen if k.startswith("vae."))
     log = read(f"{shared_run('coda')}/log.txt")
     assert "codebook usage:" in log and "PSNR" in log, log[-1500:]
