@@ -1113,6 +1113,13 @@ def test_fid_reconstruction_metrics_match_coda():
     assert out["num_images"] == 20 and out["rfid"] > 1, out
     # PSNR / SSIM of the truncated uint8 images (CODA's conversion) are within rounding of the exact ones
     assert abs(out["psnr"] - fid.psnr(a, b).mean().item()) < 0.3 and abs(out["ssim"] - fid.ssim(a, b).mean().item()) < 1e-2, out
+    trunc = lambda t: (((t + 1) / 2).clamp(0, 1) * 255).to(torch.uint8)  # CODA's conversion, exactly
+    assert abs(out["psnr"] - fid.psnr(trunc(x), trunc(x.flip(2))).mean().item()) < 1e-9, out
+    assert abs(out["ssim"] - fid.ssim(trunc(x), trunc(x.flip(2))).mean().item()) < 1e-9, out
+    with torch.no_grad():  # rFID: the Frechet distance of pool3 features of the [0, 1] floats, reconstructions first
+        pool = lambda t: metrics.real.net(((t + 1) / 2).clamp(0, 1))[0].double().numpy()
+        expect = fid.frechet_distance(*fid.statistics(pool(x.flip(2))), *fid.statistics(pool(x)))
+    assert abs(out["rfid"] - expect) < 1e-6 * expect, (out["rfid"], expect)
     plain = fid.ReconstructionMetrics(None)                         # no Inception weights: PSNR / SSIM only
     plain.update(x, x.flip(2))
     assert plain.compute() == {k: out[k] for k in ("psnr", "ssim")}, plain.compute()
