@@ -367,7 +367,6 @@ def test_mar_official_layouts_and_param_counts():
 
 def test_mar_strict_load_official_layouts():
     model, r = ref_mar()
-    vae, _ = ref_vae()
     with tempfile.TemporaryDirectory() as d:
         # MAR checkpoint-last.pth layout: model, model_ema, optimizer, epoch, args (a Namespace)
         import argparse
