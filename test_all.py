@@ -1788,6 +1788,12 @@ def test_train_vae_records_its_latent_scale_and_reports():
     assert "precision: fp32" in log  # the tokenizers' official precision, on a bf16 CPU too
     report = json.loads(read(f"{shared_run('vae')}/report.json"))
     assert report["images"] == 40 and 0 < report["mse"] < 1 and report["psnr"] > 5, report
+    # the recorded scale makes the EMA VAE's latents of the held-out images (here --data-path's 40) unit-variance
+    import argparse, train
+    net, scale, _ = mar.load_vae(f"{shared_run('vae')}/checkpoint-last.pth", "cpu")
+    with torch.no_grad():
+        z = net.encode(train.holdout_images(argparse.Namespace(**vae["args"]), 256)).sample(torch.Generator().manual_seed(0))
+    assert scale == vae["latent_scale"] and abs((z * scale).std().item() - 1) < 1e-5, (scale, z.std().item())
     # --preset tiny-colour's GroupNorm groups of 4 channels are kept in the checkpoint and honoured when it loads
     groups = lambda path: {m.num_groups for m in mar.load_vae(path, "cpu")[0].modules() if isinstance(m, torch.nn.GroupNorm)}
     with tempfile.TemporaryDirectory() as d:
