@@ -785,6 +785,21 @@ def dino_layout_state(seed):
     return seeded_state(state, seed)
 
 
+def seeded_heads(layers, seed):
+    """The DINO discriminator heads' layers, in order (per head: 1-wide conv, norm, k-wide conv,
+    norm, output conv), filled with seeded values, spectral-norm vectors included, so that ours and
+    the official heads hold the same numbers."""
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda t, scale, shift=0.0: t.copy_(torch.randn(t.shape, generator=g) * scale + shift)
+    unit = lambda t: t.copy_(torch.nn.functional.normalize(torch.randn(t.shape, generator=g), dim=0))
+    with torch.no_grad():
+        for m in layers:
+            if hasattr(m, "weight_orig"):  # spectral-norm conv
+                draw(m.weight_orig, 0.05), draw(m.bias, 0.05), unit(m.weight_u), unit(m.weight_v)
+            else:                          # batch norm
+                draw(m.weight, 0.1, 1.0), draw(m.bias, 0.1)
+
+
 def test_coda_dino_discriminator_matches_official_backbone():
     r = ref("coda_ref.pt")
     with tempfile.TemporaryDirectory() as d:
@@ -797,7 +812,9 @@ def test_coda_dino_discriminator_matches_official_backbone():
             assert_close(m[:, :16, :16], r["dino_maps"][k], 1e-4, f"DINO token map {k}")
         qkv = disc.blocks[0].attn.qkv.bias
         assert (qkv[384:768] == 0).all() and torch.equal(qkv[:384], state["blocks.0.attn.qkv.bias"][:384])
-        assert disc(r["dino_x"]).shape == (2, 5 * 196) and not disc.blocks[0].attn.qkv.weight.requires_grad
+        seeded_heads([m for h in disc.heads for m in (h["a"][0], h["a"][1], h["b"][0], h["b"][1], h["out"])], 12)
+        assert_close(disc.train()(r["dino_x"]), r["dino_heads_logits"], 1e-4, "DINO heads' logits")  # (2, 5 * 196)
+        assert not disc.blocks[0].attn.qkv.weight.requires_grad
         assert all(p.requires_grad for p in disc.heads.parameters())
         torch.save({"encoder.conv_in.weight": torch.zeros(3)}, f"{d}/other.pth")
         assert "is not DINO ViT-S/16" in str(raises(ValueError, coda.DinoDiscriminator, f"{d}/other.pth"))
