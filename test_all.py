@@ -226,10 +226,25 @@ def test_mar_v_prediction_for_pixel_tokens():
     eps_mse = ((noise - d.to_eps(pred, x_t, t)) ** 2).mean(1)
     assert_close(v_mse, eps_mse / a[:, 0] ** 2, rtol=1e-3, what="v MSE = eps MSE / abar")
     assert torch.equal(e.to_eps(pred, x_t, t), pred)
-    cond, uncond = torch.randn(2, 64, 12, generator=g)  # CFG on v is CFG on eps (same x_t for both halves)
-    assert_close(d.to_eps(uncond + 4.0 * (cond - uncond), x_t, t),
-                 d.to_eps(uncond, x_t, t) + 4.0 * (d.to_eps(cond, x_t, t) - d.to_eps(uncond, x_t, t)), rtol=1e-4,
-                 what="guided eps")
+    # CFG on v is CFG on eps: one guided reverse step along the sampler's own path (guided_embedded,
+    # then p_mean_logvar) against that step written out here from the two unguided v outputs
+    dl, n, s = perturbed(mar.DiffLoss(12, 16, 2, 32, num_sampling_steps=10, snr_shift=64.0, v_prediction=True), 0.3), 4, 4.0
+    gd, x = dl.gen_diffusion, torch.randn(n, 12, generator=g).repeat(2, 1)  # both halves share x_t
+    y = dl.net.time_embed(gd.timestep_map[[6]]) + dl.net.cond_embed(torch.randn(2 * n, 16, generator=g))  # (2n, W)
+    with torch.no_grad():
+        mean = gd.p_mean_logvar(dl.net.guided_embedded(x, y, s), x, torch.full((2 * n,), 6))[0][:n].double()
+        v = dl.net.forward_embedded(x, y)[:, :12].double()
+    abar, abar_prev, xt = gd.sqrt_acp[6].double() ** 2, gd.sqrt_acp[5].double() ** 2, x[:n].double()
+
+    def step_mean(scale):  # eps from each half's v, guided, then x0 and the posterior mean at x0
+        eps = (1 - abar).sqrt() * x.double() + abar.sqrt() * v
+        eps = eps[n:] + scale * (eps[:n] - eps[n:])
+        x0 = (xt - (1 - abar).sqrt() * eps) / abar.sqrt()
+        beta = 1 - abar / abar_prev
+        return abar_prev.sqrt() * beta / (1 - abar) * x0 + (1 - beta).sqrt() * (1 - abar_prev) / (1 - abar) * xt
+    guidance = step_mean(s) - step_mean(1.0)  # what guidance moves: the error must be small against it
+    assert guidance.norm() > 0.05 * step_mean(s).norm(), "the test's guidance is too weak to check"
+    assert_close(mean - step_mean(1.0), guidance, rtol=1e-4, what="guided reverse-step mean (v-prediction)")
     pixels = mar.Training(train.parse_args(["--model", "mar"]), 10, torch.device("cpu")).model.diffloss
     assert pixels.train_diffusion.v_prediction and pixels.gen_diffusion.v_prediction
     assert not mar.mar_base().diffloss.train_diffusion.v_prediction
