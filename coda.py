@@ -574,7 +574,7 @@ PAPER = dict(preset="mar", img_size=256, epochs=10, warmup_epochs=0, batch_size=
 BUILTIN = dict(PAPER, preset="tiny", img_size=32, epochs=5, lr=2e-3, ema=0.999, ckpt_every=500, sample_every=500,
                num_images=1000, lora="decoder", lora_rank=8, lpips_weight=0.0, disc="none")
 VAE_PAPER = dict(PAPER, preset="kl16", epochs=40, batch_size=32, lr=1e-4, weight_decay=0.0, disc="patch")
-# the built-in VAE trains in bf16 autocast where the CPU has bf16 instructions (1.6x the steps per second;
+# the CPU-sized VAE trains in bf16 autocast (CUDA, or a CPU with bf16 instructions: 1.6x the steps per second;
 # README, "The discrete pipeline"); the paper's recipe and CODA keep the official fp32
 VAE_BUILTIN = dict(BUILTIN, preset="tiny", lr=1e-3, weight_decay=0.0, bf16=True)
 

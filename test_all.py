@@ -2100,15 +2100,16 @@ def on_cuda(flags):
 
 
 def test_cuda_train_steps_of_each_model():
-    """A few train.py steps of every model on the GPU, each in its official precision (MAR and
-    MaskGIT bf16 autocast, the tokenizers fp32), and MAR once more with --compile."""
+    """A few train.py steps of every model on the GPU, each in its precision (MAR and MaskGIT bf16
+    autocast, CODA fp32, the VAE's CPU-sized recipe bf16), and MAR once more with --compile."""
     need_cuda()
     with tempfile.TemporaryDirectory() as d:
         data, runs = shared_run("data"), []
         runs.append(("mar", ["--model", "mar", *on_cuda(MAR)], "bf16 autocast"))
         # compiled at 16 px: 4 tokens, so 2 mask sizes and 2 compilations (inductor) in its 10 steps
         runs.append(("mar-compiled", ["--model", "mar", *on_cuda(MAR), "--img-size", "16", "--compile"], "bf16 autocast"))
-        runs.append(("vae", ["--model", "vae", *on_cuda(TOKENIZER)], "fp32"))
+        vae_precision = "bf16 autocast" if mar.bf16_autocast(torch.device("cuda")) else "fp32"  # the CPU-sized recipe
+        runs.append(("vae", ["--model", "vae", *on_cuda(TOKENIZER)], vae_precision))
         runs.append(("coda", ["--model", "coda", "--vae", f"{d}/vae/checkpoint-last.pth", *on_cuda(TOKENIZER)], "fp32"))
         runs.append(("maskgit", ["--model", "maskgit", "--tokenizer", f"{d}/coda/checkpoint-last.pth", *on_cuda(FAST),
                                  "--num-iter", "2"], "bf16 autocast"))
