@@ -564,6 +564,7 @@ class CachedTokens(torch.utils.data.Dataset):
 
 TOY_CLASSES = ["disc", "square", "triangle", "ring", "plus", "h-stripes", "v-stripes", "checkerboard",
                "gradient", "dots"]
+NO_CLASS = len(TOY_CLASSES)  # the judge's eleventh answer: none of them (see no_class_coverage)
 
 
 def toy_image(label, index, seed=0, size=32):
@@ -596,21 +597,55 @@ def toy_image(label, index, seed=0, size=32):
         d = a if label == 5 else b if label == 6 else np.sign(a * b) * np.minimum(np.abs(a), np.abs(b))
     elif label == 8:  # gradient: the whole image ramps from dark to light
         d = (np.cos(a := rng.uniform(0, 2 * np.pi)) * x + np.sin(a) * y) / size * rng.uniform(1.5, 3)
-    else:  # dots: 5-12 small discs anywhere
+    elif label == 9:  # dots: 5-12 small discs anywhere
         n = rng.integers(5, 13)
         centres, radii = rng.uniform(-0.8, 0.8, size=(n, 2)), rng.uniform(0.08, 0.15, size=n)
         d = np.max(radii - np.hypot(x[..., None] - centres[:, 0], y[..., None] - centres[:, 1]), axis=-1)
+    else:  # NO_CLASS, for the judge only
+        d = (no_class_coverage(rng, index, seed, size) - 0.5) * 2 / size
     shade = 1 + 0.15 * (np.cos(a := rng.uniform(0, 2 * np.pi)) * x + np.sin(a) * y)[..., None]  # faint ramp
     coverage = np.clip(0.5 + d * size / 2, 0, 1)[..., None]  # anti-aliased: distance in pixels
     return np.round(np.clip(bg * shade + (fg - bg * shade) * coverage, 0, 1) * 255).astype(np.uint8)
 
 
+def no_class_coverage(rng, index, seed, size):
+    """What a failed generator draws, for the judge's NO_CLASS: a coverage map (size, size) in [0, 1]
+    (toy_image colours it as a class's shape) of one of seven kinds, at full or faint contrast."""
+    kind, level, luma = rng.integers(7), rng.uniform(0, 0.6), np.array([0.299, 0.587, 0.114])
+    if kind >= 5:  # mixed 8x8 tokens: patches of 2-8 images of a shape or the dots, or polyphase tokens of 4-8
+        polyphase = kind == 6  # dots images, dithered into one: many faint specks, not 5-12 dots
+        k = 9 if polyphase else rng.choice([0, 1, 2, 3, 4, 9])
+        images = np.stack([toy_image(k, index * 8 + j, seed + 1, size) for j in range(rng.integers(4 if polyphase else 2, 9))])
+        which = rng.integers(len(images), size=(size // 8, size // 8))  # (g, g): whose token goes where
+        which = np.tile(which, (8, 8)) if polyphase else np.kron(which, np.ones((8, 8), int))  # (size, size)
+        p = np.take_along_axis(images @ luma, which[None], 0)[0]
+    elif kind == 4:  # the spectrum of a shape or of the dots with random phases: its texture, no shape
+        L = toy_image(rng.choice([0, 1, 2, 3, 4, 9]), index, seed + 1, size) @ luma
+        phase = np.angle(np.fft.fft2(rng.standard_normal((size, size))))  # a real image's: the result is real
+        p = np.fft.ifft2(np.abs(np.fft.fft2(L - L.mean())) * np.exp(1j * phase)).real
+    elif kind == 0:  # one flat level
+        p = np.full((size, size), rng.uniform(0, 1))
+    elif kind == 1:  # pixel noise
+        p = level + rng.uniform(0.1, 0.5) * rng.standard_normal((size, size))
+    elif kind == 2:  # specks: single pixels lit at random, on faint noise
+        p = (rng.random((size, size)) < rng.uniform(0.02, 0.15)) * rng.uniform(0.3, 1, (size, size))
+        p = p + level / 3 + 0.1 * rng.standard_normal((size, size))
+    else:  # clouds and blotches: pixel noise blurred (sigma 0.7-4 px) in the Fourier domain, soft or sharp
+        f = np.fft.fftfreq(size) ** 2
+        c = np.fft.ifft2(np.fft.fft2(rng.standard_normal((size, size))) * np.exp(-2 * (np.pi * rng.uniform(0.7, 4)) ** 2 * (f[:, None] + f))).real
+        p = 1 / (1 + np.exp(-rng.uniform(1, 8) * c / c.std() + rng.uniform(-3, 2)))
+    if kind >= 4:  # stretched to [0, 1]
+        p = (p - p.min()) / max(p.max() - p.min(), 1e-6)
+    return np.clip(p * rng.uniform(0.25, 1), 0, 1)  # faint or full contrast
+
+
 BUILTIN_IMAGES = 10000  # the built-in training set
 
 
-def toy_images(size=32, num_images=BUILTIN_IMAGES, seed=0, progress=False):
-    """uint8 (num_images, size, size, 3): image i of class i % 10 (about 3 s for 10,000)."""
-    return torch.from_numpy(np.stack([toy_image(i % 10, i // 10, seed, size) for i in
+def toy_images(size=32, num_images=BUILTIN_IMAGES, seed=0, progress=False, classes=10):
+    """uint8 (num_images, size, size, 3): image i of class i % classes (about 3 s for 10,000; the
+    judge's 11 classes include NO_CLASS)."""
+    return torch.from_numpy(np.stack([toy_image(i % classes, i // classes, seed, size) for i in
                                       tqdm(range(num_images), desc="drawing built-in data", disable=not progress)]))
 
 
@@ -637,7 +672,9 @@ def luminance(x):
 def toy_judge(size=32, steps=1000, seed=0):
     """The built-in data's judge: a small CNN that sees luminance only (it cannot use colour), trained
     on fresh toy images that no model trains on (seed + 1000), half of them blurred and all with some
-    noise so that it tolerates soft samples. 99-100% on real held-out images. Trained in bf16
+    noise so that it tolerates soft samples. Its eleventh answer, NO_CLASS, is trained on images of no
+    class (toy_image's last branch): without it the judge must name a class for anything, and it named
+    a flat or noisy image "gradient" and scattered specks "dots". 99-100% on real held-out images. Trained in bf16
     autocast where the CPU has bf16 instructions and channels_last (2x faster there; about 30 s on
     2 cores with drawing its images), and judging in fp32."""
     g, amp = torch.Generator().manual_seed(seed), mar.autocast(torch.device("cpu"))
@@ -645,17 +682,17 @@ def toy_judge(size=32, steps=1000, seed=0):
     with torch.random.fork_rng():  # the same judge in every run, and the run's own random stream untouched
         torch.manual_seed(seed)
         net = nn.Sequential(*block(1, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2), *block(64, 128),
-                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).to(memory_format=torch.channels_last)
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, NO_CLASS + 1)).to(memory_format=torch.channels_last)
     see = lambda images: luminance(images).contiguous(memory_format=torch.channels_last)  # (B, 1, H, W)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    data = toy_images(size, steps * 64, seed=seed + 1000)
+    data = toy_images(size, steps * 64, seed=seed + 1000, classes=NO_CLASS + 1)
     for i in range(steps):
         x = see(to_tensor(data[i * 64: (i + 1) * 64]))  # (64, 1, H, W)
         x = gaussian_blur(x, float(torch.empty(()).uniform_(0.3, 1.0, generator=g))) if torch.rand((), generator=g) < 0.5 else x
         x = x + torch.rand(64, 1, 1, 1, generator=g) * 0.15 * torch.randn(x.shape, generator=g)
         with amp:
-            loss = F.cross_entropy(net(x), torch.arange(i * 64, (i + 1) * 64) % 10)
+            loss = F.cross_entropy(net(x), torch.arange(i * 64, (i + 1) * 64) % (NO_CLASS + 1))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -673,9 +710,11 @@ def gaussian_blur(x, sigma):
 
 @torch.no_grad()
 def class_accuracy(judge, images, labels):
-    """-> (overall accuracy, accuracy per class) of the judge's predictions."""
-    hit = (judge(images).argmax(1) == labels.cpu()).float()
-    return hit.mean().item(), [hit[labels.cpu() == c].mean().item() for c in range(len(TOY_CLASSES))]
+    """-> (overall accuracy, accuracy per class, the share named NO_CLASS) of the judge's predictions."""
+    pred = judge(images).argmax(1)
+    hit = (pred == labels.cpu()).float()
+    return hit.mean().item(), [hit[labels.cpu() == c].mean().item() for c in range(len(TOY_CLASSES))], \
+        (pred == NO_CLASS).float().mean().item()
 
 
 def token_steps(images, block=8):
@@ -733,14 +772,16 @@ class ShardSampler(torch.utils.data.Sampler):
 def judge_samples(images, labels, size, seed, grid):
     """The built-in data's verdict on generated images, the first `grid` of them the final grid's ->
     log lines: the colour-blind judge's class accuracy, overall and per class, on all of them and on
-    the grid alone, the token seams and speckle, each beside real held-out images'."""
+    the grid alone, the share it names no class, the token seams and speckle, each beside real held-out images'."""
     judge, real = toy_judge(size), to_tensor(toy_images(size, 1000, seed=seed + 2000))  # nobody trained on them
-    ceiling, _ = class_accuracy(judge, real, torch.arange(1000) % 10)
-    accuracy, per_class = class_accuracy(judge, images, labels)
-    on_grid, per_class_grid = class_accuracy(judge, images[:grid], labels[:grid])
+    ceiling, _, real_none = class_accuracy(judge, real, torch.arange(1000) % 10)
+    accuracy, per_class, none = class_accuracy(judge, images, labels)
+    on_grid, per_class_grid, _ = class_accuracy(judge, images[:grid], labels[:grid])
     (seams, speckle, rough), (real_seams, real_speckle, real_rough) = token_steps(images), token_steps(real)
     return [f"class accuracy of {len(images)} final samples, by a judge that sees luminance only: {accuracy:.0%} "
             f"(the grid's {grid}: {on_grid:.0%}; real held-out images: {ceiling:.0%})",
+            f"named none of the classes (flat, noise, specks, clouds, mixed tokens): {none:.0%} of the samples "
+            f"(real held-out images: {real_none:.0%})",
             f"per class ({len(images)} / grid): " + ", ".join(f"{name} {a:.0%} / {b:.0%}"
                                                               for name, a, b in zip(TOY_CLASSES, per_class, per_class_grid)),
             f"token seams (luma steps across 8x8 block borders / elsewhere; 1 = none): {seams:.2f} (real held-out "
