@@ -1450,7 +1450,7 @@ def test_train_colour_blind_judge_separates_the_classes():
                            (level + 1.5 * (torch.rand(100, 1, 32, 32, generator=g) < 0.05)).expand(-1, 3, -1, -1)]).clamp(-1, 1)
     with torch.no_grad():
         for name, images, least in (("images of no class", junk, 0.8), ("flat, noise and specks", shortcuts, 0.95)):
-            named = judge(images).argmax(1)  # this judge: 90% and 100% (a 10-way judge: none)
+            named = judge(images).argmax(1)  # this judge: 90% and 100% (a 10-way judge cannot: 0%)
             assert (named == train.NO_CLASS).float().mean() >= least, (name, torch.bincount(named, minlength=11))
     grey = train.luminance(x).expand(-1, 3, -1, -1)
     with torch.no_grad():
