@@ -565,6 +565,7 @@ class CachedTokens(torch.utils.data.Dataset):
 TOY_CLASSES = ["disc", "square", "triangle", "ring", "plus", "h-stripes", "v-stripes", "checkerboard",
                "gradient", "dots"]
 NO_CLASS = len(TOY_CLASSES)  # the judge's eleventh answer: none of them (see no_class_coverage)
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B: all a colour-blind judge sees
 
 
 def toy_image(label, index, seed=0, size=32):
@@ -611,16 +612,16 @@ def toy_image(label, index, seed=0, size=32):
 def no_class_coverage(rng, index, seed, size):
     """What a failed generator draws, for the judge's NO_CLASS: a coverage map (size, size) in [0, 1]
     (toy_image colours it as a class's shape) of one of seven kinds, at full or faint contrast."""
-    kind, level, luma = rng.integers(7), rng.uniform(0, 0.6), np.array([0.299, 0.587, 0.114])
+    kind, level, luma, shapes = rng.integers(7), rng.uniform(0, 0.6), np.array(LUMA), [0, 1, 2, 3, 4, 9]
     if kind >= 5:  # mixed 8x8 tokens: patches of 2-8 images of a shape or the dots, or polyphase tokens of 4-8
         polyphase = kind == 6  # dots images, dithered into one: many faint specks, not 5-12 dots
-        k = 9 if polyphase else rng.choice([0, 1, 2, 3, 4, 9])
+        k = 9 if polyphase else rng.choice(shapes)
         images = np.stack([toy_image(k, index * 8 + j, seed + 1, size) for j in range(rng.integers(4 if polyphase else 2, 9))])
         which = rng.integers(len(images), size=(size // 8, size // 8))  # (g, g): whose token goes where
         which = np.tile(which, (8, 8)) if polyphase else np.kron(which, np.ones((8, 8), int))  # (size, size)
         p = np.take_along_axis(images @ luma, which[None], 0)[0]
     elif kind == 4:  # the spectrum of a shape or of the dots with random phases: its texture, no shape
-        L = toy_image(rng.choice([0, 1, 2, 3, 4, 9]), index, seed + 1, size) @ luma
+        L = toy_image(rng.choice(shapes), index, seed + 1, size) @ luma
         phase = np.angle(np.fft.fft2(rng.standard_normal((size, size))))  # a real image's: the result is real
         p = np.fft.ifft2(np.abs(np.fft.fft2(L - L.mean())) * np.exp(1j * phase)).real
     elif kind == 0:  # one flat level
@@ -666,7 +667,7 @@ class ToyDataset(torch.utils.data.Dataset):
 
 def luminance(x):
     """(B, 3, H, W) RGB in [-1, 1] -> (B, 1, H, W) luma (ITU-R BT.601): all a colour-blind judge sees."""
-    return (x * torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return (x * torch.tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def toy_judge(size=32, steps=1000, seed=0):
@@ -677,22 +678,22 @@ def toy_judge(size=32, steps=1000, seed=0):
     a flat or noisy image "gradient" and scattered specks "dots". 99-100% on real held-out images. Trained in bf16
     autocast where the CPU has bf16 instructions and channels_last (2x faster there; about 30 s on
     2 cores with drawing its images), and judging in fp32."""
-    g, amp = torch.Generator().manual_seed(seed), mar.autocast(torch.device("cpu"))
+    g, amp, answers = torch.Generator().manual_seed(seed), mar.autocast(torch.device("cpu")), NO_CLASS + 1
     block = lambda cin, cout: [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
     with torch.random.fork_rng():  # the same judge in every run, and the run's own random stream untouched
         torch.manual_seed(seed)
         net = nn.Sequential(*block(1, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2), *block(64, 128),
-                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, NO_CLASS + 1)).to(memory_format=torch.channels_last)
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, answers)).to(memory_format=torch.channels_last)
     see = lambda images: luminance(images).contiguous(memory_format=torch.channels_last)  # (B, 1, H, W)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    data = toy_images(size, steps * 64, seed=seed + 1000, classes=NO_CLASS + 1)
+    data = toy_images(size, steps * 64, seed=seed + 1000, classes=answers)
     for i in range(steps):
         x = see(to_tensor(data[i * 64: (i + 1) * 64]))  # (64, 1, H, W)
         x = gaussian_blur(x, float(torch.empty(()).uniform_(0.3, 1.0, generator=g))) if torch.rand((), generator=g) < 0.5 else x
         x = x + torch.rand(64, 1, 1, 1, generator=g) * 0.15 * torch.randn(x.shape, generator=g)
         with amp:
-            loss = F.cross_entropy(net(x), torch.arange(i * 64, (i + 1) * 64) % (NO_CLASS + 1))
+            loss = F.cross_entropy(net(x), torch.arange(i * 64, (i + 1) * 64) % answers)
         opt.zero_grad()
         loss.backward()
         opt.step()
