@@ -1451,7 +1451,7 @@ def test_train_colour_blind_judge_separates_the_classes():
     with torch.no_grad():
         for name, images, least in (("images of no class", junk, 0.8), ("flat, noise and specks", shortcuts, 0.95)):
             named = judge(images).argmax(1)  # this judge: 90% and 100% (a 10-way judge cannot: 0%)
-            assert (named == train.NO_CLASS).float().mean() >= least, (name, torch.bincount(named, minlength=11))
+            assert (named == train.NO_CLASS).float().mean() >= least, (name, torch.bincount(named, minlength=train.NO_CLASS + 1))
     grey = train.luminance(x).expand(-1, 3, -1, -1)
     with torch.no_grad():
         assert_close(judge(grey), judge(x), 1e-5, "judge of the grey image")
@@ -1467,7 +1467,7 @@ def test_train_judge_reports_all_final_samples_and_the_grid_alone():
     images = torch.zeros(500, 3, 32, 32)
     verdict[400:][labels[400:] == 9] = train.NO_CLASS                        # and the last grid's dots none
     images[:, 0, 0, 0] = verdict / 10                                         # a stand-in judge reads it back
-    fake = lambda x: torch.nn.functional.one_hot((x[:, 0, 0, 0] * 10).round().long().clamp(0, 10), 11).float()
+    fake = lambda x: torch.nn.functional.one_hot((x[:, 0, 0, 0] * 10).round().long().clamp(0, train.NO_CLASS), train.NO_CLASS + 1).float()
     real_judge, train.toy_judge = train.toy_judge, lambda size: fake
     try:
         overall, none, per_class, _ = train.judge_samples(images, labels, 32, seed=0, grid=100)
