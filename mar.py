@@ -272,18 +272,22 @@ class PixelTokenizer(nn.Module):
     invertible encoder and a small learned decoder, so that MAR still models continuous tokens,
     here of 3 block^2 values, without a VAE to train first.
 
-    Encoding is polyphase: on a grid of g x g tokens (g = image side / block), token (a, b) holds
-    the pixels (a + g i, b + g j) for i, j < block, a block x block subsampled copy of the whole
-    image. With tokens that are patches, the small model's errors showed as steps at every patch
-    border, a mosaic; with polyphase tokens they spread over the image as a fine grain instead
-    (README, the measurements). Decoding undoes the permutation exactly, then `cleanup`, a 6-layer
+    Encoding cuts the image into regions of s block pixels a side and each region into s x s phases:
+    token (s qa + pa, s qb + pb) holds the pixels (s block qa + s i + pa, s block qb + s j + pb) for
+    i, j < block, the phase (pa, pb) of region (qa, qb) subsampled by s. s = 1 gives patches, s =
+    g (the tokens a side) polyphase tokens, each a subsampled copy of the whole image. The built-in
+    runs use s = 2: 2 x 2 regions of 16 x 16 pixels, 2 x 2 phases each. With patches, the small
+    model lined up little across tokens (pluses, checkerboards: 4% and 6%); with polyphase tokens,
+    detail finer than the subsampling had to be placed in register across all 16 tokens, which it
+    did not (the dots); s = 2 halves both (README, the measurements). Decoding undoes the
+    permutation exactly, then `cleanup`, a 6-layer
     conv net trained before MAR (`cleanup_loss`) on real images whose tokens got the errors MAR
     makes, removes the grain, as a VAE's decoder learns to decode noisy posterior samples. Its last
     layer starts at zero: untrained, `decode` is the exact inverse of `encode`."""
 
-    def __init__(self, block=8, width=32, depth=6):
+    def __init__(self, block=8, phases=2, width=32, depth=6):
         super().__init__()
-        self.stride, self.embed_dim = block, 3 * block * block
+        self.stride, self.phases, self.embed_dim = block, phases, 3 * block * block
         layers = [nn.Conv2d(3, width, 3, padding=1), nn.SiLU()]
         for _ in range(depth - 2):
             layers += [nn.Conv2d(width, width, 3, padding=1), nn.SiLU()]
@@ -292,17 +296,22 @@ class PixelTokenizer(nn.Module):
         nn.init.zeros_(self.cleanup[-1].bias)
 
     def encode(self, x):
-        """(B, 3, H, W) in [-1, 1] -> tokens (B, 3 b^2, g, g): token (a, b) = pixels (a + g i, b + g j)."""
+        """(B, 3, H, W) in [-1, 1] -> tokens (B, 3 b^2, g, g), g = H / b: token (s qa + pa, s qb + pb)
+        holds the pixels (s b qa + s i + pa, s b qb + s j + pb)."""
         B, C, H, W = x.shape
-        b, g = self.stride, H // self.stride
-        x = x.reshape(B, C, b, g, b, g).permute(0, 1, 2, 4, 3, 5)  # (B, C, i, j, a, b)
+        b, s, g = self.stride, self.phases, H // self.stride
+        if g % s:
+            raise ValueError(f"{g} pixel tokens a side do not split into {s} x {s} phases: use an image side that is a multiple of {s * b}")
+        q = g // s  # regions a side
+        x = x.reshape(B, C, q, b, s, q, b, s).permute(0, 1, 3, 6, 2, 4, 5, 7)  # (B, C, i, j, qa, pa, qb, pb)
         return x.reshape(B, C * b * b, g, g)
 
     def unshuffle(self, z):
         """tokens (B, 3 b^2, g, g) -> images (B, 3, H, W): the exact inverse of encode."""
         B, _, g, _ = z.shape
-        b = self.stride
-        return z.reshape(B, 3, b, b, g, g).permute(0, 1, 2, 4, 3, 5).reshape(B, 3, b * g, b * g)
+        b, s = self.stride, self.phases
+        z = z.reshape(B, 3, b, b, g // s, s, g // s, s).permute(0, 1, 4, 2, 5, 6, 3, 7)  # (B, 3, qa, i, pa, qb, j, pb)
+        return z.reshape(B, 3, b * g, b * g)
 
     def decode(self, z):
         """tokens -> images (B, 3, H, W): the exact inverse, then the learned clean-up (a residual)."""
@@ -403,11 +412,12 @@ class SimpleMLPAdaLN(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity and the output starts at zero
-        for m in [b.adaLN_modulation[-1] for b in self.res_blocks] + [self.final_layer.adaLN_modulation[-1],
-                                                                       self.final_layer.linear]:
+        for m in self.zero_layers():  # adaLN-Zero: every block starts as the identity and the output at zero
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+
+    def zero_layers(self):
+        return [b.adaLN_modulation[-1] for b in self.res_blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
 
     def forward(self, x, t, c):
         """x (N, C) noisy tokens, t (N,) original timesteps 0..999, c (N, D) conditions -> (N, 2C)."""
@@ -436,6 +446,65 @@ class SimpleMLPAdaLN(nn.Module):
         cond_eps, uncond_eps = eps.chunk(2)
         guided = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         return torch.cat([torch.cat([guided, guided]), rest], dim=1)
+
+
+# Not in the paper: a denoiser for pixel tokens. The official MLP keeps one hidden vector per token:
+# MAR-B has 1024 units for a token's 16 values, MAR-tiny on pixels 256 for 192. Too few to decide
+# each pixel from its own noisy value, it denoises nearly linearly, and a linear denoiser draws a
+# Gaussian with the data's covariance: a mottled texture where the data are sparse, as the dots
+# are (README, "Where the Gaussian dots token comes from"). PixelDenoiser keeps `channels` features
+# per pixel instead: MLP-Mixer blocks (a linear mix across the token's pixels and an MLP on each
+# pixel's features), adaLN from y = embed(t) + embed(z) as the official blocks, and y also added to
+# every pixel's features, without which its samples were per-pixel noise.
+
+class MixerBlock(nn.Module):
+    """An MLP-Mixer block with adaLN-Zero: x (N, P, h) + gate * Mix(adaLN(x)), a linear mix across
+    the token's P pixels, then + gate * MLP(adaLN(x)), an MLP on each pixel's h features."""
+
+    def __init__(self, pixels, channels, width, expand=2):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(channels, eps=1e-6), nn.LayerNorm(channels, eps=1e-6)
+        self.mix = nn.Linear(pixels, pixels)
+        self.mlp = nn.Sequential(nn.Linear(channels, expand * channels), nn.SiLU(), nn.Linear(expand * channels, channels))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * channels))
+
+    def forward(self, x, y):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(y)[:, None].chunk(6, dim=-1)  # (N, 1, h)
+        u = modulate(self.norm1(x), shift1, scale1)  # (N, P, h)
+        x = x + gate1 * (torch.matmul(self.mix.weight, u) + self.mix.bias[:, None])  # across pixels: W (P, P) @ u
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))  # per pixel
+
+
+class PixelDenoiser(SimpleMLPAdaLN):
+    """The denoiser for tokens of `image_channels` x P pixels (channel-major, as PixelTokenizer's):
+    input (N, C P) -> (N, 2 C P) as SimpleMLPAdaLN's, whose forward and guidance it shares."""
+
+    def __init__(self, in_channels, width, z_channels, depth, image_channels=3, channels=16):
+        nn.Module.__init__(self)  # SimpleMLPAdaLN's methods, not its layers
+        self.in_channels, self.C, self.P = in_channels, image_channels, in_channels // image_channels
+        self.time_embed = TimestepEmbedder(width)
+        self.cond_embed = nn.Linear(z_channels, width)
+        self.input_proj = nn.Linear(image_channels, channels)  # each pixel's values -> its h features
+        self.pos = nn.Parameter(torch.randn(self.P, channels) * 0.02)  # which pixel of the token
+        self.cond_pixels = nn.Linear(width, self.P * channels)  # y -> every pixel's features
+        self.res_blocks = nn.ModuleList(MixerBlock(self.P, channels, width) for _ in range(depth))
+        self.norm_final = nn.LayerNorm(channels, eps=1e-6)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * channels))
+        self.linear = nn.Linear(channels, 2 * image_channels)
+        self.initialize_weights()
+
+    def zero_layers(self):
+        return [b.adaLN_modulation[-1] for b in self.res_blocks] + [self.final_modulation[-1], self.linear]
+
+    def forward_embedded(self, x, y):
+        N = x.shape[0]
+        pixels = x.view(N, self.C, self.P).transpose(1, 2)  # (N, P, C)
+        h = self.input_proj(pixels) + self.pos + self.cond_pixels(F.silu(y)).view(N, self.P, -1)  # (N, P, h)
+        for block in self.res_blocks:
+            h = block(h, y)
+        shift, scale = self.final_modulation(y)[:, None].chunk(2, dim=-1)
+        out = self.linear(modulate(self.norm_final(h), shift, scale))  # (N, P, 2C): C for eps (or v), C for the variance
+        return out.transpose(1, 2).reshape(N, -1)  # (N, 2 C P): eps (or v) then variance, each channel-major
 
 
 def respaced_timesteps(num_timesteps, num_steps):
@@ -580,10 +649,13 @@ class DiffLoss(nn.Module):
     sampling `num_sampling_steps` respaced ones (100 in the paper)."""
 
     def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps=100, grad_checkpointing=False,
-                 snr_shift=1.0, v_prediction=False):
+                 snr_shift=1.0, v_prediction=False, pixel_channels=0):
         super().__init__()
         self.in_channels = target_channels
-        self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth, grad_checkpointing)
+        if pixel_channels:  # pixel tokens (not in the paper): per-pixel features, see PixelDenoiser
+            self.net = PixelDenoiser(target_channels, width, z_channels, depth, channels=pixel_channels)
+        else:
+            self.net = SimpleMLPAdaLN(target_channels, width, 2 * target_channels, z_channels, depth, grad_checkpointing)
         self.train_diffusion = GaussianDiffusion(1000, snr_shift=snr_shift, v_prediction=v_prediction)
         self.gen_diffusion = GaussianDiffusion(int(num_sampling_steps), snr_shift=snr_shift, v_prediction=v_prediction)
 
@@ -781,7 +853,7 @@ class MAR(nn.Module):
                  vae_embed_dim=16, mask_ratio_min=0.7, label_drop_prob=0.1, class_num=1000,
                  attn_dropout=0.1, proj_dropout=0.1, buffer_size=64,
                  diffloss_d=3, diffloss_w=1024, num_sampling_steps=100, diffusion_batch_mul=4,
-                 grad_checkpointing=False, sincos_init=False, snr_shift=1.0, v_prediction=False):
+                 grad_checkpointing=False, sincos_init=False, snr_shift=1.0, v_prediction=False, pixel_channels=0):
         super().__init__()
         # Tokens (Sec. 4.2, "Tokenizer"): the latent grid (C, H/stride, W/stride) is cut into
         # patch_size x patch_size patches; one token = one patch, C * p^2 values.
@@ -822,10 +894,10 @@ class MAR(nn.Module):
         self.initialize_weights(sincos_init)
 
         # Diffusion Loss on each token (created after the init above, which must not touch it).
-        # snr_shift and v_prediction: the paper's latents use neither; PixelTokenizer's tokens both
-        # (GaussianDiffusion says why).
+        # snr_shift, v_prediction and pixel_channels: the paper's latents use none; PixelTokenizer's
+        # tokens all three (GaussianDiffusion and PixelDenoiser say why).
         self.diffloss = DiffLoss(self.token_embed_dim, Dd, diffloss_d, diffloss_w, num_sampling_steps, grad_checkpointing,
-                                 snr_shift, v_prediction)
+                                 snr_shift, v_prediction, pixel_channels)
 
     def initialize_weights(self, sincos_init=False):
         for p in [self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
@@ -1043,7 +1115,8 @@ def mar_huge(**kwargs):  # 942.40M parameters
 
 def mar_tiny(**kwargs):
     """Trains on a 2-core CPU in minutes: 32x32 RGB images as the 4x4 tokens of PixelTokenizer
-    (8x8 pixels, 192 values each; Diffusion Loss MLP 256 wide), 10 classes (the built-in data).
+    (8x8 pixels, 192 values each; Training gives them PixelDenoiser, 256 wide for the condition, 2
+    blocks of 16 features per pixel, instead of the MLP), 10 classes (the built-in data).
     Not a paper configuration. Its position embeddings start at the 2-D sin-cos table: from
     N(0, 0.02), in a CPU-sized run the model never learned where tokens are. 8x8 blocks instead
     of 4x4 run 1.6x more images per second and score 3x higher by the colour-blind judge in the
@@ -1226,17 +1299,20 @@ class Training(nn.Module):
                 self.vae = self.vae.to(memory_format=torch.channels_last)  # cuDNN's faster layout for the convs
         pixels = self.vae is None  # then the tokens are PixelTokenizer's: one per patch x patch pixels
         patch = args.patch_size or (8 if pixels else 1)  # the paper: one latent per token
-        stride = 1 if pixels else self.vae.stride
-        if args.img_size % (stride * patch):
-            raise ValueError(f"--img-size {args.img_size} is not a multiple of VAE stride x patch size = {stride * patch}")
+        unit = patch * (2 if pixels else self.vae.stride)  # pixels: PixelTokenizer's 2 x 2 phases of each region
+        if args.img_size % unit:
+            raise ValueError(f"--img-size {args.img_size} is not a multiple of {'2 phases' if pixels else 'VAE stride'} "
+                             f"x patch size = {unit}")
         if pixels:  # the patch becomes the tokenizer's stride, and MAR takes one token per patch
-            self.vae, self.scale, patch = PixelTokenizer(patch).to(device), 1.0, 1
+            self.vae, self.scale, patch = PixelTokenizer(patch, phases=2).to(device), 1.0, 1
         # the architecture facts a resumed or evaluated checkpoint must match
         self.config = dict(preset=args.preset, img_size=args.img_size, vae_stride=self.vae.stride, patch_size=patch,
                            vae_embed_dim=self.vae.embed_dim, class_num=num_classes)
         v_pred = pixels or args.prediction == "v"  # pixels: the shape is decided at high noise, where eps says little
         if pixels:  # what the tokens and the MLP's output mean: checkpoints of other pixel runs are refused
-            self.config["tokens"] = f"PixelTokenizer, polyphase, clean-up decoder; v-prediction, SNR / {self.vae.stride**2}"
+            self.config["tokens"] = (f"PixelTokenizer, {self.vae.phases}x{self.vae.phases} phases, clean-up decoder; "
+                                     f"v-prediction, SNR / {self.vae.stride**2}")
+            self.config.update(pixel_channels=16, diffloss_d=2)  # PixelDenoiser: 16 features per pixel, 2 blocks (README)
         elif v_pred:  # absent: the paper's eps (every official checkpoint)
             self.config["prediction"] = "v"
         arch = {k: v for k, v in self.config.items() if k not in ("preset", "tokens", "prediction")}

@@ -250,9 +250,41 @@ def test_mar_v_prediction_for_pixel_tokens():
     assert not mar.mar_base().diffloss.train_diffusion.v_prediction
 
 
-def test_mar_pixel_tokenizer_is_exact_polyphase_and_its_cleanup_removes_grain():
-    """PixelTokenizer (the built-in tokens): token (a, b) holds the pixels (a + 4i, b + 4j) of a 32 px
-    image; untrained, decode is the exact inverse of encode. A short fit of its clean-up decoder on
+def test_mar_pixel_denoiser_mixes_per_pixel_features():
+    """PixelDenoiser (pixel tokens only, not in the paper), written out here pixel by pixel: token
+    value c P + p is pixel p's channel c, in the input and in both outputs (eps or v, then the
+    variance); y reaches every pixel's features; each block adds a gated linear mix across the
+    pixels, then a gated MLP on each pixel's features, each after its own adaLN. The pixel path uses
+    it with 16 features and 2 blocks; Diffusion Loss on latents keeps the official MLP."""
+    import train
+    g, N, P, h = torch.Generator().manual_seed(0), 5, 4, 8
+    with torch.no_grad():
+        net = perturbed(mar.PixelDenoiser(3 * P, 32, 16, 2, channels=h), 0.3)
+    x, y = torch.randn(N, 3 * P, generator=g), torch.randn(N, 32, generator=g)
+    lin = lambda m, v: v @ m.weight.T + m.bias
+    pixels = torch.stack([x[:, [c * P + p for c in range(3)]] for p in range(P)], 1)  # (N, P, 3)
+    silu, norm = torch.nn.functional.silu, lambda m, v: torch.nn.functional.layer_norm(v, (h,), m.weight, m.bias, 1e-6)
+    f = lin(net.input_proj, pixels) + net.pos + lin(net.cond_pixels, silu(y)).view(N, P, h)  # (N, P, h)
+    for b in net.res_blocks:
+        s1, c1, g1, s2, c2, g2 = lin(b.adaLN_modulation[1], silu(y))[:, None].chunk(6, -1)
+        u = norm(b.norm1, f) * (1 + c1) + s1
+        f = f + g1 * torch.stack([sum(b.mix.weight[p, q] * u[:, q] for q in range(P)) + b.mix.bias[p] for p in range(P)], 1)
+        f = f + g2 * lin(b.mlp[2], silu(lin(b.mlp[0], norm(b.norm2, f) * (1 + c2) + s2)))
+    s, c = lin(net.final_modulation[1], silu(y))[:, None].chunk(2, -1)
+    out = lin(net.linear, norm(net.norm_final, f) * (1 + c) + s)  # (N, P, 6)
+    expect = torch.stack([out[:, p, c] for c in range(6) for p in range(P)], 1)  # (N, 2 * 3 P): token layout
+    with torch.no_grad():
+        assert_close(net.forward_embedded(x, y), expect, rtol=1e-5, what="PixelDenoiser pixel by pixel")
+    built = mar.Training(train.parse_args(["--model", "mar"]), 10, torch.device("cpu")).model.diffloss.net
+    assert isinstance(built, mar.PixelDenoiser) and len(built.res_blocks) == 2 and built.cond_pixels.out_features == 64 * 16
+    assert type(mar.DiffLoss(16, 32, 3, 64).net) is mar.SimpleMLPAdaLN
+
+
+def test_mar_pixel_tokenizer_is_exact_and_its_cleanup_removes_grain():
+    """PixelTokenizer (the built-in tokens): token (2 qa + pa, 2 qb + pb) holds the pixels (16 qa + 2i
+    + pa, 16 qb + 2j + pb) of a 32 px image, phase (pa, pb) of the 16 x 16 region (qa, qb); 4 phases
+    give polyphase tokens (a + 4i, b + 4j), 1 patches. Untrained, decode is the exact inverse of
+    encode. A short fit of its clean-up decoder on
     real images brings held-out images whose tokens got MAR-like errors (`corrupt`) closer to the
     originals, and their roughness (luma steps) toward the real images'."""
     import train
@@ -260,7 +292,10 @@ def test_mar_pixel_tokenizer_is_exact_polyphase_and_its_cleanup_removes_grain():
     x = train.to_tensor(train.toy_images(32, num_images=1000, seed=3))
     z = tok.encode(x[:20])                                                     # (20, 192, 4, 4)
     assert z.shape == (20, 192, 4, 4) and mar.mar_tiny().token_embed_dim == tok.embed_dim
-    assert torch.equal(z[:, :, 1, 2].reshape(20, 3, 8, 8), x[:20, :, 1::4, 2::4])
+    assert torch.equal(z[:, :, 3, 1].reshape(20, 3, 8, 8), x[:20, :, 17::2, 1:16:2])   # region (1, 0), phase (1, 1)
+    assert torch.equal(z[:, :, 0, 2].reshape(20, 3, 8, 8), x[:20, :, 0:16:2, 16::2])   # region (0, 1), phase (0, 0)
+    assert torch.equal(mar.PixelTokenizer(8, 4).encode(x[:20])[:, :, 1, 2].reshape(20, 3, 8, 8), x[:20, :, 1::4, 2::4])
+    assert torch.equal(mar.PixelTokenizer(8, 1).encode(x[:20])[:, :, 1, 2].reshape(20, 3, 8, 8), x[:20, :, 8:16, 16:24])
     assert torch.equal(tok.decode(z), x[:20])
     train_set, test_set = x[:800], x[800:]
     g = torch.Generator().manual_seed(0)
@@ -1940,14 +1975,16 @@ def test_train_coda_resumes_exactly_with_its_discriminator():
 
 def test_train_refuses_pixel_checkpoints_of_other_tokens():
     """A MAR pixel checkpoint of an earlier version (raw 8x8 pixel patches as tokens, v-prediction)
-    is refused with one line, for resume and --eval: its tokens are not PixelTokenizer's. So is a
-    checkpoint whose config matches but whose weights have other sizes (a preset that changed)."""
+    is refused with one line, for resume and --eval: its tokens are not PixelTokenizer's. So is one
+    of the official MLP on these tokens (before PixelDenoiser), and a checkpoint whose config matches
+    but whose weights have other sizes (a preset that changed)."""
     with tempfile.TemporaryDirectory() as d:
         common = ["--data-path", shared_run("data"), *MAR, "--output-dir", f"{d}/run"]
         run_train(*common, "--epochs", "1")
         ckpt = final_weights(f"{d}/run")
         resized = {**ckpt, "model": dict(ckpt["model"]), "config": dict(ckpt["config"])}
-        assert ckpt["config"]["tokens"] == "PixelTokenizer, polyphase, clean-up decoder; v-prediction, SNR / 64"
+        mlp = {**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k not in ("pixel_channels", "diffloss_d")}}
+        assert ckpt["config"]["tokens"] == "PixelTokenizer, 2x2 phases, clean-up decoder; v-prediction, SNR / 64"
         del ckpt["config"]["tokens"]
         ckpt["config"].update(vae_stride=1, patch_size=8, vae_embed_dim=3, diffusion="v-prediction, SNR / 64")
         torch.save(ckpt, f"{d}/run/checkpoint-last.pth")
@@ -1955,11 +1992,13 @@ def test_train_refuses_pixel_checkpoints_of_other_tokens():
             expect_error(run_train(*common, *more, check=False),
                          "was trained with another config: vae_stride 1 (checkpoint) vs 8 (now), patch_size 8 "
                          "(checkpoint) vs 1 (now), vae_embed_dim 3 (checkpoint) vs 192 (now), tokens None", "train.py")
-        resized["model"]["diffloss.net.final_layer.linear.weight"] = torch.zeros(384, 512)  # an MLP 512 wide
+        torch.save(mlp, f"{d}/run/checkpoint-last.pth")
+        expect_error(run_train(*common, "--epochs", "2", check=False), "was trained with another config: "
+                     "pixel_channels None (checkpoint) vs 16 (now), diffloss_d None (checkpoint) vs 2 (now)", "train.py")
+        resized["model"]["diffloss.net.linear.weight"] = torch.zeros(6, 32)  # 32 features per pixel
         torch.save(resized, f"{d}/run/checkpoint-last.pth")
         expect_error(run_train(*common, "--epochs", "2", check=False), "checkpoint-last.pth['model'] does not match MAR: "
-                     "1 with another shape (first: diffloss.net.final_layer.linear.weight (384, 512) vs (384, 256))",
-                     "train.py")
+                     "1 with another shape (first: diffloss.net.linear.weight (6, 32) vs (6, 16))", "train.py")
 
 
 def test_train_resumes_checkpoints_written_before_the_restructuring():
