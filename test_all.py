@@ -284,11 +284,12 @@ def test_mar_pixel_tokenizer_is_exact_and_its_cleanup_removes_grain():
     """PixelTokenizer (the built-in tokens): token (2 qa + pa, 2 qb + pb) holds the pixels (16 qa + 2i
     + pa, 16 qb + 2j + pb) of a 32 px image, phase (pa, pb) of the 16 x 16 region (qa, qb); 4 phases
     give polyphase tokens (a + 4i, b + 4j), 1 patches. Untrained, decode is the exact inverse of
-    encode. A short fit of its clean-up decoder on
-    real images brings held-out images whose tokens got MAR-like errors (`corrupt`) closer to the
+    encode. A short fit of its clean-up decoder on real images brings held-out images whose tokens got MAR-like errors (`corrupt`) closer to the
     originals, and their roughness (luma steps) toward the real images'."""
     import train
-    tok = mar.PixelTokenizer(8)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the decoder's initial weights, whatever ran before
+        tok = mar.PixelTokenizer(8)
     x = train.to_tensor(train.toy_images(32, num_images=1000, seed=3))
     z = tok.encode(x[:20])                                                     # (20, 192, 4, 4)
     assert z.shape == (20, 192, 4, 4) and mar.mar_tiny().token_embed_dim == tok.embed_dim
@@ -303,7 +304,7 @@ def test_mar_pixel_tokenizer_is_exact_and_its_cleanup_removes_grain():
     with torch.no_grad():
         before = tok.decode(noisy)
     opt = torch.optim.Adam(tok.to(memory_format=torch.channels_last).parameters(), 3e-3)
-    for _ in range(150):  # in train.py's precision (bf16 autocast on a CPU with bf16 instructions)
+    for _ in range(300):  # in train.py's precision (bf16 autocast on a CPU with bf16 instructions)
         with mar.autocast(torch.device("cpu")):
             loss = tok.cleanup_loss(train_set[torch.randint(800, (16,), generator=g)], g)
         loss.backward()
@@ -313,8 +314,8 @@ def test_mar_pixel_tokenizer_is_exact_and_its_cleanup_removes_grain():
         after = tok.decode(noisy)
     err = lambda y: (y - test_set).pow(2).mean().item()
     rough = lambda y: train.token_steps(y)[2]
-    assert err(after) < 0.5 * err(before), (err(before), err(after))                # 0.37 x when written
-    assert rough(after) - rough(test_set) < 0.7 * (rough(before) - rough(test_set)), (  # 0.55 x
+    assert err(after) < 0.5 * err(before), (err(before), err(after))                # 0.31 x when written
+    assert rough(after) - rough(test_set) < 0.7 * (rough(before) - rough(test_set)), (  # 0.26 x
         rough(test_set), rough(before), rough(after))
 
 
