@@ -279,7 +279,7 @@ class PixelTokenizer(nn.Module):
     runs use s = 2: 2 x 2 regions of 16 x 16 pixels, 2 x 2 phases each. With patches, the small
     model lined up little across tokens (pluses, checkerboards: 4% and 6%); with polyphase tokens,
     detail finer than the subsampling had to be placed in register across all 16 tokens, which it
-    did not (the dots); s = 2 halves both (README, the measurements). Decoding undoes the
+    did not (the dots); with s = 2 both come out (README, the measurements). Decoding undoes the
     permutation exactly, then `cleanup`, a 6-layer
     conv net trained before MAR (`cleanup_loss`) on real images whose tokens got the errors MAR
     makes, removes the grain, as a VAE's decoder learns to decode noisy posterior samples. Its last
@@ -479,7 +479,7 @@ class PixelDenoiser(SimpleMLPAdaLN):
     """The denoiser for tokens of `image_channels` x P pixels (channel-major, as PixelTokenizer's):
     input (N, C P) -> (N, 2 C P) as SimpleMLPAdaLN's, whose forward and guidance it shares."""
 
-    def __init__(self, in_channels, width, z_channels, depth, image_channels=3, channels=16):
+    def __init__(self, in_channels, width, z_channels, depth, image_channels=3, channels=8):
         nn.Module.__init__(self)  # SimpleMLPAdaLN's methods, not its layers
         self.in_channels, self.C, self.P = in_channels, image_channels, in_channels // image_channels
         self.time_embed = TimestepEmbedder(width)
@@ -1116,7 +1116,7 @@ def mar_huge(**kwargs):  # 942.40M parameters
 def mar_tiny(**kwargs):
     """Trains on a 2-core CPU in minutes: 32x32 RGB images as the 4x4 tokens of PixelTokenizer
     (8x8 pixels, 192 values each; Training gives them PixelDenoiser, 256 wide for the condition, 2
-    blocks of 16 features per pixel, instead of the MLP), 10 classes (the built-in data).
+    blocks of 8 features per pixel, instead of the MLP), 10 classes (the built-in data).
     Not a paper configuration. Its position embeddings start at the 2-D sin-cos table: from
     N(0, 0.02), in a CPU-sized run the model never learned where tokens are. 8x8 blocks instead
     of 4x4 run 1.6x more images per second and score 3x higher by the colour-blind judge in the
@@ -1312,7 +1312,7 @@ class Training(nn.Module):
         if pixels:  # what the tokens and the MLP's output mean: checkpoints of other pixel runs are refused
             self.config["tokens"] = (f"PixelTokenizer, {self.vae.phases}x{self.vae.phases} phases, clean-up decoder; "
                                      f"v-prediction, SNR / {self.vae.stride**2}")
-            self.config.update(pixel_channels=16, diffloss_d=2)  # PixelDenoiser: 16 features per pixel, 2 blocks (README)
+            self.config.update(pixel_channels=8, diffloss_d=2)  # PixelDenoiser: 8 features per pixel, 2 blocks (README)
         elif v_pred:  # absent: the paper's eps (every official checkpoint)
             self.config["prediction"] = "v"
         arch = {k: v for k, v in self.config.items() if k not in ("preset", "tokens", "prediction")}

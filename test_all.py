@@ -255,7 +255,7 @@ def test_mar_pixel_denoiser_mixes_per_pixel_features():
     value c P + p is pixel p's channel c, in the input and in both outputs (eps or v, then the
     variance); y reaches every pixel's features; each block adds a gated linear mix across the
     pixels, then a gated MLP on each pixel's features, each after its own adaLN. The pixel path uses
-    it with 16 features and 2 blocks; Diffusion Loss on latents keeps the official MLP."""
+    it with 8 features and 2 blocks; Diffusion Loss on latents keeps the official MLP."""
     import train
     g, N, P, h = torch.Generator().manual_seed(0), 5, 4, 8
     with torch.no_grad():
@@ -276,7 +276,7 @@ def test_mar_pixel_denoiser_mixes_per_pixel_features():
     with torch.no_grad():
         assert_close(net.forward_embedded(x, y), expect, rtol=1e-5, what="PixelDenoiser pixel by pixel")
     built = mar.Training(train.parse_args(["--model", "mar"]), 10, torch.device("cpu")).model.diffloss.net
-    assert isinstance(built, mar.PixelDenoiser) and len(built.res_blocks) == 2 and built.cond_pixels.out_features == 64 * 16
+    assert isinstance(built, mar.PixelDenoiser) and len(built.res_blocks) == 2 and built.cond_pixels.out_features == 64 * 8
     assert type(mar.DiffLoss(16, 32, 3, 64).net) is mar.SimpleMLPAdaLN
 
 
@@ -1995,11 +1995,11 @@ def test_train_refuses_pixel_checkpoints_of_other_tokens():
                          "(checkpoint) vs 1 (now), vae_embed_dim 3 (checkpoint) vs 192 (now), tokens None", "train.py")
         torch.save(mlp, f"{d}/run/checkpoint-last.pth")
         expect_error(run_train(*common, "--epochs", "2", check=False), "was trained with another config: "
-                     "pixel_channels None (checkpoint) vs 16 (now), diffloss_d None (checkpoint) vs 2 (now)", "train.py")
+                     "pixel_channels None (checkpoint) vs 8 (now), diffloss_d None (checkpoint) vs 2 (now)", "train.py")
         resized["model"]["diffloss.net.linear.weight"] = torch.zeros(6, 32)  # 32 features per pixel
         torch.save(resized, f"{d}/run/checkpoint-last.pth")
         expect_error(run_train(*common, "--epochs", "2", check=False), "checkpoint-last.pth['model'] does not match MAR: "
-                     "1 with another shape (first: diffloss.net.linear.weight (6, 32) vs (6, 16))", "train.py")
+                     "1 with another shape (first: diffloss.net.linear.weight (6, 32) vs (6, 8))", "train.py")
 
 
 def test_train_resumes_checkpoints_written_before_the_restructuring():
