@@ -1299,12 +1299,13 @@ class Training(nn.Module):
                 self.vae = self.vae.to(memory_format=torch.channels_last)  # cuDNN's faster layout for the convs
         pixels = self.vae is None  # then the tokens are PixelTokenizer's: one per patch x patch pixels
         patch = args.patch_size or (8 if pixels else 1)  # the paper: one latent per token
-        unit = patch * (2 if pixels else self.vae.stride)  # pixels: PixelTokenizer's 2 x 2 phases of each region
+        phases = 2  # pixels: PixelTokenizer's 2 x 2 phases of each region (README)
+        unit = patch * (phases if pixels else self.vae.stride)
         if args.img_size % unit:
-            raise ValueError(f"--img-size {args.img_size} is not a multiple of {'2 phases' if pixels else 'VAE stride'} "
+            raise ValueError(f"--img-size {args.img_size} is not a multiple of {f'{phases} phases' if pixels else 'VAE stride'} "
                              f"x patch size = {unit}")
         if pixels:  # the patch becomes the tokenizer's stride, and MAR takes one token per patch
-            self.vae, self.scale, patch = PixelTokenizer(patch, phases=2).to(device), 1.0, 1
+            self.vae, self.scale, patch = PixelTokenizer(patch, phases).to(device), 1.0, 1
         # the architecture facts a resumed or evaluated checkpoint must match
         self.config = dict(preset=args.preset, img_size=args.img_size, vae_stride=self.vae.stride, patch_size=patch,
                            vae_embed_dim=self.vae.embed_dim, class_num=num_classes)

@@ -284,8 +284,9 @@ def test_mar_pixel_tokenizer_is_exact_and_its_cleanup_removes_grain():
     """PixelTokenizer (the built-in tokens): token (2 qa + pa, 2 qb + pb) holds the pixels (16 qa + 2i
     + pa, 16 qb + 2j + pb) of a 32 px image, phase (pa, pb) of the 16 x 16 region (qa, qb); 4 phases
     give polyphase tokens (a + 4i, b + 4j), 1 patches. Untrained, decode is the exact inverse of
-    encode. A short fit of its clean-up decoder on real images brings held-out images whose tokens got MAR-like errors (`corrupt`) closer to the
-    originals, and their roughness (luma steps) toward the real images'."""
+    encode. A short fit of its clean-up decoder on real images brings held-out images whose tokens
+    got MAR-like errors (`corrupt`) closer to the originals, and their roughness (luma steps) toward
+    the real images'."""
     import train
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the decoder's initial weights, whatever ran before
