@@ -457,6 +457,15 @@ class SimpleMLPAdaLN(nn.Module):
 # pixel's features), adaLN from y = embed(t) + embed(z) as the official blocks, and y also added to
 # every pixel's features, without which its samples were per-pixel noise.
 
+def norm_modulate(norm, x, shift, scale):
+    """modulate(norm(x), shift, scale) for a LayerNorm `norm` with few channels, in one pass over x:
+    its affine w, b folded into the modulation, (LN(x) w + b)(1 + scale) + shift = LN(x) [w (1 + scale)]
+    + [b (1 + scale) + shift], the coefficients (N, 1, h) computed once per row. The same function;
+    on CPU a training step is about a fifth faster, as LayerNorm's own backward over 8 channels is slow."""
+    s = 1 + scale  # (N, 1, h)
+    return torch.addcmul(norm.bias * s + shift, F.layer_norm(x, norm.normalized_shape, None, None, norm.eps), norm.weight * s)
+
+
 class MixerBlock(nn.Module):
     """An MLP-Mixer block with adaLN-Zero: x (N, P, h) + gate * Mix(adaLN(x)), a linear mix across
     the token's P pixels, then + gate * MLP(adaLN(x)), an MLP on each pixel's h features."""
@@ -470,9 +479,9 @@ class MixerBlock(nn.Module):
 
     def forward(self, x, y):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(y)[:, None].chunk(6, dim=-1)  # (N, 1, h)
-        u = modulate(self.norm1(x), shift1, scale1)  # (N, P, h)
+        u = norm_modulate(self.norm1, x, shift1, scale1)  # (N, P, h)
         x = x + gate1 * (torch.matmul(self.mix.weight, u) + self.mix.bias[:, None])  # across pixels: W (P, P) @ u
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))  # per pixel
+        return x + gate2 * self.mlp(norm_modulate(self.norm2, x, shift2, scale2))  # per pixel
 
 
 class PixelDenoiser(SimpleMLPAdaLN):
@@ -503,7 +512,7 @@ class PixelDenoiser(SimpleMLPAdaLN):
         for block in self.res_blocks:
             h = block(h, y)
         shift, scale = self.final_modulation(y)[:, None].chunk(2, dim=-1)
-        out = self.linear(modulate(self.norm_final(h), shift, scale))  # (N, P, 2C): C for eps (or v), C for the variance
+        out = self.linear(norm_modulate(self.norm_final, h, shift, scale))  # (N, P, 2C): C for eps (or v), C for the variance
         return out.transpose(1, 2).reshape(N, -1)  # (N, 2 C P): eps (or v) then variance, each channel-major
 
 
