@@ -506,9 +506,6 @@ class PixelDenoiser(SimpleMLPAdaLN):
         return [b.adaLN_modulation[-1] for b in self.res_blocks] + [self.final_modulation[-1], self.linear]
 
     def forward_embedded(self, x, y):
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):  # fp32 on a CPU: products of 8 and 16
-            with torch.autocast("cpu", enabled=False):  # channels gain nothing from bf16 there, the casts cost
-                return self.forward_embedded(x.float(), y.float())  # (a step ~7% faster)
         N = x.shape[0]
         pixels = x.view(N, self.C, self.P).transpose(1, 2)  # (N, P, C)
         h = self.input_proj(pixels) + self.pos + self.cond_pixels(F.silu(y)).view(N, self.P, -1)  # (N, P, h)
