@@ -459,9 +459,10 @@ class SimpleMLPAdaLN(nn.Module):
 
 def norm_modulate(norm, x, shift, scale):
     """modulate(norm(x), shift, scale) for a LayerNorm `norm` with few channels, in two passes over x
-    (the norm without affine, one multiply-add) instead of five: its affine w, b folded into the modulation, (LN(x) w + b)(1 + scale) + shift = LN(x) [w (1 + scale)]
-    + [b (1 + scale) + shift], the coefficients (N, 1, h) computed once per row. The same function;
-    on CPU a training step is about a fifth faster, as LayerNorm's own backward over 8 channels is slow."""
+    (the norm without affine, one multiply-add) instead of five: its affine w, b folded into the
+    modulation, (LN(x) w + b)(1 + scale) + shift = LN(x) [w (1 + scale)] + [b (1 + scale) + shift],
+    the coefficients (N, 1, h) computed once per row. The same function; on CPU a training step is
+    about a fifth faster, as LayerNorm's own backward over 8 channels is slow."""
     s = 1 + scale  # (N, 1, h)
     return torch.addcmul(norm.bias * s + shift, F.layer_norm(x, norm.normalized_shape, None, None, norm.eps), norm.weight * s)
 
