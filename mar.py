@@ -318,7 +318,7 @@ class PixelTokenizer(nn.Module):
         x = self.unshuffle(z).clamp(-1, 1).contiguous(memory_format=torch.channels_last)  # faster for convs
         return (x + self.cleanup(x)).contiguous()
 
-    def corrupt(self, z, generator=None, offset=0.15, noise=0.1):
+    def corrupt(self, z, generator=None, offset=0.15, noise=0.15):
         """The errors of a small MAR, for training `cleanup`: each token's colour channel shifted by
         one offset, each value by its own noise; their sizes drawn per image up to `offset` / `noise`."""
         B, _, g, _ = z.shape
