@@ -318,15 +318,20 @@ class PixelTokenizer(nn.Module):
         x = self.unshuffle(z).clamp(-1, 1).contiguous(memory_format=torch.channels_last)  # faster for convs
         return (x + self.cleanup(x)).contiguous()
 
-    def corrupt(self, z, generator=None, offset=0.15, noise=0.15):
+    def corrupt(self, z, generator=None, offset=0.15, noise=0.1, specks=0.02):
         """The errors of a small MAR, for training `cleanup`: each token's colour channel shifted by
-        one offset, each value by its own noise; their sizes drawn per image up to `offset` / `noise`."""
+        one offset, each value by its own noise, and a few pixels (a share up to `specks`) by one
+        large error N(0, 1) in all three channels, the isolated specks of its samples; the sizes
+        drawn per image up to `offset`, `noise` and `specks`."""
         B, _, g, _ = z.shape
+        P = self.stride ** 2  # pixels per token
         r = lambda *s: torch.rand(*s, generator=generator, device=z.device)
         n = lambda *s: torch.randn(*s, generator=generator, device=z.device)
         shift = n(B, 3, 1, g, g) * r(B, 1, 1, 1, 1) * offset                      # (B, 3, 1, g, g)
-        z = z + shift.expand(-1, -1, self.stride ** 2, -1, -1).reshape(z.shape)
-        return z + n(*z.shape) * r(B, 1, 1, 1) * noise
+        z = z + shift.expand(-1, -1, P, -1, -1).reshape(z.shape)
+        z = z + n(*z.shape) * r(B, 1, 1, 1) * noise
+        speck = (r(B, 1, P, g, g) < r(B, 1, 1, 1, 1) * specks) * n(B, 1, P, g, g)  # (B, 1, P, g, g)
+        return z + speck.expand(-1, 3, -1, -1, -1).reshape(z.shape)
 
     def cleanup_loss(self, x, generator=None):
         """Real images (B, 3, H, W) -> MSE of the decoded corrupted tokens against the images."""
