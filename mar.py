@@ -318,15 +318,23 @@ class PixelTokenizer(nn.Module):
         x = self.unshuffle(z).clamp(-1, 1).contiguous(memory_format=torch.channels_last)  # faster for convs
         return (x + self.cleanup(x)).contiguous()
 
-    def corrupt(self, z, generator=None, offset=0.15, noise=0.1, specks=0.02):
-        """The errors of a small MAR, for training `cleanup`: each token's colour channel shifted by
-        one offset, each value by its own noise, and a few pixels (a share up to `specks`) by one
-        large error N(0, 1) in all three channels, the isolated specks of its samples; the sizes
-        drawn per image up to `offset`, `noise` and `specks`."""
-        B, _, g, _ = z.shape
-        P = self.stride ** 2  # pixels per token
-        r = lambda *s: torch.rand(*s, generator=generator, device=z.device)
-        n = lambda *s: torch.randn(*s, generator=generator, device=z.device)
+    def corrupt(self, x, generator=None, moved=0.15, offset=0.15, noise=0.1, specks=0.02):
+        """Real images (B, 3, H, W) -> their tokens with the errors of a small MAR, for training
+        `cleanup`: a share `moved` of the tokens taken from the image moved by -1, 0 or 1 pixel each
+        way (where a region's phase tokens disagree by a pixel on an edge), each token's colour
+        channels shifted by one offset, each value by its own noise, and a few pixels (a share up to
+        `specks`) by one large error N(0, 1) in all three channels, the isolated specks of its
+        samples; the offset, noise and specks drawn per image up to `offset`, `noise` and `specks`."""
+        B, _, H, W = x.shape
+        P, g = self.stride ** 2, H // self.stride  # pixels per token, tokens a side
+        r = lambda *s: torch.rand(*s, generator=generator, device=x.device)
+        n = lambda *s: torch.randn(*s, generator=generator, device=x.device)
+        pad = F.pad(x, (1, 1, 1, 1), mode="replicate")
+        z = torch.stack([self.encode(pad[:, :, 1 + i: 1 + i + H, 1 + j: 1 + j + W])
+                         for i in (-1, 0, 1) for j in (-1, 0, 1)])                # (9, B, C, g, g): every move
+        pick = torch.randint(0, 9, (B, 1, g, g), generator=generator, device=x.device)
+        pick = torch.where(r(B, 1, g, g) < moved, pick, 4)                         # 4: not moved
+        z = torch.gather(z, 0, pick[None].expand(1, -1, z.shape[2], -1, -1))[0]    # (B, C, g, g)
         shift = n(B, 3, 1, g, g) * r(B, 1, 1, 1, 1) * offset                      # (B, 3, 1, g, g)
         z = z + shift.expand(-1, -1, P, -1, -1).reshape(z.shape)
         z = z + n(*z.shape) * r(B, 1, 1, 1) * noise
@@ -335,7 +343,7 @@ class PixelTokenizer(nn.Module):
 
     def cleanup_loss(self, x, generator=None):
         """Real images (B, 3, H, W) -> MSE of the decoded corrupted tokens against the images."""
-        return F.mse_loss(self.decode(self.corrupt(self.encode(x), generator)).float(), x.float())
+        return F.mse_loss(self.decode(self.corrupt(x, generator)).float(), x.float())
 
 
 # =============================================================================================
