@@ -1244,7 +1244,7 @@ BUILTIN = dict(PAPER, preset="tiny", img_size=32, epochs=58, warmup_epochs=1, bl
                ckpt_every=500, sample_every=2000, num_iter=8, cfg=7.0, temperature=1.0, num_images=1000, prediction="v")
 # on the built-in data: temperature 1.0 (the paper's) and CFG 7.0 (linear), the shapes' classes best (4 to 9
 # measured on two runs' checkpoints; above 7 the speckle grows and the classes fall);
-# 58 epochs (9,048 steps; fewer fail squares): with the tokenizer's decoder fit, 11 to 15 minutes on 2 CPU
+# 58 epochs (9,048 steps; fewer fail squares): with the tokenizer's decoder fit, 10 to 15 minutes on 2 CPU
 # cores with bf16 instructions, where the steps run in bf16 autocast (21 to 27 in fp32 on an AVX2 CPU; README);
 # on the latents of a --model vae run (BUILTIN_LATENT): v-prediction (with the paper's eps the MLP draws
 # saturated blobs there), the small preset with the paper's 4 noise draws per token, 87 epochs (13,572 steps),
