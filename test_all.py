@@ -1571,13 +1571,16 @@ def test_train_help_lists_each_models_own_flags_and_defaults():
 
 def test_train_defaults_follow_the_data_and_say_so():
     """A small folder on a CPU gets the built-in run's recipe with as many steps, not MAR-B at
-    256 px; --defaults paper gives the paper's; a given flag wins over both; the log says which."""
+    256 px; --defaults paper gives the paper's; a given flag wins over both; the log says which,
+    and at what size the folder's images are trained if it is not theirs."""
     import train
     data = shared_run("data")  # 40 images
     small = train.parse_args(["--data-path", data])
     steps = mar.BUILTIN["epochs"] * 10000 // 40  # the built-in run's steps (10,000 images) over 40 images
     assert (small.preset, small.img_size, small.ema, small.epochs, small.warmup_epochs) == ("tiny", 32, 0.999, steps, 250)
     assert small.defaults_in_force.startswith("defaults: CPU-sized (fewer than 100,000 images)"), small.defaults_in_force
+    assert "at 32 px (its first image, 48x40, is scaled and center-cropped to it)" in small.defaults_in_force
+    assert "(its first image" not in train.parse_args(["--data-path", data, "--img-size", "40"]).defaults_in_force
     paper = train.parse_args(["--data-path", data, "--defaults", "paper"])
     assert (paper.preset, paper.img_size, paper.ema, paper.epochs, paper.warmup_epochs) == ("base", 256, 0.9999, 400, 100)
     assert train.parse_args(["--data-path", data, "--epochs", "3"]).epochs == 3

@@ -1187,15 +1187,29 @@ def choose_defaults(args, model):
     latent = "" if builtin is model.BUILTIN else " on VAE latents"
     if not args.data_path:
         return builtin, f"defaults: CPU-sized, for the built-in data{latent} (--defaults paper for the paper's recipe)"
-    n = len(list_images(args.data_path)[1])
+    samples = list_images(args.data_path)[1]
+    n, size = len(samples), first_image_size(samples)
     if args.defaults == "auto" and n >= 100_000 and torch.cuda.is_available():
         return model.PAPER, f"defaults: the paper's recipe ({n:,} images and a GPU; --defaults cpu for the CPU-sized one)"
     steps = BUILTIN_IMAGES / n  # epochs scale so that the run takes as many steps as the built-in one
     defaults = dict(builtin, epochs=max(1, round(builtin["epochs"] * steps)),
                     warmup_epochs=round(builtin["warmup_epochs"] * steps))
     why = "--defaults cpu" if args.defaults == "cpu" else "fewer than 100,000 images" if n < 100_000 else "no GPU"
-    return defaults, (f"defaults: CPU-sized ({why}): the built-in run's recipe{latent} at {defaults['img_size']} px, "
+    px = defaults["img_size"] if args.img_size is None else args.img_size
+    seen = "" if size is None or min(size) == px else f" (its first image, {size[0]}x{size[1]}, is scaled and center-cropped to it)"
+    return defaults, (f"defaults: CPU-sized ({why}): the built-in run's recipe{latent} at {px} px{seen}, "
                       f"{defaults['epochs']} epochs of {n:,} images (--defaults paper for the paper's recipe)")
+
+
+def first_image_size(samples):
+    """(width, height) of the first readable image of [(path, label)] (its header only), or None."""
+    for path, _ in samples[:10]:
+        try:
+            with Image.open(path) as img:
+                return img.size
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            continue
+    return None
 
 
 def parse_args(argv=None):
