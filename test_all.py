@@ -1915,7 +1915,7 @@ def test_train_mar_on_a_vae_run_caches_moments_once_and_predicts_v():
     assert latent.defaults_in_force.startswith("defaults: CPU-sized, for the built-in data on VAE latents")
     assert train.parse_args(["--model", "mar", "--vae", vae_path, "--preset", "tiny", "--cfg", "3"]).cfg == 3  # flags win
     pixels = train.parse_args(["--model", "mar"])
-    assert (pixels.preset, pixels.cfg, pixels.cfg_schedule, pixels.temperature) == ("tiny", 7.0, "linear", 1.0)
+    assert (pixels.preset, pixels.cfg, pixels.cfg_schedule, pixels.temperature) == ("tiny", 9.0, "linear", 1.0)
     assert train.tokenizer_digest(training) == ("--vae", train.weights_digest(training.vae))
     assert train.tokenizer_digest(mar.Training(pixels, 10, torch.device("cpu"))) == (None, None)  # pixels: the run's own
     assert training.config["prediction"] == "v" and training.cache_limit == 100_000
@@ -2123,7 +2123,7 @@ def test_train_eval_generates_and_scores_like_fid_py():
             record = [json.loads(l) for l in read(f"{d}/{run}/eval.jsonl").splitlines()][-1]  # one line per evaluation
             assert sorted(os.listdir(f"{d}/gen{nproc}")) == [f"{i:05d}.png" for i in range(20)]
             assert "seconds per image" in p.stdout and record["num_images"] == 20 and record["processes"] == nproc, record
-            assert record["cfg"] == (2.9 if nproc == 1 else 7.0), record  # reference statistics: the paper's defaults
+            assert record["cfg"] == (2.9 if nproc == 1 else 9.0), record  # reference statistics: the paper's defaults
             for key, name in keys + ([("precision", "Precision"), ("recall", "Recall")] if nproc == 2 else []):
                 assert abs(record[key] - printed(p, name)) < 1e-3, (key, p.stdout)
                 assert abs(printed(p, name) - printed(check, name)) <= 1e-5 * printed(check, name) + 1e-9, (key, p.stdout, check.stdout)
