@@ -1915,7 +1915,7 @@ def test_train_mar_on_a_vae_run_caches_moments_once_and_predicts_v():
     assert latent.defaults_in_force.startswith("defaults: CPU-sized, for the built-in data on VAE latents")
     assert train.parse_args(["--model", "mar", "--vae", vae_path, "--preset", "tiny", "--cfg", "3"]).cfg == 3  # flags win
     pixels = train.parse_args(["--model", "mar"])
-    assert (pixels.preset, pixels.cfg, pixels.cfg_schedule, pixels.temperature) == ("tiny", 9.0, "linear", 1.0)
+    assert (pixels.preset, pixels.cfg, pixels.cfg_schedule, pixels.temperature) == ("tiny", 9.0, "linear", 1.1)
     assert train.tokenizer_digest(training) == ("--vae", train.weights_digest(training.vae))
     assert train.tokenizer_digest(mar.Training(pixels, 10, torch.device("cpu"))) == (None, None)  # pixels: the run's own
     assert training.config["prediction"] == "v" and training.cache_limit == 100_000
