@@ -1246,7 +1246,7 @@ BUILTIN = dict(PAPER, preset="tiny", img_size=32, epochs=58, warmup_epochs=1, bl
 # samples of the default checkpoint squares, the weakest class, rise with the scale (temperature 1.0; CFG 7: 50%,
 # 8: 54%, 9: 56%, 11: 58%) as the speckle does (0.108 to 0.124), and with the temperature (CFG 9; 0.9: 40%,
 # 1.0: 56%, 1.1: 63%); at 9 and 1.1, 89%, triangles 71%, every other class at least 81% (README);
-# 58 epochs (9,048 steps; fewer fail squares): with the tokenizer's decoder fit, 10 to 15 minutes on 2 CPU
+# 58 epochs (9,048 steps; fewer fail squares): with the tokenizer's decoder fit, 10 to 16 minutes on 2 CPU
 # cores with bf16 instructions, where the steps run in bf16 autocast (21 to 27 in fp32 on an AVX2 CPU; README);
 # on the latents of a --model vae run (BUILTIN_LATENT): v-prediction (with the paper's eps the MLP draws
 # saturated blobs there), the small preset with the paper's 4 noise draws per token, 87 epochs (13,572 steps),
