@@ -401,6 +401,9 @@ def list_images(root, suffixes=IMG_EXTENSIONS):
     return classes, samples
 
 
+BROKEN_IMAGE = (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError)  # what PIL raises on bad files
+
+
 class ImageFolder(torch.utils.data.Dataset):
     """An ImageNet-style folder: one subfolder per class, sorted names -> labels 0..C-1.
 
@@ -424,7 +427,7 @@ class ImageFolder(torch.utils.data.Dataset):
             path, label = self.samples[(i + k) % len(self.samples)]
             try:
                 return self.load(path), label, i if k else -1
-            except (OSError, SyntaxError, ValueError, struct.error, Image.DecompressionBombError):  # broken files
+            except BROKEN_IMAGE:
                 continue
         fail("no readable image in the data folder")
 
@@ -1188,7 +1191,7 @@ def choose_defaults(args, model):
     if not args.data_path:
         return builtin, f"defaults: CPU-sized, for the built-in data{latent} (--defaults paper for the paper's recipe)"
     samples = list_images(args.data_path)[1]
-    n, size = len(samples), first_image_size(samples)
+    n = len(samples)
     if args.defaults == "auto" and n >= 100_000 and torch.cuda.is_available():
         return model.PAPER, f"defaults: the paper's recipe ({n:,} images and a GPU; --defaults cpu for the CPU-sized one)"
     steps = BUILTIN_IMAGES / n  # epochs scale so that the run takes as many steps as the built-in one
@@ -1196,6 +1199,7 @@ def choose_defaults(args, model):
                     warmup_epochs=round(builtin["warmup_epochs"] * steps))
     why = "--defaults cpu" if args.defaults == "cpu" else "fewer than 100,000 images" if n < 100_000 else "no GPU"
     px = defaults["img_size"] if args.img_size is None else args.img_size
+    size = first_image_size(samples)
     seen = "" if size is None or min(size) == px else f" (its first image, {size[0]}x{size[1]}, is scaled and center-cropped to it)"
     return defaults, (f"defaults: CPU-sized ({why}): the built-in run's recipe{latent} at {px} px{seen}, "
                       f"{defaults['epochs']} epochs of {n:,} images (--defaults paper for the paper's recipe)")
@@ -1207,7 +1211,7 @@ def first_image_size(samples):
         try:
             with Image.open(path) as img:
                 return img.size
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        except BROKEN_IMAGE:
             continue
     return None
 
