@@ -1,5 +1,6 @@
 """
-The papers' evaluation table in one file: FID, sFID, Inception Score, precision and recall.
+The papers' evaluation table in one file: FID, sFID, Inception Score, precision and recall (and
+the built-in data's colour-blind class judge).
 
     python fid.py samples/ VIRTUAL_imagenet256_labeled.npz  # all five, as ADM's evaluator and torch-fidelity
     python fid.py samples/ adm_in256_stats.npz          # FID and IS only: the file holds pool3 statistics only
@@ -28,9 +29,14 @@ Read it top to bottom:
   2. The two input pipelines (TF1-exact resize, or pytorch-fid's) and loading the weights.
   3. Statistics, the Frechet distance, both Inception Scores, precision and recall.
   4. Feeding images: folders, .npz files, and generators scoring batches as they make them (DDP).
-  5. Reconstruction metrics for tokenizers (rFID, PSNR, SSIM) and the command line.
+  5. Reconstruction metrics for tokenizers (rFID, PSNR, SSIM).
+  6. The built-in benchmark of train.py's CPU-sized runs: ten classes of drawn images that differ
+     in shape or texture only, and a judge that sees luminance only, so it cannot name a class by
+     its colour.
+  7. The command line.
 """
 import argparse
+import colorsys
 import hashlib
 import os
 import sys
@@ -223,6 +229,11 @@ def preprocess(images, pytorch_fid=False):
     if images.dtype != torch.uint8:
         raise ValueError(f"the TF-exact pipeline takes uint8 images, got {images.dtype} (use to_uint8 first)")
     return (resize_tf1(images.float()) - 128) / 128
+
+
+def to_tensor(arr):
+    """uint8 (..., H, W, C) array or tensor -> float (..., C, H, W) in [-1, 1] (ToTensor + Normalize(0.5, 0.5))."""
+    return torch.as_tensor(arr).movedim(-1, -3).float() / 127.5 - 1
 
 
 def to_uint8(images):
@@ -693,7 +704,7 @@ def stack_same_size(images):
 
 
 # =============================================================================================
-# 5. Reconstruction metrics (tokenizers) and the command line
+# 5. Reconstruction metrics (tokenizers)
 # =============================================================================================
 
 def psnr(a, b):
@@ -748,6 +759,215 @@ class ReconstructionMetrics:
             out.update(rfid=frechet_distance(*statistics(fake), *statistics(real)), num_images=len(real))
         return out
 
+
+# =============================================================================================
+# 6. The built-in benchmark: ten classes told apart by shape, and a judge that sees no colour
+# =============================================================================================
+# The project's own data and evaluation for the CPU-sized runs (train.py without --data-path):
+# ten classes that differ in SHAPE or TEXTURE only: disc, square, triangle, ring, plus, horizontal
+# stripes, vertical stripes, checkerboard, gradient, dots. Every image is a light shape on a dark
+# ground in one colour (any hue and saturation, drawn alike for every class), so colour says
+# nothing about the class, while the light/dark contrast shows every shape to a colour-blind eye.
+# Random position, size, rotation, hue and a faint background ramp give variety inside a class.
+# Drawn from signed distance fields (anti-aliased at any size), deterministic from (seed, label,
+# index), no download, generated once into memory. Why light on dark, and why these sizes: README,
+# "How the CPU-sized recipes were found".
+
+TOY_CLASSES = ["disc", "square", "triangle", "ring", "plus", "h-stripes", "v-stripes", "checkerboard",
+               "gradient", "dots"]
+NO_CLASS = len(TOY_CLASSES)  # the judge's eleventh answer: none of them (see no_class_coverage)
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B: all a colour-blind judge sees
+
+
+def toy_image(label, index, seed=0, size=32):
+    """uint8 array (size, size, 3) of class `label`; deterministic in (seed, label, index)."""
+    rng = np.random.default_rng([seed, label, index])
+    x = ((np.arange(size) + 0.5) / size * 2 - 1)[None, :]  # pixel centres in [-1, 1]
+    y = x.T
+    rotate = lambda u, v, a: (np.cos(a) * u + np.sin(a) * v, np.cos(a) * v - np.sin(a) * u)
+    stripes = lambda u, f: (0.25 - np.abs(np.mod(u * f + rng.uniform(), 1.0) - 0.5)) / f  # > 0 on a stripe
+    hue, saturation = rng.uniform(), rng.uniform(0, 0.9)
+    fg, bg = (np.array(colorsys.hsv_to_rgb(hue, saturation, v)) for v in (rng.uniform(0.75, 1), rng.uniform(0, 0.35)))
+    u0, v0 = x - rng.uniform(-0.15, 0.15), y - rng.uniform(-0.15, 0.15)
+    u, v = rotate(u0, v0, rng.uniform(0, 2 * np.pi))
+    r = np.hypot(u0, v0)
+    if label == 0:  # disc
+        d = rng.uniform(0.45, 0.9) - r
+    elif label == 1:  # square, any rotation
+        d = rng.uniform(0.42, 0.75) - np.maximum(np.abs(u), np.abs(v))
+    elif label == 2:  # equilateral triangle: the intersection of three half-planes
+        d = np.min([rng.uniform(0.3, 0.48) - rotate(u, v, k * 2 * np.pi / 3)[0] for k in range(3)], axis=0)
+    elif label == 3:  # ring
+        d = rng.uniform(0.15, 0.27) - np.abs(r - rng.uniform(0.57, 0.9))
+    elif label == 4:  # plus (an x when rotated)
+        w, arm = rng.uniform(0.15, 0.255), rng.uniform(0.675, 0.975)
+        d = np.maximum(np.minimum(w - np.abs(u), arm - np.abs(v)), np.minimum(w - np.abs(v), arm - np.abs(u)))
+    elif label in (5, 6, 7):  # horizontal / vertical stripes, checkerboard: up to 12 degrees off axis
+        u, v = rotate(x, y, rng.uniform(-0.2, 0.2))
+        f = rng.uniform(1.5, 2.8) if label < 7 else rng.uniform(1.2, 2.0)
+        a, b = stripes(v, f), stripes(u, f)
+        d = a if label == 5 else b if label == 6 else np.sign(a * b) * np.minimum(np.abs(a), np.abs(b))
+    elif label == 8:  # gradient: the whole image ramps from dark to light
+        d = (np.cos(a := rng.uniform(0, 2 * np.pi)) * x + np.sin(a) * y) / size * rng.uniform(1.5, 3)
+    elif label == 9:  # dots: 5-12 small discs anywhere
+        n = rng.integers(5, 13)
+        centres, radii = rng.uniform(-0.8, 0.8, size=(n, 2)), rng.uniform(0.08, 0.15, size=n)
+        d = np.max(radii - np.hypot(x[..., None] - centres[:, 0], y[..., None] - centres[:, 1]), axis=-1)
+    else:  # NO_CLASS, for the judge only
+        d = (no_class_coverage(rng, index, seed, size) - 0.5) * 2 / size
+    shade = 1 + 0.15 * (np.cos(a := rng.uniform(0, 2 * np.pi)) * x + np.sin(a) * y)[..., None]  # faint ramp
+    coverage = np.clip(0.5 + d * size / 2, 0, 1)[..., None]  # anti-aliased: distance in pixels
+    return np.round(np.clip(bg * shade + (fg - bg * shade) * coverage, 0, 1) * 255).astype(np.uint8)
+
+
+def no_class_coverage(rng, index, seed, size):
+    """What a failed generator draws, for the judge's NO_CLASS: a coverage map (size, size) in [0, 1]
+    (toy_image colours it as a class's shape) of one of seven kinds, at full or faint contrast."""
+    kind, level, luma, shapes = rng.integers(7), rng.uniform(0, 0.6), np.array(LUMA), [0, 1, 2, 3, 4, 9]
+    if kind >= 5:  # mixed 8x8 tokens: patches of 2-8 images of a shape or the dots, or polyphase tokens of 4-8
+        polyphase = kind == 6  # dots images, dithered into one: many faint specks, not 5-12 dots
+        k = 9 if polyphase else rng.choice(shapes)
+        images = np.stack([toy_image(k, index * 8 + j, seed + 1, size) for j in range(rng.integers(4 if polyphase else 2, 9))])
+        which = rng.integers(len(images), size=(size // 8, size // 8))  # (g, g): whose token goes where
+        which = np.tile(which, (8, 8)) if polyphase else np.kron(which, np.ones((8, 8), int))  # (size, size)
+        p = np.take_along_axis(images @ luma, which[None], 0)[0]
+    elif kind == 4:  # the spectrum of a shape or of the dots with random phases: its texture, no shape
+        L = toy_image(rng.choice(shapes), index, seed + 1, size) @ luma
+        phase = np.angle(np.fft.fft2(rng.standard_normal((size, size))))  # a real image's: the result is real
+        p = np.fft.ifft2(np.abs(np.fft.fft2(L - L.mean())) * np.exp(1j * phase)).real
+    elif kind == 0:  # one flat level
+        p = np.full((size, size), rng.uniform(0, 1))
+    elif kind == 1:  # pixel noise
+        p = level + rng.uniform(0.1, 0.5) * rng.standard_normal((size, size))
+    elif kind == 2:  # specks: single pixels lit at random, on faint noise
+        p = (rng.random((size, size)) < rng.uniform(0.02, 0.15)) * rng.uniform(0.3, 1, (size, size))
+        p = p + level / 3 + 0.1 * rng.standard_normal((size, size))
+    else:  # clouds and blotches: pixel noise blurred (sigma 0.7-4 px) in the Fourier domain, soft or sharp
+        f = np.fft.fftfreq(size) ** 2
+        c = np.fft.ifft2(np.fft.fft2(rng.standard_normal((size, size))) * np.exp(-2 * (np.pi * rng.uniform(0.7, 4)) ** 2 * (f[:, None] + f))).real
+        p = 1 / (1 + np.exp(-rng.uniform(1, 8) * c / c.std() + rng.uniform(-3, 2)))
+    if kind >= 4:  # stretched to [0, 1]
+        p = (p - p.min()) / max(p.max() - p.min(), 1e-6)
+    return np.clip(p * rng.uniform(0.25, 1), 0, 1)  # faint or full contrast
+
+
+BUILTIN_IMAGES = 10000  # the built-in training set
+
+
+def toy_images(size=32, num_images=BUILTIN_IMAGES, seed=0, progress=False, classes=10):
+    """uint8 (num_images, size, size, 3): image i of class i % classes (about 3 s for 10,000; the
+    judge's 11 classes include NO_CLASS)."""
+    return torch.from_numpy(np.stack([toy_image(i % classes, i // classes, seed, size) for i in
+                                      tqdm(range(num_images), desc="drawing built-in data", disable=not progress)]))
+
+
+class ToyDataset(torch.utils.data.Dataset):
+    """The built-in training set: `toy_images` drawn once into memory, kept as model inputs."""
+
+    def __init__(self, size=32, num_images=BUILTIN_IMAGES, seed=0, progress=False):
+        self.classes = TOY_CLASSES
+        self.images = to_tensor(toy_images(size, num_images, seed, progress)).contiguous()  # (N, 3, H, W) in [-1, 1]
+        # (an image taken from here costs 3 us against 20 to convert it: 13 s of a default run)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], i % 10, -1
+
+
+def luminance(x):
+    """(B, 3, H, W) RGB in [-1, 1] -> (B, 1, H, W) luma (ITU-R BT.601): all a colour-blind judge sees."""
+    return (x * torch.tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+
+def toy_judge(size=32, steps=1000, seed=0):
+    """The built-in data's judge: a small CNN that sees luminance only (it cannot use colour), trained
+    on fresh toy images that no model trains on (seed + 1000), half of them blurred and all with some
+    noise so that it tolerates soft samples. Its eleventh answer, NO_CLASS, is trained on images of no
+    class (toy_image's last branch): without it the judge must name a class for anything, and it named
+    a flat or noisy image "gradient" and scattered specks "dots". 99-100% on real held-out images. Trained in bf16
+    autocast where the CPU has bf16 instructions and channels_last (2x faster there; about 30 s on
+    2 cores with drawing its images), and judging in fp32."""
+    g, answers = torch.Generator().manual_seed(seed), NO_CLASS + 1
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    block = lambda cin, cout: [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+    with torch.random.fork_rng():  # the same judge in every run, and the run's own random stream untouched
+        torch.manual_seed(seed)
+        net = nn.Sequential(*block(1, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2), *block(64, 128),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, answers)).to(memory_format=torch.channels_last)
+    see = lambda images: luminance(images).contiguous(memory_format=torch.channels_last)  # (B, 1, H, W)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    data = toy_images(size, steps * 64, seed=seed + 1000, classes=answers)
+    for i in range(steps):
+        x = see(to_tensor(data[i * 64: (i + 1) * 64]))  # (64, 1, H, W)
+        x = gaussian_blur(x, float(torch.empty(()).uniform_(0.3, 1.0, generator=g))) if torch.rand((), generator=g) < 0.5 else x
+        x = x + torch.rand(64, 1, 1, 1, generator=g) * 0.15 * torch.randn(x.shape, generator=g)
+        with amp:
+            loss = F.cross_entropy(net(x), torch.arange(i * 64, (i + 1) * 64) % answers)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return lambda images: net.eval()(see(images.float().cpu()))
+
+
+def gaussian_blur(x, sigma):
+    """Separable 7-tap Gaussian blur of (B, C, H, W), per channel."""
+    k = torch.exp(-torch.arange(-3, 4, dtype=x.dtype) ** 2 / (2 * sigma ** 2))
+    k = (k / k.sum()).repeat(x.shape[1], 1, 1, 1)
+    x = F.conv2d(F.pad(x, (3, 3, 0, 0), mode="replicate"), k.view(-1, 1, 1, 7), groups=x.shape[1])
+    return F.conv2d(F.pad(x, (0, 0, 3, 3), mode="replicate"), k.view(-1, 1, 7, 1), groups=x.shape[1])
+
+
+@torch.no_grad()
+def class_accuracy(judge, images, labels):
+    """-> (overall accuracy, accuracy per class, the share named NO_CLASS) of the judge's predictions."""
+    pred = judge(images).argmax(1)
+    hit = (pred == labels.cpu()).float()
+    return hit.mean().item(), [hit[labels.cpu() == c].mean().item() for c in range(len(TOY_CLASSES))], \
+        (pred == NO_CLASS).float().mean().item()
+
+
+def token_steps(images, block=8):
+    """What class accuracy does not see -> (seams, speckle, roughness): the mean luma step between
+    neighbouring pixels across the borders of the block x block grid (MAR's pixel tokens) divided by
+    the mean step everywhere else (about 1 for real images; > 2 for a mosaic of tokens each at its
+    own level), that mean step inside the blocks (noise inside tokens raises it, and would lower
+    the seam ratio if it were reported alone), and the mean step over the whole image (steps moved
+    off the borders, spread over a few pixels, lower the seam ratio but not this)."""
+    y = luminance(images.float().cpu())[:, 0]                               # (B, H, W)
+    dx, dy = (y[:, :, 1:] - y[:, :, :-1]).abs(), (y[:, 1:] - y[:, :-1]).abs()
+    border = torch.arange(1, y.shape[-1]) % block == 0                     # steps from pixel i-1 to i
+    across = torch.cat([dx[:, :, border].flatten(), dy[:, border].flatten()]).mean()
+    inside = torch.cat([dx[:, :, ~border].flatten(), dy[:, ~border].flatten()]).mean()
+    return (across / inside).item(), inside.item(), torch.cat([dx.flatten(), dy.flatten()]).mean().item()
+
+
+def judge_samples(images, labels, size, seed, grid):
+    """The built-in data's verdict on generated images, the first `grid` of them the final grid's ->
+    log lines: the colour-blind judge's class accuracy, overall and per class, on all of them and on
+    the grid alone, the share it names no class, the token seams and speckle, each beside real held-out images'."""
+    judge, real = toy_judge(size), to_tensor(toy_images(size, 1000, seed=seed + 2000))  # nobody trained on them
+    ceiling, _, real_none = class_accuracy(judge, real, torch.arange(1000) % 10)
+    accuracy, per_class, none = class_accuracy(judge, images, labels)
+    on_grid, per_class_grid, _ = class_accuracy(judge, images[:grid], labels[:grid])
+    (seams, speckle, rough), (real_seams, real_speckle, real_rough) = token_steps(images), token_steps(real)
+    return [f"class accuracy of {len(images)} final samples, by a judge that sees luminance only: {accuracy:.0%} "
+            f"(the grid's {grid}: {on_grid:.0%}; real held-out images: {ceiling:.0%})",
+            f"named none of the classes (flat, noise, specks, clouds, mixed tokens): {none:.0%} of the samples "
+            f"(real held-out images: {real_none:.0%})",
+            f"per class ({len(images)} / grid): " + ", ".join(f"{name} {a:.0%} / {b:.0%}"
+                                                              for name, a, b in zip(TOY_CLASSES, per_class, per_class_grid)),
+            f"token seams (luma steps across 8x8 block borders / elsewhere; 1 = none): {seams:.2f} (real held-out "
+            f"images: {real_seams:.2f}); speckle (mean luma step inside the blocks): {speckle:.3f} (real: {real_speckle:.3f}); "
+            f"roughness (mean luma step over the whole image): {rough:.3f} (real: {real_rough:.3f})"]
+
+
+# =============================================================================================
+# 7. The command line
+# =============================================================================================
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="FID, sFID, IS, precision and recall (torch-fidelity's and ADM's numbers; "

@@ -21,7 +21,6 @@ to that file's `Training` module: `.model` and `.config`, `inputs` (a data batch
 `BUILTIN`) and AdamW `betas`. CODA's adds a second player (`after_step`) and logged `metrics`.
 """
 import argparse
-import colorsys
 import copy
 import datetime
 import fcntl
@@ -42,8 +41,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -378,11 +375,6 @@ def center_crop_arr(pil_image, image_size):
     return arr[top: top + image_size, left: left + image_size]
 
 
-def to_tensor(arr):
-    """uint8 (..., H, W, C) array or tensor -> float (..., C, H, W) in [-1, 1] (ToTensor + Normalize(0.5, 0.5))."""
-    return torch.as_tensor(arr).movedim(-1, -3).float() / 127.5 - 1
-
-
 @functools.lru_cache(maxsize=4)  # choose_defaults and ImageFolder list the same folder once
 def list_images(root, suffixes=IMG_EXTENSIONS):
     """-> (class names, [(path, label)]) of an ImageNet-style folder, sorted, or a one-line error."""
@@ -420,7 +412,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def load(self, path):
         with Image.open(path) as img:  # 16-bit images scaled to 8 bits, not clipped (fid.to_rgb)
-            return to_tensor(center_crop_arr(Image.fromarray(fid.to_rgb(img)), self.image_size))
+            return fid.to_tensor(center_crop_arr(Image.fromarray(fid.to_rgb(img)), self.image_size))
 
     def __getitem__(self, i):
         for k in range(len(self.samples)):
@@ -555,200 +547,19 @@ class CachedTokens(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(self.codes[i])), int(self.labels[i]), -1
 
 
-# ---- the built-in data: procedurally drawn, class-conditional toy images ---------------------
-# Ten classes that differ in SHAPE or TEXTURE only: disc, square, triangle, ring, plus, horizontal
-# stripes, vertical stripes, checkerboard, gradient, dots. Every image is a light shape on a dark
-# ground in one colour (any hue and saturation, drawn alike for every class), so colour says
-# nothing about the class, while the light/dark contrast shows every shape to a colour-blind eye.
-# Random position, size, rotation, hue and a faint background ramp give variety inside a class.
-# Drawn from signed distance fields (anti-aliased at any size), deterministic from (seed, label,
-# index), no download, generated once into memory. Why light on dark, and why these sizes: README,
-# "How the CPU-sized recipes were found".
-
-TOY_CLASSES = ["disc", "square", "triangle", "ring", "plus", "h-stripes", "v-stripes", "checkerboard",
-               "gradient", "dots"]
-NO_CLASS = len(TOY_CLASSES)  # the judge's eleventh answer: none of them (see no_class_coverage)
-LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B: all a colour-blind judge sees
-
-
-def toy_image(label, index, seed=0, size=32):
-    """uint8 array (size, size, 3) of class `label`; deterministic in (seed, label, index)."""
-    rng = np.random.default_rng([seed, label, index])
-    x = ((np.arange(size) + 0.5) / size * 2 - 1)[None, :]  # pixel centres in [-1, 1]
-    y = x.T
-    rotate = lambda u, v, a: (np.cos(a) * u + np.sin(a) * v, np.cos(a) * v - np.sin(a) * u)
-    stripes = lambda u, f: (0.25 - np.abs(np.mod(u * f + rng.uniform(), 1.0) - 0.5)) / f  # > 0 on a stripe
-    hue, saturation = rng.uniform(), rng.uniform(0, 0.9)
-    fg, bg = (np.array(colorsys.hsv_to_rgb(hue, saturation, v)) for v in (rng.uniform(0.75, 1), rng.uniform(0, 0.35)))
-    u0, v0 = x - rng.uniform(-0.15, 0.15), y - rng.uniform(-0.15, 0.15)
-    u, v = rotate(u0, v0, rng.uniform(0, 2 * np.pi))
-    r = np.hypot(u0, v0)
-    if label == 0:  # disc
-        d = rng.uniform(0.45, 0.9) - r
-    elif label == 1:  # square, any rotation
-        d = rng.uniform(0.42, 0.75) - np.maximum(np.abs(u), np.abs(v))
-    elif label == 2:  # equilateral triangle: the intersection of three half-planes
-        d = np.min([rng.uniform(0.3, 0.48) - rotate(u, v, k * 2 * np.pi / 3)[0] for k in range(3)], axis=0)
-    elif label == 3:  # ring
-        d = rng.uniform(0.15, 0.27) - np.abs(r - rng.uniform(0.57, 0.9))
-    elif label == 4:  # plus (an x when rotated)
-        w, arm = rng.uniform(0.15, 0.255), rng.uniform(0.675, 0.975)
-        d = np.maximum(np.minimum(w - np.abs(u), arm - np.abs(v)), np.minimum(w - np.abs(v), arm - np.abs(u)))
-    elif label in (5, 6, 7):  # horizontal / vertical stripes, checkerboard: up to 12 degrees off axis
-        u, v = rotate(x, y, rng.uniform(-0.2, 0.2))
-        f = rng.uniform(1.5, 2.8) if label < 7 else rng.uniform(1.2, 2.0)
-        a, b = stripes(v, f), stripes(u, f)
-        d = a if label == 5 else b if label == 6 else np.sign(a * b) * np.minimum(np.abs(a), np.abs(b))
-    elif label == 8:  # gradient: the whole image ramps from dark to light
-        d = (np.cos(a := rng.uniform(0, 2 * np.pi)) * x + np.sin(a) * y) / size * rng.uniform(1.5, 3)
-    elif label == 9:  # dots: 5-12 small discs anywhere
-        n = rng.integers(5, 13)
-        centres, radii = rng.uniform(-0.8, 0.8, size=(n, 2)), rng.uniform(0.08, 0.15, size=n)
-        d = np.max(radii - np.hypot(x[..., None] - centres[:, 0], y[..., None] - centres[:, 1]), axis=-1)
-    else:  # NO_CLASS, for the judge only
-        d = (no_class_coverage(rng, index, seed, size) - 0.5) * 2 / size
-    shade = 1 + 0.15 * (np.cos(a := rng.uniform(0, 2 * np.pi)) * x + np.sin(a) * y)[..., None]  # faint ramp
-    coverage = np.clip(0.5 + d * size / 2, 0, 1)[..., None]  # anti-aliased: distance in pixels
-    return np.round(np.clip(bg * shade + (fg - bg * shade) * coverage, 0, 1) * 255).astype(np.uint8)
-
-
-def no_class_coverage(rng, index, seed, size):
-    """What a failed generator draws, for the judge's NO_CLASS: a coverage map (size, size) in [0, 1]
-    (toy_image colours it as a class's shape) of one of seven kinds, at full or faint contrast."""
-    kind, level, luma, shapes = rng.integers(7), rng.uniform(0, 0.6), np.array(LUMA), [0, 1, 2, 3, 4, 9]
-    if kind >= 5:  # mixed 8x8 tokens: patches of 2-8 images of a shape or the dots, or polyphase tokens of 4-8
-        polyphase = kind == 6  # dots images, dithered into one: many faint specks, not 5-12 dots
-        k = 9 if polyphase else rng.choice(shapes)
-        images = np.stack([toy_image(k, index * 8 + j, seed + 1, size) for j in range(rng.integers(4 if polyphase else 2, 9))])
-        which = rng.integers(len(images), size=(size // 8, size // 8))  # (g, g): whose token goes where
-        which = np.tile(which, (8, 8)) if polyphase else np.kron(which, np.ones((8, 8), int))  # (size, size)
-        p = np.take_along_axis(images @ luma, which[None], 0)[0]
-    elif kind == 4:  # the spectrum of a shape or of the dots with random phases: its texture, no shape
-        L = toy_image(rng.choice(shapes), index, seed + 1, size) @ luma
-        phase = np.angle(np.fft.fft2(rng.standard_normal((size, size))))  # a real image's: the result is real
-        p = np.fft.ifft2(np.abs(np.fft.fft2(L - L.mean())) * np.exp(1j * phase)).real
-    elif kind == 0:  # one flat level
-        p = np.full((size, size), rng.uniform(0, 1))
-    elif kind == 1:  # pixel noise
-        p = level + rng.uniform(0.1, 0.5) * rng.standard_normal((size, size))
-    elif kind == 2:  # specks: single pixels lit at random, on faint noise
-        p = (rng.random((size, size)) < rng.uniform(0.02, 0.15)) * rng.uniform(0.3, 1, (size, size))
-        p = p + level / 3 + 0.1 * rng.standard_normal((size, size))
-    else:  # clouds and blotches: pixel noise blurred (sigma 0.7-4 px) in the Fourier domain, soft or sharp
-        f = np.fft.fftfreq(size) ** 2
-        c = np.fft.ifft2(np.fft.fft2(rng.standard_normal((size, size))) * np.exp(-2 * (np.pi * rng.uniform(0.7, 4)) ** 2 * (f[:, None] + f))).real
-        p = 1 / (1 + np.exp(-rng.uniform(1, 8) * c / c.std() + rng.uniform(-3, 2)))
-    if kind >= 4:  # stretched to [0, 1]
-        p = (p - p.min()) / max(p.max() - p.min(), 1e-6)
-    return np.clip(p * rng.uniform(0.25, 1), 0, 1)  # faint or full contrast
-
-
-BUILTIN_IMAGES = 10000  # the built-in training set
-
-
-def toy_images(size=32, num_images=BUILTIN_IMAGES, seed=0, progress=False, classes=10):
-    """uint8 (num_images, size, size, 3): image i of class i % classes (about 3 s for 10,000; the
-    judge's 11 classes include NO_CLASS)."""
-    return torch.from_numpy(np.stack([toy_image(i % classes, i // classes, seed, size) for i in
-                                      tqdm(range(num_images), desc="drawing built-in data", disable=not progress)]))
-
-
-class ToyDataset(torch.utils.data.Dataset):
-    """The built-in training set: `toy_images` drawn once into memory, kept as model inputs."""
-
-    def __init__(self, size=32, num_images=BUILTIN_IMAGES, seed=0, progress=False):
-        self.classes = TOY_CLASSES
-        self.images = to_tensor(toy_images(size, num_images, seed, progress)).contiguous()  # (N, 3, H, W) in [-1, 1]
-        # (an image taken from here costs 3 us against 20 to convert it: 13 s of a default run)
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i], i % 10, -1
-
-
-def luminance(x):
-    """(B, 3, H, W) RGB in [-1, 1] -> (B, 1, H, W) luma (ITU-R BT.601): all a colour-blind judge sees."""
-    return (x * torch.tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
-
-
-def toy_judge(size=32, steps=1000, seed=0):
-    """The built-in data's judge: a small CNN that sees luminance only (it cannot use colour), trained
-    on fresh toy images that no model trains on (seed + 1000), half of them blurred and all with some
-    noise so that it tolerates soft samples. Its eleventh answer, NO_CLASS, is trained on images of no
-    class (toy_image's last branch): without it the judge must name a class for anything, and it named
-    a flat or noisy image "gradient" and scattered specks "dots". 99-100% on real held-out images. Trained in bf16
-    autocast where the CPU has bf16 instructions and channels_last (2x faster there; about 30 s on
-    2 cores with drawing its images), and judging in fp32."""
-    g, amp, answers = torch.Generator().manual_seed(seed), mar.autocast(torch.device("cpu")), NO_CLASS + 1
-    block = lambda cin, cout: [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
-    with torch.random.fork_rng():  # the same judge in every run, and the run's own random stream untouched
-        torch.manual_seed(seed)
-        net = nn.Sequential(*block(1, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2), *block(64, 128),
-                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, answers)).to(memory_format=torch.channels_last)
-    see = lambda images: luminance(images).contiguous(memory_format=torch.channels_last)  # (B, 1, H, W)
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    data = toy_images(size, steps * 64, seed=seed + 1000, classes=answers)
-    for i in range(steps):
-        x = see(to_tensor(data[i * 64: (i + 1) * 64]))  # (64, 1, H, W)
-        x = gaussian_blur(x, float(torch.empty(()).uniform_(0.3, 1.0, generator=g))) if torch.rand((), generator=g) < 0.5 else x
-        x = x + torch.rand(64, 1, 1, 1, generator=g) * 0.15 * torch.randn(x.shape, generator=g)
-        with amp:
-            loss = F.cross_entropy(net(x), torch.arange(i * 64, (i + 1) * 64) % answers)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return lambda images: net.eval()(see(images.float().cpu()))
-
-
-def gaussian_blur(x, sigma):
-    """Separable 7-tap Gaussian blur of (B, C, H, W), per channel."""
-    k = torch.exp(-torch.arange(-3, 4, dtype=x.dtype) ** 2 / (2 * sigma ** 2))
-    k = (k / k.sum()).repeat(x.shape[1], 1, 1, 1)
-    x = F.conv2d(F.pad(x, (3, 3, 0, 0), mode="replicate"), k.view(-1, 1, 1, 7), groups=x.shape[1])
-    return F.conv2d(F.pad(x, (0, 0, 3, 3), mode="replicate"), k.view(-1, 1, 7, 1), groups=x.shape[1])
-
-
-@torch.no_grad()
-def class_accuracy(judge, images, labels):
-    """-> (overall accuracy, accuracy per class, the share named NO_CLASS) of the judge's predictions."""
-    pred = judge(images).argmax(1)
-    hit = (pred == labels.cpu()).float()
-    return hit.mean().item(), [hit[labels.cpu() == c].mean().item() for c in range(len(TOY_CLASSES))], \
-        (pred == NO_CLASS).float().mean().item()
-
-
-def token_steps(images, block=8):
-    """What class accuracy does not see -> (seams, speckle, roughness): the mean luma step between
-    neighbouring pixels across the borders of the block x block grid (MAR's pixel tokens) divided by
-    the mean step everywhere else (about 1 for real images; > 2 for a mosaic of tokens each at its
-    own level), that mean step inside the blocks (noise inside tokens raises it, and would lower
-    the seam ratio if it were reported alone), and the mean step over the whole image (steps moved
-    off the borders, spread over a few pixels, lower the seam ratio but not this)."""
-    y = luminance(images.float().cpu())[:, 0]                               # (B, H, W)
-    dx, dy = (y[:, :, 1:] - y[:, :, :-1]).abs(), (y[:, 1:] - y[:, :-1]).abs()
-    border = torch.arange(1, y.shape[-1]) % block == 0                     # steps from pixel i-1 to i
-    across = torch.cat([dx[:, :, border].flatten(), dy[:, border].flatten()]).mean()
-    inside = torch.cat([dx[:, :, ~border].flatten(), dy[:, ~border].flatten()]).mean()
-    return (across / inside).item(), inside.item(), torch.cat([dx.flatten(), dy.flatten()]).mean().item()
-
-
 def training_data(args, rank):
     if getattr(args, "use_cached", False):
         return CachedLatents(args.cache_path)
     if args.data_path:
         return ImageFolder(args.data_path, args.img_size)
-    return ToyDataset(args.img_size, seed=args.seed, progress=rank == 0)
+    return fid.ToyDataset(args.img_size, seed=args.seed, progress=rank == 0)
 
 
 def holdout_images(args, n):
     """n images the model does not train on, in [-1, 1] (n, 3, H, W): toy images of another seed,
     or the first n of --val-path (default: of --data-path)."""
     if not (args.data_path or args.val_path):
-        return to_tensor(toy_images(args.img_size, n, seed=args.seed + 1000))
+        return fid.to_tensor(fid.toy_images(args.img_size, n, seed=args.seed + 1000))
     data = ImageFolder(args.val_path or args.data_path, args.img_size)
     return torch.stack([data[i][0] for i in range(min(n, len(data)))])
 
@@ -773,38 +584,18 @@ class ShardSampler(torch.utils.data.Sampler):
 #                           Generate and score (--eval)                         #
 #################################################################################
 
-def judge_samples(images, labels, size, seed, grid):
-    """The built-in data's verdict on generated images, the first `grid` of them the final grid's ->
-    log lines: the colour-blind judge's class accuracy, overall and per class, on all of them and on
-    the grid alone, the share it names no class, the token seams and speckle, each beside real held-out images'."""
-    judge, real = toy_judge(size), to_tensor(toy_images(size, 1000, seed=seed + 2000))  # nobody trained on them
-    ceiling, _, real_none = class_accuracy(judge, real, torch.arange(1000) % 10)
-    accuracy, per_class, none = class_accuracy(judge, images, labels)
-    on_grid, per_class_grid, _ = class_accuracy(judge, images[:grid], labels[:grid])
-    (seams, speckle, rough), (real_seams, real_speckle, real_rough) = token_steps(images), token_steps(real)
-    return [f"class accuracy of {len(images)} final samples, by a judge that sees luminance only: {accuracy:.0%} "
-            f"(the grid's {grid}: {on_grid:.0%}; real held-out images: {ceiling:.0%})",
-            f"named none of the classes (flat, noise, specks, clouds, mixed tokens): {none:.0%} of the samples "
-            f"(real held-out images: {real_none:.0%})",
-            f"per class ({len(images)} / grid): " + ", ".join(f"{name} {a:.0%} / {b:.0%}"
-                                                              for name, a, b in zip(TOY_CLASSES, per_class, per_class_grid)),
-            f"token seams (luma steps across 8x8 block borders / elsewhere; 1 = none): {seams:.2f} (real held-out "
-            f"images: {real_seams:.2f}); speckle (mean luma step inside the blocks): {speckle:.3f} (real: {real_speckle:.3f}); "
-            f"roughness (mean luma step over the whole image): {rough:.3f} (real: {real_rough:.3f})"]
-
-
 @torch.no_grad()
 def builtin_reference(args, net):
     """The built-in data's reference set: Inception statistics (pool3 and spatial) and pool3
     features of `num_images` held-out toy images (another seed than the training set, classes
     balanced), cached in the output folder under a name that changes with the data's drawing code."""
-    drawn = hashlib.sha1(toy_images(args.img_size, 10, seed=args.seed + 1000).numpy().tobytes()).hexdigest()[:8]
+    drawn = hashlib.sha1(fid.toy_images(args.img_size, 10, seed=args.seed + 1000).numpy().tobytes()).hexdigest()[:8]
     path = os.path.join(args.output_dir, f"fid_stats_builtin_{args.img_size}px_{args.num_images}_{drawn}.npz")
     if os.path.exists(path):
         reference = fid.load_statistics(path)
         if {"mu_s", "pool"} <= set(reference):  # a cache written before sFID / precision-recall is redone
             return reference
-    images = toy_images(args.img_size, args.num_images, seed=args.seed + 1000).permute(0, 3, 1, 2)  # uint8
+    images = fid.toy_images(args.img_size, args.num_images, seed=args.seed + 1000).permute(0, 3, 1, 2)  # uint8
     scorer = fid.score_dataset(images, net, args.eval_batch_size, desc="reference statistics")  # each rank its block
     reference = fid.summarize(*scorer.features())
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -1151,8 +942,8 @@ def final_report(args, training, ema, images, labels, grid, held_out, device):
         return lines
     if not (args.data_path or getattr(args, "use_cached", False)) and args.img_size == 32:
         more = [grid(None, args.seed + k) for k in range(1, 5)]  # 50 samples a class: one grid's 10 are a noisy verdict
-        return judge_samples(torch.cat([images] + [m[0] for m in more]), torch.cat([labels.cpu()] + [m[1].cpu() for m in more]),
-                             args.img_size, args.seed, grid=len(images))
+        return fid.judge_samples(torch.cat([images] + [m[0] for m in more]), torch.cat([labels.cpu()] + [m[1].cpu() for m in more]),
+                                 args.img_size, args.seed, grid=len(images))
     return []
 
 
@@ -1194,7 +985,7 @@ def choose_defaults(args, model):
     n = len(samples)
     if args.defaults == "auto" and n >= 100_000 and torch.cuda.is_available():
         return model.PAPER, f"defaults: the paper's recipe ({n:,} images and a GPU; --defaults cpu for the CPU-sized one)"
-    steps = BUILTIN_IMAGES / n  # epochs scale so that the run takes as many steps as the built-in one
+    steps = fid.BUILTIN_IMAGES / n  # epochs scale so that the run takes as many steps as the built-in one
     defaults = dict(builtin, epochs=max(1, round(builtin["epochs"] * steps)),
                     warmup_epochs=round(builtin["warmup_epochs"] * steps))
     why = "--defaults cpu" if args.defaults == "cpu" else "fewer than 100,000 images" if n < 100_000 else "no GPU"
