@@ -965,6 +965,26 @@ def judge_samples(images, labels, size, seed, grid):
             f"roughness (mean luma step over the whole image): {rough:.3f} (real: {real_rough:.3f})"]
 
 
+@torch.no_grad()
+def builtin_reference(folder, size, num_images, seed, net, batch_size=100):
+    """The built-in data's reference set for FID and the rest: Inception statistics (pool3 and
+    spatial) and pool3 features of `num_images` toy images of `seed` (held out: not the training
+    set's seed), classes balanced, computed in shards over the DDP ranks and cached in `folder`
+    under a name that changes with the drawing code."""
+    drawn = hashlib.sha1(toy_images(size, 10, seed=seed).numpy().tobytes()).hexdigest()[:8]
+    path = os.path.join(folder, f"fid_stats_builtin_{size}px_{num_images}_{drawn}.npz")
+    if os.path.exists(path):
+        reference = load_statistics(path)
+        if {"mu_s", "pool"} <= set(reference):  # a cache written before sFID / precision-recall is redone
+            return reference
+    images = toy_images(size, num_images, seed=seed).permute(0, 3, 1, 2)  # uint8 (N, 3, H, W)
+    scorer = score_dataset(images, net, batch_size, desc="reference statistics")  # each rank its block
+    reference = summarize(*scorer.features())
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_statistics(path, reference, features=True)
+    return reference
+
+
 # =============================================================================================
 # 7. The command line
 # =============================================================================================

@@ -585,25 +585,6 @@ class ShardSampler(torch.utils.data.Sampler):
 #################################################################################
 
 @torch.no_grad()
-def builtin_reference(args, net):
-    """The built-in data's reference set: Inception statistics (pool3 and spatial) and pool3
-    features of `num_images` held-out toy images (another seed than the training set, classes
-    balanced), cached in the output folder under a name that changes with the data's drawing code."""
-    drawn = hashlib.sha1(fid.toy_images(args.img_size, 10, seed=args.seed + 1000).numpy().tobytes()).hexdigest()[:8]
-    path = os.path.join(args.output_dir, f"fid_stats_builtin_{args.img_size}px_{args.num_images}_{drawn}.npz")
-    if os.path.exists(path):
-        reference = fid.load_statistics(path)
-        if {"mu_s", "pool"} <= set(reference):  # a cache written before sFID / precision-recall is redone
-            return reference
-    images = fid.toy_images(args.img_size, args.num_images, seed=args.seed + 1000).permute(0, 3, 1, 2)  # uint8
-    scorer = fid.score_dataset(images, net, args.eval_batch_size, desc="reference statistics")  # each rank its block
-    reference = fid.summarize(*scorer.features())
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        fid.save_statistics(path, reference, features=True)
-    return reference
-
-
-@torch.no_grad()
 def evaluate(args, rank, world, device):
     """Generate `num_images` class-balanced samples (num_images / classes per class, as the official
     MAR evaluation) with the EMA weights, score them in memory against reference statistics with the
@@ -633,7 +614,8 @@ def evaluate(args, rank, world, device):
     try:
         net = fid.load_inception(args.inception_weights, device=device)
         t = time.time()
-        reference = fid.load_set(args.fid_stats, net, args.eval_batch_size)[0] if args.fid_stats else builtin_reference(args, net)
+        reference = fid.load_set(args.fid_stats, net, args.eval_batch_size)[0] if args.fid_stats else fid.builtin_reference(
+            args.output_dir, args.img_size, args.num_images, args.seed + 1000, net, args.eval_batch_size)
         reference_seconds = time.time() - t
     except (ValueError, FileNotFoundError, OSError) as e:
         fail(str(e))
