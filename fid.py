@@ -861,21 +861,6 @@ def toy_images(size=32, num_images=BUILTIN_IMAGES, seed=0, progress=False, class
                                       tqdm(range(num_images), desc="drawing built-in data", disable=not progress)]))
 
 
-class ToyDataset(torch.utils.data.Dataset):
-    """The built-in training set: `toy_images` drawn once into memory, kept as model inputs."""
-
-    def __init__(self, size=32, num_images=BUILTIN_IMAGES, seed=0, progress=False):
-        self.classes = TOY_CLASSES
-        self.images = to_tensor(toy_images(size, num_images, seed, progress)).contiguous()  # (N, 3, H, W) in [-1, 1]
-        # (an image taken from here costs 3 us against 20 to convert it: 13 s of a default run)
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.images[i], i % 10, -1
-
-
 def luminance(x):
     """(B, 3, H, W) RGB in [-1, 1] -> (B, 1, H, W) luma (ITU-R BT.601): all a colour-blind judge sees."""
     return (x * torch.tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)

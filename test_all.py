@@ -1327,7 +1327,8 @@ def test_fid_builtin_data_is_deterministic_and_varied():
     a, b = fid.toy_image(3, 7, seed=0), fid.toy_image(3, 7, seed=0)
     assert a.dtype == np.uint8 and a.shape == (32, 32, 3) and np.array_equal(a, b)
     assert fid.toy_image(3, 7, seed=0, size=64).shape == (64, 64, 3)
-    data = fid.ToyDataset(32, num_images=400)
+    import train
+    data = train.ToyDataset(32, num_images=400)
     x = fid.toy_images(32, num_images=400).float()
     assert torch.equal(data[13][0], fid.to_tensor(fid.toy_image(3, 1, seed=0))) and data[13][1] == 3
     assert torch.equal(fid.to_tensor(x[13].byte()), data[13][0]) and len(data.classes) == 10
