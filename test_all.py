@@ -373,6 +373,26 @@ def test_mar_training_loss_value():
     assert_close(loss, r["loss_value"], what="loss")
 
 
+def test_mar_loss_fraction_scores_a_random_share_of_the_masked_tokens():
+    """loss_fraction < 1 (the CPU recipe): Diffusion Loss on the first ceil(M f) tokens of the random order,
+    the same value as forward_loss on them with the same draws; the denoiser sees only those rows."""
+    model, r = ref_mar()
+    target, labels = model.patchify(r["loss_latents"]), r["loss_labels"]
+    seen = []
+    model.diffloss.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    for frac, scored in ((1.0, 13), (0.5, 7), (0.25, 4)):
+        model.loss_fraction = frac
+        torch.manual_seed(0)  # eval(): no label dropout draw, no dropout
+        loss = model(r["loss_latents"], labels, num_masked=13)
+        torch.manual_seed(0)  # the same draws, in the same order, by hand
+        orders = model.sample_orders(3, target.device)
+        visible = orders[:, 13:].sort(1).values
+        z = model.forward_mae_decoder(model.forward_mae_encoder(target, visible, model.class_embedding(labels)), visible)
+        expect = model.forward_loss(z, target, orders[:, :scored].sort(1).values)
+        assert_close(loss, expect, rtol=1e-6, what=f"loss at fraction {frac}")
+        assert seen[-2:] == [3 * scored * model.diffusion_batch_mul] * 2, (frac, seen[-2:])
+
+
 def test_mar_one_reverse_step():
     model, r = ref_mar()
     gen, net, x, z = model.diffloss.gen_diffusion, model.diffloss.net, r["step_x"], r["step_z"]
@@ -1813,6 +1833,7 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             (["--data-path", data, "--output-dir", f"{d}/coda.pth/run"], "is a file, not a folder"),
             (["--data-path", data, "--prediction", "eps"], "--prediction eps is for VAE latents"),
             (["--data-path", data, "--cleanup-steps", "-1"], "--cleanup-steps -1: must be at least 0"),
+            (["--data-path", data, "--loss-fraction", "1.5"], "--loss-fraction 1.5: must be in (0, 1]"),
         ]
         for flags, expect in flag_cases:
             message = str(raises(SystemExit, train.parse_args, [*FAST[:6], *flags, "--epochs", "1"]))
@@ -1903,18 +1924,21 @@ def test_train_mar_on_a_vae_run_caches_moments_once_and_predicts_v():
     training = mar.Training(args, 10, torch.device("cpu"))
     assert args.prediction == "v" and training.model.diffloss.train_diffusion.v_prediction
     latent = train.parse_args(["--model", "mar", "--vae", vae_path])
-    assert (latent.preset, latent.epochs, latent.diffusion_batch_mul, latent.cfg, latent.cfg_schedule,
-            latent.temperature) == ("small", 87, 4, 4.0, "constant", 1.0)
+    assert (latent.preset, latent.epochs, latent.diffusion_batch_mul, latent.loss_fraction, latent.cfg, latent.cfg_schedule,
+            latent.temperature) == ("small", 87, 4, 1.0, 4.0, "constant", 1.0)
     assert [mar.mar_small(vae_embed_dim=c).diffloss.net.input_proj.out_features for c in (16, 192)] == [128, 256]
     assert latent.defaults_in_force.startswith("defaults: CPU-sized, for the built-in data on VAE latents")
     assert train.parse_args(["--model", "mar", "--vae", vae_path, "--preset", "tiny", "--cfg", "3"]).cfg == 3  # flags win
     pixels = train.parse_args(["--model", "mar"])
-    assert (pixels.preset, pixels.cfg, pixels.cfg_schedule, pixels.temperature) == ("tiny", 9.0, "linear", 1.1)
+    assert (pixels.preset, pixels.cfg, pixels.cfg_schedule, pixels.temperature, pixels.loss_fraction) == (
+        "tiny", 9.0, "linear", 1.1, 0.5)
+    assert mar.Training(pixels, 10, torch.device("cpu")).model.loss_fraction == 0.5
     assert train.tokenizer_digest(training) == ("--vae", train.weights_digest(training.vae))
     assert train.tokenizer_digest(mar.Training(pixels, 10, torch.device("cpu"))) == (None, None)  # pixels: the run's own
     assert training.config["prediction"] == "v" and training.cache_limit == 100_000
     paper = train.parse_args(["--model", "mar", "--vae", vae_path, *MAR, "--defaults", "paper"])
     assert paper.prediction == "eps" and "prediction" not in mar.Training(paper, 10, torch.device("cpu")).config
+    assert paper.loss_fraction == 1.0  # the paper: every masked token
     images = fid.to_tensor(fid.toy_images(32, 3, seed=4))
     cached = training.encode(images)                                                  # (3, 2, 32, 4, 4)
     moments = training.vae.encode(torch.cat([images, images.flip(3)])).moments
