@@ -361,6 +361,7 @@ def git_commit():
 #################################################################################
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+PRELOAD_BYTES = 1 << 30  # a training folder whose decoded images fit in 1 GiB (87,000 at 32 px) is read once
 
 
 def center_crop_arr(pil_image, image_size):
@@ -405,16 +406,25 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __init__(self, root, image_size, suffixes=IMG_EXTENSIONS):
         self.classes, self.samples = list_images(root, suffixes)
-        self.image_size = image_size
+        self.image_size, self.items = image_size, None
 
     def __len__(self):
         return len(self.samples)
+
+    def preload(self, progress):
+        """Decode every image once into memory (train.py does for a folder whose images fit in
+        PRELOAD_BYTES): a step then takes its batch from there instead of decoding it with PIL, a
+        third of a MAR step on 1,000 small images on a CPU. The same items, bad files included."""
+        self.items = [self[i] for i in tqdm(range(len(self)), desc="reading the folder into memory",
+                                            disable=not progress, dynamic_ncols=True)]
 
     def load(self, path):
         with Image.open(path) as img:  # 16-bit images scaled to 8 bits, not clipped (fid.to_rgb)
             return fid.to_tensor(center_crop_arr(Image.fromarray(fid.to_rgb(img)), self.image_size))
 
     def __getitem__(self, i):
+        if self.items is not None:
+            return self.items[i]
         for k in range(len(self.samples)):
             path, label = self.samples[(i + k) % len(self.samples)]
             try:
@@ -740,6 +750,9 @@ def main(args):
         # MaskGIT's tokens, MAR's VAE moments: of every image and its flip, computed once
         dataset = CachedTokens(dataset, training.encode, digest, args.cache_path or os.path.join(args.output_dir, "tokens.npy"),
                                args.batch_size, args.num_workers, rank, world, device)
+    elif type(dataset) is ImageFolder and len(dataset) * 3 * args.img_size**2 * 4 <= PRELOAD_BYTES:  # not cached latents
+        dataset.preload(progress=rank == 0)
+        log(f"read the {len(dataset):,} images of {args.data_path} into memory once")
     held_out = functools.lru_cache()(lambda n: holdout_images(args, n))
     steps_per_epoch = len(dataset) // world // args.batch_size
     if steps_per_epoch == 0:
