@@ -1046,14 +1046,13 @@ class MAR(nn.Module):
         B = target.shape[0]
         orders = self.sample_orders(B, x.device)
         num_masked = self.draw_num_masked() if num_masked is None else num_masked
-        masked = orders[:, :num_masked].sort(dim=1).values  # (B, M) positions to predict
         visible = orders[:, num_masked:].sort(dim=1).values  # (B, L - M) known positions
+        # the positions Diffusion Loss scores: every masked one (the paper, loss_fraction 1), or a random share, the
+        # first of the random order: an unbiased estimate of the same loss for less of the denoiser's compute
+        scored = orders[:, :math.ceil(num_masked * self.loss_fraction)].sort(dim=1).values  # (B, M')
         drop = torch.rand(B, device=x.device) < self.label_drop_prob if self.training else None
         z = self.forward_mae_decoder(self.forward_mae_encoder(target, visible, self.class_embedding(labels, drop)), visible)
-        if self.loss_fraction < 1:  # not in the paper (all): Diffusion Loss on a random share of the masked tokens
-            # (the first of the random order), an unbiased estimate of the same loss for less of the denoiser's compute
-            masked = orders[:, :math.ceil(num_masked * self.loss_fraction)].sort(dim=1).values  # (B, M')
-        return self.forward_loss(z, target.detach(), masked)
+        return self.forward_loss(z, target.detach(), scored)
 
     # ---- generation (Sec. 3.4, App. B) -----------------------------------------------------
     @torch.no_grad()
