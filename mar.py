@@ -1253,7 +1253,7 @@ BUILTIN = dict(PAPER, preset="tiny", img_size=32, epochs=58, warmup_epochs=1, bl
 # temperature (CFG 9; 0.9: 40%, 1.0: 56%, 1.1: 63%); at 9 and 1.1, 89%, triangles 71% (README);
 # 58 epochs (9,048 steps; fewer fail squares), Diffusion Loss on half of the masked tokens (a third less time a
 # step, the denoiser being three quarters of it; on 2,000 samples 89% as with all of them; a quarter: triangles
-# 44%): with the tokenizer's decoder fit, 11 (AMD) to 17 (Intel) minutes from fresh clones on 2 CPU cores with bf16
+# 44%): with the tokenizer's decoder fit, 11 to 12 (AMD) or 13 to 17 (Intel) minutes from fresh clones on 2 CPU cores with bf16
 # instructions, where the steps run in bf16 autocast (all masked tokens: 10 to 16 on earlier hours; README);
 # on the latents of a --model vae run (BUILTIN_LATENT): v-prediction (with the paper's eps the MLP draws
 # saturated blobs there), the small preset with the paper's 4 noise draws per token, 87 epochs (13,572 steps),
