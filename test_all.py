@@ -677,6 +677,24 @@ def test_mar_keep_freed_memory_stops_page_faults_of_repeated_steps():
     assert int(default) > 10 * 16 * 1024 and int(kept) < 100, f"page faults of 10 steps: {default} by default, {kept} after"
 
 
+def test_mar_benchmarks_on_a_cpu_use_sizes_that_fit_its_memory():
+    """Without size flags, `python mar.py --bench` on a CPU times batch 8 and one 8-step sampling
+    run of 8 images (the README's CPU figures), `python maskgit.py --bench` batch 4 and 8 steps of
+    4 images: at the GPU sizes MAR-B (batch 64) needs about 24 GiB and was killed for memory on a
+    24 GiB machine, and MaskGIT-L peaked at 13 GiB already at batch 4. The tiny presets here; the
+    sizes are the same."""
+    if torch.cuda.is_available():
+        raise Skip("a GPU is here: the benchmarks keep the GPU sizes (test_cuda_benchmarks_run)")
+    out = run_script(os.path.join(HERE, "mar.py"), "--bench", "--preset", "tiny").stdout
+    assert "training:" in out and "(batch 8," in out, out
+    sampling = [line for line in out.splitlines() if line.startswith("sampling:")]
+    assert len(sampling) == 1 and "(num_iter 8," in sampling[0] and "batch 8," in sampling[0], out
+    out = run_script(os.path.join(HERE, "maskgit.py"), "--bench", "--preset", "tiny").stdout
+    assert "training:" in out and "(batch 4)" in out, out
+    generation = [line for line in out.splitlines() if line.startswith("generation:")]
+    assert len(generation) == 1 and "(8 steps," in generation[0] and "batch 4," in generation[0], out
+
+
 # ---------------------------------------------------------------------------------------------
 # coda.py: parity with the official LeapLabTHU/CODA modules
 # ---------------------------------------------------------------------------------------------
