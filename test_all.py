@@ -186,6 +186,24 @@ def test_mar_vae_posterior_and_decode():
         assert_close(vae.decode(r["vae_z"].double()), r["vae_decoded"], what="decode")
 
 
+def test_mar_decoding_on_a_cpu_goes_in_chunks_with_the_same_images():
+    """On a CPU, latents are decoded 16 images at a time (a whole --eval-batch-size of 256 at 256 px
+    needs more memory than a 24 GiB machine has), and the images equal a decode of the whole batch."""
+    torch.manual_seed(0)
+    vae = mar.kl16().eval()  # random weights, 4x4 latents (64 px): quick
+    sizes = []
+
+    class Counted:
+        def decode(self, z):
+            sizes.append(len(z))
+            return vae.decode(z)
+
+    z = torch.randn(18, 16, 4, 4)
+    with torch.no_grad():
+        whole, chunked = vae.decode(z / mar.VAE_SCALE).clamp(-1, 1), mar.latents_to_images(Counted(), z)
+    assert sizes == [16, 2] and torch.equal(whole, chunked), (sizes, (whole - chunked).abs().max())
+
+
 def test_mar_diffusion_schedules():
     r = ref("mar_ref.pt")
     for n in (10, 50, 100, 250):
