@@ -280,7 +280,7 @@ class CODA(nn.Module):
     @torch.no_grad()
     def detokenize(self, indices):
         """Per-level index maps -> images."""
-        return mar.decode_in_chunks(self.vae.decode, self.quantizer.decode(indices) / self.scale)
+        return mar.decode_in_chunks(self.vae, self.quantizer.decode(indices) / self.scale)
 
 
 def coda_mar(codebook_size=16384, lora_rank=32, lora_parts=("encoder", "decoder"), assign="attention", levels=MAR_LEVELS):

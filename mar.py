@@ -1112,17 +1112,20 @@ def images_to_latents(vae, images, generator=None, scale=VAE_SCALE):
 @torch.no_grad()
 def latents_to_images(vae, latents, scale=VAE_SCALE):
     """Scaled latents -> images in [-1, 1] (clamped)."""
-    return decode_in_chunks(vae.decode, latents.float() / scale).clamp(-1, 1)  # PixelTokenizer: scale 1
+    return decode_in_chunks(vae, latents.float() / scale).clamp(-1, 1)  # PixelTokenizer: scale 1
 
 
-def decode_in_chunks(decode, latents, chunk=16):
-    """decode(latents), on a CPU `chunk` images at a time, with the same result: KL-16's decoder
-    holds about 0.12 GiB of activations per 256 px image (64 images peaked at 7.9 GiB in bf16), so
-    decoding a whole --eval-batch-size of 256 at once was more than a 24 GiB machine has. On a GPU
-    the whole batch at once, as the official code."""
+def decode_in_chunks(vae, latents, pixels=16 * 256 * 256):
+    """vae.decode(latents), on a CPU `pixels` output pixels (sixteen 256 px images) at a time:
+    KL-16's decoder holds about 0.12 GiB of activations per 256 px image (64 images peaked at 7.9
+    GiB in bf16), so a whole --eval-batch-size of 256 at once was more than a 24 GiB machine has.
+    Small images (the CPU-sized runs' 32 px) and a GPU (as the official code) decode the batch at
+    once. The chunks give the same images up to float rounding (kernels may differ by batch size)."""
+    side = latents.shape[-1] * vae.stride  # output pixels a side
+    chunk = max(1, pixels // side ** 2)
     if latents.is_cuda or len(latents) <= chunk:
-        return decode(latents)
-    return torch.cat([decode(part) for part in latents.split(chunk)])
+        return vae.decode(latents)
+    return torch.cat([vae.decode(part) for part in latents.split(chunk)])
 
 
 # =============================================================================================
