@@ -362,7 +362,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="MaskGIT benchmark (training and generation images/s)")
     parser.add_argument("--bench", action="store_true", required=True)
     parser.add_argument("--preset", default="large", choices=list(PRESETS))
-    # On a GPU: the per-GPU batch of PAPER. On a CPU, where MaskGIT-L takes about 5 s an image
+    # On a GPU: the per-GPU batch of PAPER. On a CPU, where MaskGIT-L takes about 6 s an image
     # to train (0.8 TFLOP) and peaked at 13 GiB at batch 4, sizes that fit its memory and a few minutes.
     gpu = torch.cuda.is_available()
     parser.add_argument("--batch-size", type=int, default=32 if gpu else 4)
