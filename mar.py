@@ -788,12 +788,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x):
+    def forward(self, x, keep=None):
+        """x (B, N, D) -> (B, N, D); with `keep` (B, K) positions, only their rows are computed,
+        (B, K, D), while every position still serves as a key and value."""
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        x = attention(q, k, v, self.attn_drop if self.training else 0.0)  # (B, heads, N, head_dim)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, D)))
+        H = self.num_heads
+        if keep is None:
+            qkv = self.qkv(x).reshape(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        else:  # the qkv projection split by rows of its weight: queries for the kept positions only
+            q = F.linear(gather_rows(x, keep), self.qkv.weight[:D], self.qkv.bias[:D])  # (B, K, D)
+            q = q.reshape(B, -1, H, D // H).transpose(1, 2)  # (B, heads, K, head_dim)
+            kv = F.linear(x, self.qkv.weight[D:], self.qkv.bias[D:]).reshape(B, N, 2, H, D // H)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+        x = attention(q, k, v, self.attn_drop if self.training else 0.0)  # (B, heads, N or K, head_dim)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, -1, D)))
 
 
 class Mlp(nn.Module):
@@ -817,9 +826,16 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, keep=None):
+        """x (B, N, D) -> (B, N, D), or (B, K, D) for the positions `keep` (B, K) alone: the last
+        decoder block, whose other rows nothing reads, computes only those (Attention)."""
+        x = (x if keep is None else gather_rows(x, keep)) + self.attn(self.norm1(x), keep)
         return x + self.mlp(self.norm2(x))
+
+
+def gather_rows(x, index):
+    """x (B, N, D), index (B, K) -> (B, K, D): x[b, index[b, k]]."""
+    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
 COMPILE_BUCKETS = 6  # mask sizes a --compile run meets (MAR.draw_num_masked); dynamo recompiles at most 8 times
@@ -978,10 +994,8 @@ class MAR(nn.Module):
         `nonzero`, no host sync). The per-token steps (projection, position, LayerNorm) are applied
         to the kept tokens only, which equals the official apply-then-drop."""
         B, buf = x.shape[0], self.buffer_size
-        x = torch.gather(x, 1, visible[..., None].expand(-1, -1, x.shape[-1]))  # (B, Nv, C)
-        x = self.z_proj(x)  # (B, Nv, D)
-        pos = self.encoder_pos_embed_learned.expand(B, -1, -1)
-        x = x + torch.gather(pos, 1, (visible + buf)[..., None].expand(-1, -1, x.shape[-1]))
+        x = self.z_proj(gather_rows(x, visible))  # (B, Nv, D)
+        x = x + gather_rows(self.encoder_pos_embed_learned.expand(B, -1, -1), visible + buf)
         # the buffer: the class embedding written into every buffer slot, plus its own position
         buffer = class_embedding[:, None, :].to(x.dtype) + self.encoder_pos_embed_learned[:, :buf]  # (B, buf, D)
         x = self.z_proj_ln(torch.cat([buffer.expand(B, -1, -1), x], dim=1))  # (B, buf + Nv, D)
@@ -989,30 +1003,38 @@ class MAR(nn.Module):
             x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and self.training else block(x)
         return self.encoder_norm(x)
 
-    def forward_mae_decoder(self, x, visible):
-        """x (B, buffer + Nv, D) encoder output -> z (B, L, Dd): one condition vector per position."""
+    def forward_mae_decoder(self, x, visible, keep=None):
+        """x (B, buffer + Nv, D) encoder output -> z (B, L, Dd): one condition vector per position;
+        with `keep` (B, K) token positions, z (B, K, Dd) of those alone, the same values: the last
+        block then computes only their rows, which is all Diffusion Loss reads (Block)."""
         x = self.decoder_embed(x)
         B, buf, Dd = x.shape[0], self.buffer_size, x.shape[-1]
         full = self.mask_token.to(x.dtype).expand(B, buf + self.seq_len, Dd)  # mask tokens everywhere
         index = torch.cat([torch.arange(buf, device=x.device).expand(B, -1), visible + buf], dim=1)
         x = full.scatter(1, index[..., None].expand(-1, -1, Dd), x)  # known tokens back in place
         x = x + self.decoder_pos_embed_learned
-        for block in self.decoder_blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and self.training else block(x)
-        x = self.decoder_norm(x)[:, buf:]  # the buffer only served as context: (B, L, Dd)
-        return x + self.diffusion_pos_embed_learned
+        last = len(self.decoder_blocks) - 1
+        for i, block in enumerate(self.decoder_blocks):
+            rows = keep + buf if keep is not None and i == last else None
+            x = checkpoint(block, x, rows, use_reentrant=False) if self.grad_checkpointing and self.training else block(x, rows)
+        if keep is None:
+            x = self.decoder_norm(x)[:, buf:]  # the buffer only served as context: (B, L, Dd)
+            return x + self.diffusion_pos_embed_learned
+        return self.decoder_norm(x) + gather_rows(self.diffusion_pos_embed_learned.expand(B, -1, -1), keep)  # (B, K, Dd)
 
     # ---- training (Sec. 3.3 and 4.2) -------------------------------------------------------
     def forward_loss(self, z, target, masked, t=None, noise=None):
-        """Diffusion Loss on the masked tokens only. z (B, L, Dd), target (B, L, C), masked (B, M).
+        """Diffusion Loss on the masked tokens only. z (B, L, Dd), or (B, M, Dd) already taken at
+        `masked` (forward's), target (B, L, C), masked (B, M) in increasing order.
 
         Only masked tokens are predicted: the visible ones are the model's input, so a loss on them
         would be trivial. The official code runs the MLP on all tokens and zero-weights the visible
         ones; gathering the masked ones gives the same value with less compute. Each (z, x) pair is
         repeated `diffusion_batch_mul` times with independent (t, noise) draws: the cheap MLP gets a
         4x larger batch without re-running the transformer (official issue #14)."""
-        z = torch.gather(z, 1, masked[..., None].expand(-1, -1, z.shape[-1])).reshape(-1, z.shape[-1])  # (B*M, Dd)
-        target = torch.gather(target, 1, masked[..., None].expand(-1, -1, target.shape[-1])).reshape(-1, target.shape[-1])
+        # (when M = L, masked is 0..L-1 and z is the same either way)
+        z = (gather_rows(z, masked) if z.shape[1] != masked.shape[1] else z).reshape(-1, z.shape[-1])  # (B*M, Dd)
+        target = gather_rows(target, masked).reshape(-1, target.shape[-1])  # (B*M, C)
         mul = self.diffusion_batch_mul
         return self.diffloss(target.repeat(mul, 1), z.repeat(mul, 1), t, noise)  # rows: (repeat, sample, token)
 
@@ -1051,7 +1073,8 @@ class MAR(nn.Module):
         # first of the random order: an unbiased estimate of the same loss for less of the denoiser's compute
         scored = orders[:, :math.ceil(num_masked * self.loss_fraction)].sort(dim=1).values  # (B, M')
         drop = torch.rand(B, device=x.device) < self.label_drop_prob if self.training else None
-        z = self.forward_mae_decoder(self.forward_mae_encoder(target, visible, self.class_embedding(labels, drop)), visible)
+        x = self.forward_mae_encoder(target, visible, self.class_embedding(labels, drop))
+        z = self.forward_mae_decoder(x, visible, keep=scored)  # (B, M', Dd)
         return self.forward_loss(z, target.detach(), scored)
 
     # ---- generation (Sec. 3.4, App. B) -----------------------------------------------------
@@ -1074,16 +1097,20 @@ class MAR(nn.Module):
             from tqdm import tqdm
             steps = tqdm(steps, desc="MAR steps", leave=False)
         for before, after, cfg_iter in steps:
-            # known tokens: the tail of each order, orders[:, before:]
-            visible = orders[:, before:].sort(dim=1).values.repeat(rows // bsz, 1)  # (B', Nv)
-            x = self.forward_mae_encoder(tokens.repeat(rows // bsz, 1, 1), visible, class_embedding)
-            z = self.forward_mae_decoder(x, visible)  # (B', L, Dd)
             # this step reveals orders[:, after:before], taken in increasing position per row
             pred = orders[:, after:before].sort(dim=1).values  # (B, k)
             k = pred.shape[1]
             if k == 0:  # more steps than tokens: nothing to reveal at this step
                 continue
-            z = torch.gather(z, 1, pred.repeat(rows // bsz, 1)[..., None].expand(-1, -1, z.shape[-1]))
+            if before == L and rows > bsz:  # nothing known yet: the B unconditional rows are one row
+                x = self.forward_mae_encoder(tokens[:1].expand(bsz + 1, -1, -1), orders[:1, :0].expand(bsz + 1, -1),
+                                             class_embedding[: bsz + 1])  # (B + 1, buffer, D)
+                z = self.forward_mae_decoder(x, orders[:1, :0].expand(bsz + 1, -1))  # (B + 1, L, Dd)
+                z = gather_rows(torch.cat([z[:bsz], z[bsz:].expand(bsz, -1, -1)]), pred.repeat(2, 1))  # (2B, k, Dd)
+            else:  # known tokens: the tail of each order, orders[:, before:]
+                visible = orders[:, before:].sort(dim=1).values.repeat(rows // bsz, 1)  # (B', Nv)
+                x = self.forward_mae_encoder(tokens.repeat(rows // bsz, 1, 1), visible, class_embedding)
+                z = self.forward_mae_decoder(x, visible, keep=pred.repeat(rows // bsz, 1))  # (B', k, Dd)
             sampled = self.diffloss.sample(z.reshape(rows * k, -1).float(), temperature, cfg_iter, generator)
             sampled = sampled[: bsz * k].reshape(bsz, k, C)  # keep the conditional rows
             tokens = tokens.scatter(1, pred[..., None].expand(-1, -1, C), sampled.to(tokens.dtype))
