@@ -416,6 +416,37 @@ def test_mar_loss_fraction_scores_a_random_share_of_the_masked_tokens():
         assert seen[-2:] == [3 * scored * model.diffusion_batch_mul] * 2, (frac, seen[-2:])
 
 
+def test_mar_last_decoder_block_and_first_sampling_step_skip_only_unread_work():
+    """The last decoder block computes only the rows Diffusion Loss reads, with the same z and the
+    same gradients as computing every row; sampling with CFG runs its first step (nothing known, so
+    every unconditional row is the same) on B + 1 rows instead of 2B. Sampling's values are checked
+    against the official code by test_mar_sample_tokens_end_to_end."""
+    model, r = ref_mar()
+    model = perturbed(model)
+    target, labels = model.patchify(r["loss_latents"]), r["loss_labels"]
+    orders = model.sample_orders(3, generator=torch.Generator().manual_seed(0))
+    visible, scored = orders[:, 11:].sort(1).values, orders[:, :7].sort(1).values
+    seen = []
+    model.decoder_blocks[-1].mlp.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
+    zs, grads = [], []
+    for keep in (None, scored):
+        z = model.forward_mae_decoder(model.forward_mae_encoder(target, visible, model.class_embedding(labels)),
+                                      visible, keep=keep)
+        zs.append(z if keep is not None else z.gather(1, scored[..., None].expand(-1, -1, z.shape[-1])))  # (3, 7, 64)
+        model.zero_grad()
+        (zs[-1] * torch.linspace(-1, 1, zs[-1].numel()).reshape(zs[-1].shape)).sum().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]))
+    assert_close(zs[1], zs[0], what="z of the kept rows")
+    assert seen == [(3, 4 + 16, 64), (3, 7, 64)], seen  # buffer 4 + 16 tokens, then the 7 scored rows alone
+    assert_close(grads[1], grads[0], what="gradients")
+    rows = []
+    model.encoder_blocks[0].register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+    with torch.no_grad():
+        model.sample_tokens(2, 4, cfg=3.0, labels=torch.tensor([3, 7]), generator=torch.Generator().manual_seed(1))
+        model.sample_tokens(2, 4, cfg=1.0, labels=torch.tensor([3, 7]), generator=torch.Generator().manual_seed(1))
+    assert rows == [3, 4, 4, 4] + [2] * 4, rows
+
+
 def test_mar_one_reverse_step():
     model, r = ref_mar()
     gen, net, x, z = model.diffloss.gen_diffusion, model.diffloss.net, r["step_x"], r["step_z"]
