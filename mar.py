@@ -1102,14 +1102,15 @@ class MAR(nn.Module):
             k = pred.shape[1]
             if k == 0:  # more steps than tokens: nothing to reveal at this step
                 continue
-            if before == L and rows > bsz:  # nothing known yet: the B unconditional rows are one row
-                x = self.forward_mae_encoder(tokens[:1].expand(bsz + 1, -1, -1), orders[:1, :0].expand(bsz + 1, -1),
-                                             class_embedding[: bsz + 1])  # (B + 1, buffer, D)
-                z = self.forward_mae_decoder(x, orders[:1, :0].expand(bsz + 1, -1))  # (B + 1, L, Dd)
+            shared = before == L and rows > bsz  # nothing known yet: the B unconditional rows are one row
+            n = bsz + 1 if shared else rows
+            # known tokens: the tail of each order, orders[:, before:]
+            visible = orders[:, before:].sort(dim=1).values.repeat(rows // bsz, 1)[:n]  # (n, Nv)
+            x = self.forward_mae_encoder(tokens.repeat(rows // bsz, 1, 1)[:n], visible, class_embedding[:n])
+            if shared:
+                z = self.forward_mae_decoder(x, visible)  # (B + 1, L, Dd)
                 z = gather_rows(torch.cat([z[:bsz], z[bsz:].expand(bsz, -1, -1)]), pred.repeat(2, 1))  # (2B, k, Dd)
-            else:  # known tokens: the tail of each order, orders[:, before:]
-                visible = orders[:, before:].sort(dim=1).values.repeat(rows // bsz, 1)  # (B', Nv)
-                x = self.forward_mae_encoder(tokens.repeat(rows // bsz, 1, 1), visible, class_embedding)
+            else:
                 z = self.forward_mae_decoder(x, visible, keep=pred.repeat(rows // bsz, 1))  # (B', k, Dd)
             sampled = self.diffloss.sample(z.reshape(rows * k, -1).float(), temperature, cfg_iter, generator)
             sampled = sampled[: bsz * k].reshape(bsz, k, C)  # keep the conditional rows

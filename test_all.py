@@ -432,7 +432,7 @@ def test_mar_last_decoder_block_and_first_sampling_step_skip_only_unread_work():
     for keep in (None, scored):
         z = model.forward_mae_decoder(model.forward_mae_encoder(target, visible, model.class_embedding(labels)),
                                       visible, keep=keep)
-        zs.append(z if keep is not None else z.gather(1, scored[..., None].expand(-1, -1, z.shape[-1])))  # (3, 7, 64)
+        zs.append(z if keep is not None else mar.gather_rows(z, scored))  # (3, 7, 64)
         model.zero_grad()
         (zs[-1] * torch.linspace(-1, 1, zs[-1].numel()).reshape(zs[-1].shape)).sum().backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]))
