@@ -318,13 +318,16 @@ class PixelTokenizer(nn.Module):
         x = self.unshuffle(z).clamp(-1, 1).contiguous(memory_format=torch.channels_last)  # faster for convs
         return (x + self.cleanup(x)).contiguous()
 
-    def corrupt(self, x, generator=None, moved=0.15, offset=0.15, noise=0.1, specks=0.02):
+    def corrupt(self, x, generator=None, moved=0.15, offset=0.15, noise=0.1, specks=0.02, lattice=0.6):
         """Real images (B, 3, H, W) -> their tokens with the errors of a small MAR, for training
         `cleanup`: a share `moved` of the tokens taken from the image moved by -1, 0 or 1 pixel each
         way (where a region's phase tokens disagree by a pixel on an edge), each token's colour
         channels shifted by one offset, each value by its own noise, and a few pixels (a share up to
         `specks`) by one large error N(0, 1) in all three channels, the isolated specks of its
-        samples; the offset, noise and specks drawn per image up to `offset`, `noise` and `specks`."""
+        samples; the offset, noise and specks drawn per image up to `offset`, `noise` and `specks`.
+        Last, each phase of a region gets its own colour offset, up to `lattice`, with the region's mean
+        level kept: the 2-pixel lattice of a region whose phase tokens disagree in level (MAR's samples
+        spread a gradient region's phase levels 0.17, real images 0.02; README, "Run log")."""
         B, _, H, W = x.shape
         P, g = self.stride ** 2, H // self.stride  # pixels per token, tokens a side
         r = lambda *s: torch.rand(*s, generator=generator, device=x.device)
@@ -339,7 +342,11 @@ class PixelTokenizer(nn.Module):
         z = z + shift.expand(-1, -1, P, -1, -1).reshape(z.shape)
         z = z + n(*z.shape) * r(B, 1, 1, 1) * noise
         speck = (r(B, 1, P, g, g) < r(B, 1, 1, 1, 1) * specks) * n(B, 1, P, g, g)  # (B, 1, P, g, g)
-        return z + speck.expand(-1, 3, -1, -1, -1).reshape(z.shape)
+        z = z + speck.expand(-1, 3, -1, -1, -1).reshape(z.shape)
+        q, s = g // self.phases, self.phases
+        phase = n(B, 3, 1, q, s, q, s) * r(B, 1, 1, 1, 1, 1, 1) * lattice  # (B, 3, 1, qa, pa, qb, pb)
+        phase = (phase - phase.mean((4, 6), keepdim=True)).reshape(B, 3, 1, g, g)  # zero mean over a region's phases
+        return z + phase.expand(-1, -1, P, -1, -1).reshape(z.shape)
 
     def cleanup_loss(self, x, generator=None):
         """Real images (B, 3, H, W) -> MSE of the decoded corrupted tokens against the images."""

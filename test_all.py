@@ -309,7 +309,7 @@ def test_mar_pixel_tokenizer_is_exact_and_its_cleanup_removes_grain():
     give polyphase tokens (a + 4i, b + 4j), 1 patches. Untrained, decode is the exact inverse of
     encode. A short fit of its clean-up decoder on real images brings held-out images whose tokens
     got MAR-like errors (`corrupt`) closer to the originals, and their roughness (luma steps) toward
-    the real images'."""
+    the real images'. Its lattice error moves a region's phases and keeps the region's level."""
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the decoder's initial weights, whatever ran before
         tok = mar.PixelTokenizer(8)
@@ -323,8 +323,12 @@ def test_mar_pixel_tokenizer_is_exact_and_its_cleanup_removes_grain():
     assert torch.equal(tok.decode(z), x[:20])
     train_set, test_set = x[:800], x[800:]
     g = torch.Generator().manual_seed(0)
-    exact, h = dict(offset=0, noise=0, specks=0), torch.Generator().manual_seed(1)
+    exact, h = dict(offset=0, noise=0, specks=0, lattice=0), torch.Generator().manual_seed(1)
     assert torch.equal(tok.corrupt(x[:20], h, moved=0, **exact), z)
+    lattice = (tok.corrupt(x[:20], h, moved=0, offset=0, noise=0, specks=0) - z).view(20, 3, 64, 4, 4)
+    assert_close(lattice, lattice[:, :, :1].expand_as(lattice), what="one offset per token and channel")
+    levels = lattice[:, :, 0].reshape(20, 3, 2, 2, 2, 2)                      # (B, C, qa, pa, qb, pb)
+    assert levels.mean((3, 5)).abs().max() < 1e-5 < 0.1 < levels.abs().mean()  # each region's level kept, its phases moved
     moved = tok.corrupt(x[:20], h, moved=1, **exact)  # every token taken from the image moved by <= 1 pixel
     pad = torch.nn.functional.pad(x[:20], (1, 1, 1, 1), mode="replicate")
     shifts = torch.stack([tok.encode(pad[:, :, 1 + i: 33 + i, 1 + j: 33 + j]) for i in (-1, 0, 1) for j in (-1, 0, 1)])
