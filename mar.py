@@ -327,7 +327,8 @@ class PixelTokenizer(nn.Module):
         samples; the offset, noise and specks drawn per image up to `offset`, `noise` and `specks`.
         Last, each phase of a region gets its own colour offset, up to `lattice`, with the region's mean
         level kept: the 2-pixel lattice of a region whose phase tokens disagree in level (MAR's samples
-        spread a gradient region's phase levels 0.17, real images 0.02; README, "Run log")."""
+        spread a gradient region's phase levels 0.17, real images 0.02; README, "How the CPU-sized
+        recipes were found")."""
         B, _, H, W = x.shape
         P, g = self.stride ** 2, H // self.stride  # pixels per token, tokens a side
         r = lambda *s: torch.rand(*s, generator=generator, device=x.device)
