@@ -440,9 +440,11 @@ def test_mar_last_decoder_block_and_first_sampling_step_skip_only_unread_work():
         model.zero_grad()
         (zs[-1] * torch.linspace(-1, 1, zs[-1].numel()).reshape(zs[-1].shape)).sum().backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]))
-    assert_close(zs[1], zs[0], what="z of the kept rows")
+    assert_close(zs[1], zs[0], rtol=1e-4, what="z of the kept rows")  # other matrix shapes: other rounding
     assert seen == [(3, 4 + 16, 64), (3, 7, 64)], seen  # buffer 4 + 16 tokens, then the 7 scored rows alone
-    assert_close(grads[1], grads[0], what="gradients")
+    # the kept path sums the gradients in another order; elements reach 48x their rms, so fp32 rounding
+    # reaches 7e-6 of the rms on this Intel CPU (another CPU's kernels round differently); a lost row is O(1)
+    assert_close(grads[1], grads[0], rtol=1e-4, what="gradients")
     rows = []
     model.encoder_blocks[0].register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
     with torch.no_grad():
