@@ -163,14 +163,16 @@ def lock_output_dir(path):
 
 
 def open_run_folder(args, rank, world, device):
-    """Create and lock --output-dir (rank 0) -> log(msg): print and append to log.txt on rank 0,
-    which starts with the command, commit, versions, device and all flags (modded-nanogpt's habit)."""
+    """Create and lock --output-dir (rank 0) -> log(msg): print and append to log.txt on rank 0, each
+    message after the time of day (DiT's habit, so that a run's phases can be timed from its log),
+    starting with the command, commit, versions, device and all flags (modded-nanogpt's habit)."""
     os.makedirs(args.output_dir, exist_ok=True)
     if rank == 0:
         lock_output_dir(args.output_dir)
 
     def log(msg):
         if rank == 0:
+            msg = f"[{time.strftime('%H:%M:%S')}] {msg}"
             tqdm.write(msg)
             append_line(os.path.join(args.output_dir, "log.txt"), msg)
 
@@ -816,6 +818,7 @@ def main(args):
                 images, labels, cols = picture(training, ema, num_classes, held_out, seed)
             if name:
                 save_grid(images, os.path.join(args.output_dir, f"samples-{name}.png"), cols)
+                log(f"step {step}: wrote {os.path.join(args.output_dir, f'samples-{name}.png')}")
             return images.float().cpu(), labels
 
     # ---- the loop ----
@@ -930,7 +933,6 @@ def finish(args, training, model, ema, dataset, bad_files, grid, held_out, log, 
         log(f"skipped {len(bad_files)} unreadable images (each replaced by the next readable one): {names}")
     if rank == 0:
         images, labels = grid("final")
-        log(f"wrote {os.path.join(args.output_dir, 'samples-final.png')}")
         for line in final_report(args, training, ema, images, labels, grid, held_out, device):
             log(line)
 
