@@ -886,15 +886,26 @@ def luminance(x):
     return (x * torch.tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
-def toy_judge(size=32, steps=1000, seed=0):
-    """The built-in data's judge: a small CNN that sees luminance only (it cannot use colour), trained
+def toy_judge(size=32, steps=1000, seed=0, members=3):
+    """The built-in data's judge: small CNNs that see luminance only (they cannot use colour), trained
     on fresh toy images that no model trains on (seed + 1000), half of them blurred and all with some
-    noise so that it tolerates soft samples. Its eleventh answer, NO_CLASS, is trained on images of no
-    class (`no_class_coverage`): without it the judge must name a class for anything, and it named
+    noise so that they tolerate soft samples. Its eleventh answer, NO_CLASS, is trained on images of
+    no class (`no_class_coverage`): without it the judge must name a class for anything, and it named
     a flat or noisy image "gradient", scattered specks "dots" and a lumpy blob "square" or
-    "triangle". 99-100% on real held-out images. Trained in bf16
-    autocast where the CPU has bf16 instructions and channels_last (2x faster there; about 30 s on
-    2 cores with drawing its images), and judging in fp32."""
+    "triangle". It is an ensemble: `members` CNNs trained on the same images from seeds of their own
+    (weights, augmentation, order), their class probabilities averaged, because one CNN's verdict
+    on borderline samples moves with its seed (MAR's triangles 46% to 71% over three; README).
+    99-100% on real held-out images. Trained in bf16 autocast where the CPU has bf16 instructions
+    and channels_last (2x faster there), and judging in fp32. -> images (B, 3, H, W) -> (B, 11)."""
+    data = toy_images(size, steps * 64, seed=seed + 1000, classes=NO_CLASS + 1)
+    nets = [judge_net(data, steps, seed + m) for m in range(members)]
+    see = lambda images: luminance(images.float().cpu()).contiguous(memory_format=torch.channels_last)
+    return lambda images: torch.stack([net(see(images)).softmax(1) for net in nets]).mean(0)
+
+
+def judge_net(data, steps, seed):
+    """One of the judge's CNNs, trained on uint8 images `data` (image i of class i % 11), 64 a step,
+    in an order of its seed -> the CNN in eval mode, on (B, 1, H, W) luma."""
     g, answers = torch.Generator().manual_seed(seed), NO_CLASS + 1
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=torch.ops.mkldnn._is_mkldnn_bf16_supported())
     block = lambda cin, cout: [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
@@ -902,21 +913,21 @@ def toy_judge(size=32, steps=1000, seed=0):
         torch.manual_seed(seed)
         net = nn.Sequential(*block(1, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2), *block(64, 128),
                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, answers)).to(memory_format=torch.channels_last)
-    see = lambda images: luminance(images).contiguous(memory_format=torch.channels_last)  # (B, 1, H, W)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    data = toy_images(size, steps * 64, seed=seed + 1000, classes=answers)
+    order = torch.randperm(steps * 64, generator=g)
     for i in range(steps):
-        x = see(to_tensor(data[i * 64: (i + 1) * 64]))  # (64, 1, H, W)
+        batch = order[i * 64: (i + 1) * 64]
+        x = luminance(to_tensor(data[batch])).contiguous(memory_format=torch.channels_last)  # (64, 1, H, W)
         x = gaussian_blur(x, float(torch.empty(()).uniform_(0.3, 1.0, generator=g))) if torch.rand((), generator=g) < 0.5 else x
         x = x + torch.rand(64, 1, 1, 1, generator=g) * 0.15 * torch.randn(x.shape, generator=g)
         with amp:
-            loss = F.cross_entropy(net(x), torch.arange(i * 64, (i + 1) * 64) % answers)
+            loss = F.cross_entropy(net(x), batch % answers)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-    return lambda images: net.eval()(see(images.float().cpu()))
+    return net.eval()
 
 
 def gaussian_blur(x, sigma):

@@ -1479,7 +1479,7 @@ def test_fid_colour_blind_judge_separates_the_classes():
     blobs = (level + 1.4 * blobs[:, None]).expand(-1, 3, -1, -1).clamp(-1, 1)  # light shapes on dark grounds
     with torch.no_grad():
         for name, images, least in (("images of no class", junk, 0.8), ("flat, noise and specks", shortcuts, 0.95),
-                                    ("lumpy blobs", blobs, 0.7)):
+                                    ("lumpy blobs", blobs, 0.6)):
             named = judge(images).argmax(1)  # this judge: 90% and 100% (a 10-way judge cannot: 0%)
             assert (named == fid.NO_CLASS).float().mean() >= least, (name, torch.bincount(named, minlength=fid.NO_CLASS + 1))
     grey = fid.luminance(x).expand(-1, 3, -1, -1)
