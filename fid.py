@@ -831,8 +831,8 @@ def shape_distance(label, rng, x, y, size):
 def no_class_coverage(rng, index, seed, size):
     """What a failed generator draws, for the judge's NO_CLASS: a coverage map (size, size) in [0, 1]
     (toy_image colours it as a class's shape) of one of eight kinds, at full or faint contrast. Half
-    of them are blobs, the kind nearest to real shapes (with one in eight, the judge named 58% of
-    blobs none; with one in two, 80%; README)."""
+    of them are blobs, the kind nearest to real shapes (one CNN of the judge named 58% of blobs none
+    with one in eight, 80% with one in two; README)."""
     kind = 7 if rng.uniform() < 0.5 else rng.integers(7)
     level, luma, shapes = rng.uniform(0, 0.6), np.array(LUMA), [0, 1, 2, 3, 4, 9]
     if kind in (5, 6):  # mixed 8x8 tokens: patches of 2-8 images of a shape or the dots, or polyphase tokens of 4-8
