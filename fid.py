@@ -842,10 +842,8 @@ def no_class_coverage(rng, index, seed, size):
         which = rng.integers(len(images), size=(size // 8, size // 8))  # (g, g): whose token goes where
         which = np.tile(which, (8, 8)) if polyphase else np.kron(which, np.ones((8, 8), int))  # (size, size)
         p = np.take_along_axis(images @ luma, which[None], 0)[0]
-    elif kind == 7:  # a blob: a square or a triangle whose outline wanders 2-5 px, so it has no straight
-        x = ((np.arange(size) + 0.5) / size * 2 - 1)[None, :]  # sides or corners left (a weak generator's)
-        d = shape_distance(rng.choice([1, 2]), rng, x, x.T, size) * size / 2  # signed distance in pixels
-        p = np.clip(0.5 + d + rng.uniform(2, 5) * smooth_noise(rng, size, rng.uniform(2.5, 5)), 0, 1)  # crisp edges
+    elif kind == 7:  # a blob: a square or a triangle with no straight side or sharp corner left
+        p = blob_coverage(rng.choice([1, 2]), rng, size)
     elif kind == 4:  # the spectrum of a shape or of the dots with random phases: its texture, no shape
         L = toy_image(rng.choice(shapes), index, seed + 1, size) @ luma
         phase = np.angle(np.fft.fft2(rng.standard_normal((size, size))))  # a real image's: the result is real
@@ -862,6 +860,17 @@ def no_class_coverage(rng, index, seed, size):
     if kind in (4, 5, 6):  # stretched to [0, 1]
         p = (p - p.min()) / max(p.max() - p.min(), 1e-6)
     return np.clip(p * rng.uniform(0.25, 1), 0, 1)  # faint or full contrast
+
+
+def blob_coverage(label, rng, size, wander=None, sigma=None):
+    """A weak generator's square (label 1) or triangle (2): its signed distance plus smooth noise of
+    `wander` pixels' std, blurred over `sigma` pixels (drawn from rng, 2-5 and 2.5-5, when not given)
+    -> coverage (size, size) in [0, 1], with crisp edges."""
+    x = ((np.arange(size) + 0.5) / size * 2 - 1)[None, :]  # pixel centres in [-1, 1]
+    d = shape_distance(label, rng, x, x.T, size) * size / 2  # signed distance in pixels
+    wander = rng.uniform(2, 5) if wander is None else wander
+    sigma = rng.uniform(2.5, 5) if sigma is None else sigma
+    return np.clip(0.5 + d + wander * smooth_noise(rng, size, sigma), 0, 1)
 
 
 def smooth_noise(rng, size, sigma):
@@ -899,8 +908,12 @@ def toy_judge(size=32, steps=1000, seed=0, members=3):
     and channels_last (2x faster there), and judging in fp32. -> images (B, 3, H, W) -> (B, 11)."""
     data = toy_images(size, steps * 64, seed=seed + 1000, classes=NO_CLASS + 1)
     nets = [judge_net(data, steps, seed + m) for m in range(members)]
-    see = lambda images: luminance(images.float().cpu()).contiguous(memory_format=torch.channels_last)
-    return lambda images: torch.stack([net(see(images)).softmax(1) for net in nets]).mean(0)
+    return lambda images: torch.stack([net(judge_view(images)).softmax(1) for net in nets]).mean(0)
+
+
+def judge_view(images):
+    """Images (B, 3, H, W) in [-1, 1] -> what the judge's CNNs see: (B, 1, H, W) fp32 luma, channels_last."""
+    return luminance(images.float().cpu()).contiguous(memory_format=torch.channels_last)
 
 
 def judge_net(data, steps, seed):
@@ -918,7 +931,7 @@ def judge_net(data, steps, seed):
     order = torch.randperm(steps * 64, generator=g)
     for i in range(steps):
         batch = order[i * 64: (i + 1) * 64]
-        x = luminance(to_tensor(data[batch])).contiguous(memory_format=torch.channels_last)  # (64, 1, H, W)
+        x = judge_view(to_tensor(data[batch]))  # (64, 1, H, W)
         x = gaussian_blur(x, float(torch.empty(()).uniform_(0.3, 1.0, generator=g))) if torch.rand((), generator=g) < 0.5 else x
         x = x + torch.rand(64, 1, 1, 1, generator=g) * 0.15 * torch.randn(x.shape, generator=g)
         with amp:

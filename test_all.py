@@ -1471,11 +1471,8 @@ def test_fid_colour_blind_judge_separates_the_classes():
     level = torch.rand(100, 1, 1, 1, generator=g) * 0.4 - 0.9  # dark grounds, as the classes'
     shortcuts = torch.cat([level.expand(100, 3, 32, 32), level + 0.2 * torch.randn(100, 3, 32, 32, generator=g),
                            (level + 1.5 * (torch.rand(100, 1, 32, 32, generator=g) < 0.05)).expand(-1, 3, -1, -1)]).clamp(-1, 1)
-    centres = ((np.arange(32) + 0.5) / 16 - 1)[None, :]
-    def blob(i):  # a square or a triangle whose outline wanders 3.5 px -> coverage (32, 32)
-        rng = np.random.default_rng([9, i])
-        return np.clip(0.5 + fid.shape_distance(1 + i % 2, rng, centres, centres.T, 32) * 16 + 3.5 * fid.smooth_noise(rng, 32, 3.5), 0, 1)
-    blobs = torch.stack([torch.tensor(blob(i), dtype=torch.float32) for i in range(100)])
+    blobs = torch.stack([torch.tensor(fid.blob_coverage(1 + i % 2, np.random.default_rng([9, i]), 32, wander=3.5, sigma=3.5),
+                                      dtype=torch.float32) for i in range(100)])  # squares and triangles, lumpy
     blobs = (level + 1.4 * blobs[:, None]).expand(-1, 3, -1, -1).clamp(-1, 1)  # light shapes on dark grounds
     with torch.no_grad():
         for name, images, least in (("images of no class", junk, 0.8), ("flat, noise and specks", shortcuts, 0.95),
