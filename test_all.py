@@ -1765,6 +1765,7 @@ def test_train_resume_is_exact():
             run_train(*common, "--epochs", "3", "--output-dir", f"{d}/resumed")
             step = final_weights(f"{d}/resumed")["step"]
             run_train(*common, "--epochs", "12", "--output-dir", f"{d}/resumed")
+            run_train(*common, "--output-dir", f"{d}/resumed")  # without --epochs: the run's 12, not the default
             return step
         def preempted():  # SIGTERM mid-run saves a checkpoint; the same command then finishes the run
             code, err, _ = interrupt(*common, "--epochs", "12", "--output-dir", f"{d}/pre")
@@ -1778,6 +1779,8 @@ def test_train_resume_is_exact():
         bf16 = mar.bf16_autocast(torch.device("cpu"))  # MAR's training steps on a CPU with bf16 instructions: exact too
         assert f"precision: {'bf16 autocast' if bf16 else 'fp32'}" in read(f"{d}/full/log.txt")
         assert "resumed from" in read(f"{d}/resumed/log.txt")
+        assert "resuming: --epochs 12 as the checkpoint's run" in read(f"{d}/resumed/log.txt")
+        assert "already complete (120 steps)" in read(f"{d}/resumed/log.txt")
         # the pixel tokenizer's decoder: fitted once, before step 0, then restored from the checkpoint
         assert read(f"{d}/resumed/log.txt").count("clean-up decoder: 3 steps") == 1
         tok = final_weights(f"{d}/resumed")["tokenizer"]

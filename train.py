@@ -255,10 +255,21 @@ def load_checkpoint(path, flag):
         fail(f"{flag}: {e}")
 
 
-def load_resume(path, model_name, training, opt):
-    """Restore the model, optimizer and second player from a checkpoint of the same model and
-    architecture (else one line naming the difference) -> the checkpoint."""
-    ckpt = load_checkpoint(path, "--resume")
+def continue_recipe(args, saved, log):
+    """Resuming continues the run that was started: the recipe flags left unset now (args.unset)
+    take the checkpoint's values, not today's defaults, so that a finished run, run again without
+    its --epochs, is complete instead of training on (and overwriting it) to the default epochs.
+    Flags given explicitly win, e.g. a larger --epochs to extend a run."""
+    kept = {k: saved[k] for k in args.unset if saved.get(k) is not None and saved[k] != getattr(args, k)}
+    for key, value in kept.items():
+        log(f"resuming: --{key.replace('_', '-')} {value} as the checkpoint's run (the default now: {getattr(args, key)}; "
+            f"give the flag to change it)")
+        setattr(args, key, value)
+
+
+def load_resume(ckpt, path, model_name, training, opt):
+    """Restore the model, optimizer and second player from `ckpt` (read from `path`), a checkpoint
+    of the same model and architecture (else one line naming the difference)."""
     if ckpt.get("model_name") != model_name:
         fail(f"{path} is a checkpoint of --model {ckpt.get('model_name', '(not written by train.py)')}, not {model_name}")
     check_config(path, ckpt["config"], training.config)
@@ -272,7 +283,6 @@ def load_resume(path, model_name, training, opt):
         group["lr_scale"] = scale
     if hasattr(training, "load_checkpoint_state"):
         training.load_checkpoint_state(ckpt)
-    return ckpt
 
 
 def check_config(path, saved, current):
@@ -743,6 +753,11 @@ def main(args):
     log = open_run_folder(args, rank, world, device)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop_before_training)  # until the loop, where a signal saves a checkpoint first
+    step, ckpt_path = 0, os.path.join(args.output_dir, "checkpoint-last.pth")
+    resume = resume_from(args.resume, ckpt_path, rank, world)
+    ckpt = load_checkpoint(resume, "--resume") if resume else None
+    if ckpt and ckpt.get("model_name") == args.model:  # else load_resume below names the difference
+        continue_recipe(args, ckpt["args"], log)
     # ---- data, model, EMA, optimizer ----
     dataset = training_data(args, rank)
     num_classes = len(dataset.classes)
@@ -767,10 +782,8 @@ def main(args):
     opt = make_optimizer(training, lr, args.weight_decay)
     trainable = [p for group in opt.param_groups for p in group["params"]]
     aug = torch.Generator().manual_seed(args.seed * 1000 + rank)  # data augmentation draws
-    step, ckpt_path = 0, os.path.join(args.output_dir, "checkpoint-last.pth")
-    resume = resume_from(args.resume, ckpt_path, rank, world)
     if resume:
-        ckpt = load_resume(resume, args.model, training, opt)
+        load_resume(ckpt, resume, args.model, training, opt)
         check_tokenizer(resume, ckpt, tokenizer_flag, digest)
         step = ckpt["step"]
         if rank == 0:  # a run killed after its last checkpoint logged steps that will now run again
@@ -1088,9 +1101,9 @@ def parse_args(argv=None):
     if error:
         fail(error)
     defaults, args.defaults_in_force = choose_defaults(args, model)
-    for key, value in defaults.items():
-        if key in vars(args) and getattr(args, key) is None:
-            setattr(args, key, value)
+    args.unset = sorted(key for key in defaults if key in vars(args) and getattr(args, key) is None)  # see continue_recipe
+    for key in args.unset:
+        setattr(args, key, defaults[key])
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.model}-{args.preset}")
     if args.eval and (args.data_path or getattr(args, "use_cached", False)) and not args.fid_stats:
         fail("--eval on ImageNet needs --fid-stats (ADM's VIRTUAL_imagenet256_labeled.npz, MAR's fid_stats/adm_in256_stats.npz, "
