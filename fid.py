@@ -264,9 +264,9 @@ def check_sha256(path, sha256):
                          f"or altered download; delete it to download again")
 
 
-def weights_path():
+def weights_path(flag="--weights"):
     """The cached weight file, downloaded on first use (by rank 0; the others wait) and checked
-    against its SHA-256 every time it is used."""
+    against its SHA-256 every time it is used. `flag`: the calling script's flag for a file."""
     path = cached_weights()
     if not os.path.exists(path):
         if not dist.is_initialized() or dist.get_rank() == 0:
@@ -278,21 +278,21 @@ def weights_path():
             except Exception as e:  # offline, proxy, HTTP error
                 if not dist.is_initialized():
                     raise FileNotFoundError(f"cannot download the Inception weights ({type(e).__name__}: {e}); download "
-                                            f"{INCEPTION_URL} by hand to {path}, or pass --weights FILE") from None
+                                            f"{INCEPTION_URL} by hand to {path}, or pass {flag} FILE") from None
         if dist.is_initialized():
             dist.barrier()                                    # the other ranks wait for rank 0's download
         if not os.path.exists(path):
             raise FileNotFoundError(f"cannot download the Inception weights; download {INCEPTION_URL} by hand to {path}, "
-                                    f"or pass --weights FILE")
+                                    f"or pass {flag} FILE")
     check_sha256(path, INCEPTION_SHA256)
     return path
 
 
-def load_inception(weights=None, pytorch_fid=False, device="cpu"):
+def load_inception(weights=None, pytorch_fid=False, device="cpu", flag="--weights"):
     """The FID Inception in eval mode on `device`, from `weights` (either tool's .pth file) or the
-    downloaded copy. Both files hold the same tensors under torchvision's names; torch-fidelity's
+    downloaded copy (`flag` names the file's flag in the error if neither is there). Both files hold the same tensors under torchvision's names; torch-fidelity's
     has no BatchNorm `num_batches_tracked` counters, which evaluation never reads."""
-    path = weights or weights_path()
+    path = weights or weights_path(flag)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -105,13 +105,14 @@ def raises(error, fn, *args):
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")  # one thread each: two processes share 2 cores
 
 
-def run_script(script, *flags, nproc=1, check=True, timeout=600):
+def run_script(script, *flags, nproc=1, check=True, timeout=600, env=None):
     """Run one of the repository's scripts as a user would: `python script ...`, or under torchrun
-    with `nproc` gloo processes, in an empty working directory (default outputs never land in the repo)."""
+    with `nproc` gloo processes, in an empty working directory (default outputs never land in the repo);
+    `env`: variables to set besides ENV."""
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   f"--nproc_per_node={nproc}"]
     with tempfile.TemporaryDirectory() as cwd:
-        p = subprocess.run(launch + [script] + [str(f) for f in flags], capture_output=True, text=True, env=ENV,
+        p = subprocess.run(launch + [script] + [str(f) for f in flags], capture_output=True, text=True, env=dict(ENV, **(env or {})),
                            timeout=timeout, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"{os.path.basename(script)} exited {p.returncode}:\n{p.stderr[-3000:]}")
@@ -1369,6 +1370,7 @@ def test_fid_offline_without_weights_says_where_to_put_them():
     with offline_hub() as d:
         e = raises(FileNotFoundError, fid.load_inception)
         assert "weights-inception-2015-12-05-6726825d.pth" in str(e) and d in str(e) and "--weights" in str(e), e
+        assert "or pass --inception-weights FILE" in str(raises(FileNotFoundError, lambda: fid.load_inception(flag="--inception-weights")))
 
 
 
@@ -2243,6 +2245,11 @@ def test_train_eval_generates_and_scores_like_fid_py():
         # statistics alone hold no features: one line says why precision and recall are missing
         assert "precision/recall: not computed: the reference is statistics only" in stats.stdout, stats.stdout
         assert "Precision:" not in stats.stdout and "not computed" not in one.stdout, one.stdout
+        # no weights given, none cached, no network (a proxy that refuses): one line naming train.py's own flag
+        no_proxy = "http://127.0.0.1:9"
+        offline = run_train(*[a for a in ev if a not in ("--inception-weights", tf)], check=False,
+                            env=dict(TORCH_HOME=f"{d}/hub", https_proxy=no_proxy, HTTPS_PROXY=no_proxy))
+        expect_error(offline, "or pass --inception-weights FILE", "train.py")
         record = [json.loads(l) for l in read(f"{d}/run/eval.jsonl").splitlines()][-1]
         assert 0 <= record["precision"] <= 1 and 0 <= record["recall"] <= 1 and record["sfid"] > 0, record
         assert abs(record["precision"] - printed(one, "Precision")) < 1e-4, one.stdout

@@ -650,7 +650,7 @@ def evaluate(args, rank, world, device):
     except ValueError as e:
         fail(f"--eval: {e} (check --preset / --img-size / --vae)")
     try:
-        net = fid.load_inception(args.inception_weights, device=device)
+        net = fid.load_inception(args.inception_weights, device=device, flag="--inception-weights")
         t = time.time()
         reference = fid.load_set(args.fid_stats, net, args.eval_batch_size)[0] if args.fid_stats else fid.builtin_reference(
             args.output_dir, args.img_size, args.num_images, args.seed + 1000, net, args.eval_batch_size)
@@ -958,7 +958,7 @@ def final_report(args, training, ema, images, labels, grid, held_out, device):
         net = None  # rFID only with weights: given, or already downloaded (then checked against their SHA-256)
         if args.inception_weights or os.path.exists(fid.cached_weights()):
             try:
-                net = fid.load_inception(args.inception_weights, pytorch_fid=True, device=device)
+                net = fid.load_inception(args.inception_weights, pytorch_fid=True, device=device, flag="--inception-weights")
             except (ValueError, FileNotFoundError) as e:
                 fail(str(e))
         lines, numbers = training.report(ema, held_out(args.num_images), fid.ReconstructionMetrics(net, distributed=False),
