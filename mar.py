@@ -1273,6 +1273,8 @@ def load_vae(path, device):
             vae = AutoencoderKL(**ckpt["config"]["arch"])
             vae.load_state_dict(ckpt["model_ema"])
             scale, config = ckpt["latent_scale"], dict(ckpt["config"]["arch"], file=os.path.basename(path))
+        elif "model_name" in ckpt:  # another train.py run
+            raise ValueError(f"{path} is a checkpoint of --model {ckpt['model_name']}, not a VAE (train.py --model vae, or kl16.ckpt)")
         else:
             vae, scale, config = kl16(), VAE_SCALE, dict(file="kl16")
             load_weights(vae, path, "model")

@@ -1937,6 +1937,8 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             (["--data-path", data, "--resume", f"{d}/coda.pth"], "checkpoint of --model coda"),
             (["--data-path", data, "--patch-size", "2", "--output-dir", f"{d}/tiny"], "another config: vae_stride 8"),
             (["--model", "coda", "--vae", f"{d}/nope.ckpt", "--data-path", data], "--vae: checkpoint not found"),
+            (["--model", "coda", "--vae", f"{d}/tiny/checkpoint-last.pth", "--data-path", data],
+             "is a checkpoint of --model mar, not a VAE"),
             (["--model", "maskgit", "--tokenizer", f"{d}/tiny/checkpoint-last.pth", "--data-path", data],
              "is not a checkpoint of --model coda"),
             (["--model", "vae", "--data-path", data, "--img-size", "30"], "not a multiple of the VAE's stride 8"),
