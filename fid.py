@@ -290,8 +290,9 @@ def weights_path(flag="--weights"):
 
 def load_inception(weights=None, pytorch_fid=False, device="cpu", flag="--weights"):
     """The FID Inception in eval mode on `device`, from `weights` (either tool's .pth file) or the
-    downloaded copy (`flag` names the file's flag in the error if neither is there). Both files hold the same tensors under torchvision's names; torch-fidelity's
-    has no BatchNorm `num_batches_tracked` counters, which evaluation never reads."""
+    downloaded copy (`flag` names the file's flag in the error if neither is there). Both files hold
+    the same tensors under torchvision's names; torch-fidelity's has no BatchNorm
+    `num_batches_tracked` counters, which evaluation never reads."""
     path = weights or weights_path(flag)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

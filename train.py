@@ -267,11 +267,9 @@ def continue_recipe(args, saved, log):
         setattr(args, key, value)
 
 
-def load_resume(ckpt, path, model_name, training, opt):
+def load_resume(ckpt, path, training, opt):
     """Restore the model, optimizer and second player from `ckpt` (read from `path`), a checkpoint
-    of the same model and architecture (else one line naming the difference)."""
-    if ckpt.get("model_name") != model_name:
-        fail(f"{path} is a checkpoint of --model {ckpt.get('model_name', '(not written by train.py)')}, not {model_name}")
+    of the same model (checked in main) and architecture (else one line naming the difference)."""
     check_config(path, ckpt["config"], training.config)
     try:  # the config holds the sizes flags choose; a preset's inner sizes can still differ (e.g. older presets)
         mar.load_state(training.model, ckpt["model"], f"{path}['model']")
@@ -756,7 +754,9 @@ def main(args):
     step, ckpt_path = 0, os.path.join(args.output_dir, "checkpoint-last.pth")
     resume = resume_from(args.resume, ckpt_path, rank, world)
     ckpt = load_checkpoint(resume, "--resume") if resume else None
-    if ckpt and ckpt.get("model_name") == args.model:  # else load_resume below names the difference
+    if ckpt and ckpt.get("model_name") != args.model:
+        fail(f"{resume} is a checkpoint of --model {ckpt.get('model_name', '(not written by train.py)')}, not {args.model}")
+    if ckpt:
         continue_recipe(args, ckpt["args"], log)
     # ---- data, model, EMA, optimizer ----
     dataset = training_data(args, rank)
@@ -783,7 +783,7 @@ def main(args):
     trainable = [p for group in opt.param_groups for p in group["params"]]
     aug = torch.Generator().manual_seed(args.seed * 1000 + rank)  # data augmentation draws
     if resume:
-        load_resume(ckpt, resume, args.model, training, opt)
+        load_resume(ckpt, resume, training, opt)
         check_tokenizer(resume, ckpt, tokenizer_flag, digest)
         step = ckpt["step"]
         if rank == 0:  # a run killed after its last checkpoint logged steps that will now run again
