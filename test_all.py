@@ -1909,15 +1909,19 @@ def test_train_error_paths_exit_nonzero_with_one_line():
     """Bad input stops with one line `train.py: error: ...`, exit status 1, no traceback. Flags that
     parse_args refuses are checked in this process (the message is SystemExit's: Python prints it
     and exits 1, as the first subprocess case shows); the rest in a subprocess, as a user runs them."""
+    import PIL.Image
     import train
     with tempfile.TemporaryDirectory() as d:
         os.makedirs(os.path.join(d, "empty", "class0"))
+        os.makedirs(os.path.join(d, "flat"))
+        PIL.Image.new("RGB", (8, 8)).save(os.path.join(d, "flat", "a.png"))  # images but no class subfolder
         data = make_folder(os.path.join(d, "data"), per_class=1)
         run_train("--data-path", data, *MAR, "--epochs", "1", "--output-dir", f"{d}/tiny")
         torch.save(dict(final_weights(f"{d}/tiny"), model_name="coda"), f"{d}/coda.pth")
         torch.save({"model": Pickled()}, f"{d}/evil.pth")
         flag_cases = [
             (["--data-path", f"{d}/empty"], "no images in"),
+            (["--data-path", f"{d}/flat"], "holds 1 image but no class subfolders"),
             (["--use-cached"], "--use-cached needs --cache-path"),
             (["--cache-latents", "--data-path", data], "--cache-latents needs"),
             (["--data-path", data, "--resume", f"{d}/nope.pth"], "checkpoint not found"),
