@@ -863,3 +863,8 @@ def format_table1(rows, where, epochs):
         lines.append(f"{name:40s} {r['usage']:7.1%} {r['quant_error']:10.5f} {r['mse']:8.5f} {r['psnr']:6.2f} {r['ssim']:6.3f}" +
                      (f" {r['rfid']:7.2f}" if rfid else ""))
     return lines
+
+
+if __name__ == "__main__":  # the model and its recipe; train.py trains it
+    raise SystemExit("coda.py holds CODA's model and recipe; train it with `torchrun train.py --model coda` "
+                     "(README, \"The discrete pipeline\")")
