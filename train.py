@@ -397,9 +397,10 @@ def list_images(root, suffixes=IMG_EXTENSIONS):
                if f.lower().endswith(suffixes)]
     if not samples:
         loose = sum(f.is_file() and f.name.lower().endswith(suffixes) for f in os.scandir(root))
-        fail(f"{root} holds {loose} image{'s' * (loose != 1)} but no class subfolders: move them into one subfolder per class "
-             f"({root}/<class>/), or all into one for a single class" if loose else
-             f"no images in {root} (expected one subfolder per class holding {'/'.join(suffixes)} files)")
+        if loose:
+            fail(f"{root} holds {loose} image{'s' * (loose != 1)} but no class subfolders: move them into one "
+                 f"subfolder per class ({root}/<class>/), or all into one for a single class")
+        fail(f"no images in {root} (expected one subfolder per class holding {'/'.join(suffixes)} files)")
     empty = sorted(set(classes) - {classes[label] for _, label in samples})
     if empty:  # it would still take a label, and the class-balanced grids and --eval would ask for it
         fail(f"class folder {os.path.join(root, empty[0])} holds no images ({len(empty)} empty class folder(s)); "
