@@ -529,7 +529,7 @@ class TokenizerLoss(nn.Module):
         finally:
             for p in params:
                 p.requires_grad_(True)
-        lam = adaptive_weight(nll, g_loss, last_layer, self.disc_weight)
+        lam = adaptive_weight(nll, g_loss, recon if last_layer is None else last_layer, self.disc_weight)
         parts.update(g_loss=g_loss.detach(), d_weight=lam)
         return nll + ramp * lam * g_loss, parts
 
@@ -797,8 +797,14 @@ class Training(TokenizerTraining):
         # official: the adaptive weight at the LoRA of the decoder's first upsample conv (kl16: up[-1].upsample)
         lora_ups = [m.lora_layer.up.weight for m in vae.decoder.modules() if isinstance(m, LoRAConv2d)]
         ups = [m.upsample.conv for m in reversed(vae.decoder.up) if hasattr(m, "upsample")]
-        self.last_layer = (ups[0].lora_layer.up.weight if ups and isinstance(ups[0], LoRAConv2d)
-                           else lora_ups[-1] if lora_ups else quantizer.codebooks.weight)
+        if ups and isinstance(ups[0], LoRAConv2d):
+            self.last_layer = ups[0].lora_layer.up.weight
+        elif lora_ups:
+            self.last_layer = lora_ups[-1]
+        elif args.quantizer == "attention":  # no LoRA in the decoder: the codebook, trained through it
+            self.last_layer = quantizer.codebooks.weight
+        else:  # nearest codes pass the codebook no gradient from the decoder: at the decoded image
+            self.last_layer = None
 
     def inputs(self, batch, flip):
         return batch[0].to(self.device, non_blocking=True), None  # CODA's official pipeline uses no flip

@@ -20,7 +20,6 @@ Read it top to bottom:
 """
 import argparse
 import math
-import os
 import time
 
 import torch
@@ -166,7 +165,8 @@ class MaskGIT(nn.Module):
 
     def guided_logits(self, x, labels, cfg, schedule):
         """Classifier-free guidance on the logits, l_u + s (l_c - l_u). 'linear' grows s from 1 with
-        the fraction of tokens already decoded (as MAR's schedule); 'constant' uses s = cfg."""
+        the fraction of tokens known entering the step (MAR's schedule counts those known after it, so
+        it starts one step later here); 'constant' uses s = cfg."""
         if cfg == 1.0:
             return self.logits(x, labels).float()
         null = torch.full_like(labels, self.num_classes)
@@ -281,12 +281,19 @@ def add_args(p):
     mar.add_sampling_args(p)
 
 
+def check_args(args):
+    """-> an error message for flags MaskGIT cannot use, else None (train.py fails with it)."""
+    if args.temperature is not None and args.temperature <= 0:
+        return f"--temperature {args.temperature}: must be positive (it divides MaskGIT's logits)"
+    return None
+
+
 class Training(nn.Module):
     """What train.py needs to train MaskGIT: the model, the frozen CODA tokenizer (images <->
     tokens), the inputs of a batch of cached tokens, the loss and decoding."""
     betas = (0.9, 0.96)  # official MaskGIT config
     bf16 = True  # train.py's autocast on CUDA and bf16 CPUs (no official training code: as MAR)
-    PRESETS, PAPER, BUILTIN, add_args = PRESETS, PAPER, BUILTIN, staticmethod(add_args)
+    PRESETS, PAPER, BUILTIN, add_args, check_args = PRESETS, PAPER, BUILTIN, staticmethod(add_args), staticmethod(check_args)
 
     def __init__(self, args, num_classes, device):
         super().__init__()
@@ -298,7 +305,7 @@ class Training(nn.Module):
         if tok["img_size"] != args.img_size:
             raise ValueError(f"--tokenizer was trained on {tok['img_size']} px images, not --img-size {args.img_size}")
         self.config = dict(preset=args.preset, img_size=args.img_size, class_num=num_classes, codebook_size=tok["codebook_size"],
-                           levels=tuple(tok["levels"]), tokenizer=os.path.basename(args.tokenizer))
+                           levels=tuple(tok["levels"]))  # which tokenizer: its weights' SHA-256 (train.py), not its file name
         self.model = PRESETS[args.preset](tok["codebook_size"], tuple(tok["levels"]), num_classes)
 
     @torch.no_grad()

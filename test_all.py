@@ -1561,7 +1561,7 @@ def make_folder(root, per_class=4, classes=10, size=40):
     for c in range(classes):
         os.makedirs(os.path.join(root, f"class{c:02d}"), exist_ok=True)
         for i in range(per_class):
-            img = Image.fromarray(fid.toy_image(c, i, seed=5, size=size)).resize((size + 8, size))
+            img = Image.fromarray(fid.toy_image(c % 10, i + c // 10 * 100, seed=5, size=size)).resize((size + 8, size))
             img.save(os.path.join(root, f"class{c:02d}", f"img{i}.png"))
     return root
 
@@ -1830,8 +1830,8 @@ def test_train_a_signal_during_the_final_report_stops_at_once():
         assert not os.path.exists(f"{d}/early/checkpoint-last.pth")
 
 def test_train_metrics_hold_one_line_per_step_after_a_resume():
-    """A run killed after its last checkpoint had logged later steps: the resumed run logs them again,
-    and metrics.jsonl keeps one line per step."""
+    """A run killed after its last checkpoint had logged later steps (the last line cut short): the
+    resumed run logs them again, and metrics.jsonl keeps one line per step."""
     with tempfile.TemporaryDirectory() as d:
         flags = ["--data-path", shared_run("data"), *MAR, "--output-dir", f"{d}/run"]
         run_train(*flags, "--epochs", "1")
@@ -1839,19 +1839,42 @@ def test_train_metrics_hold_one_line_per_step_after_a_resume():
             train_append = json.dumps(dict(step=step, loss=0.0))
             with open(f"{d}/run/metrics.jsonl", "a") as f:
                 f.write(train_append + "\n")
+        with open(f"{d}/run/metrics.jsonl", "a") as f:
+            f.write('{"step": 25, "lo')  # a last line cut short by the kill
         run_train(*flags, "--epochs", "2")
         steps = [json.loads(l)["step"] for l in read(f"{d}/run/metrics.jsonl").splitlines()]
         assert steps == [5, 10, 15, 20], steps
+
+
+def test_train_requeued_resume_command_goes_on_from_its_own_checkpoint():
+    """A command that starts from --resume A, run again (a requeued job), continues its own run folder
+    instead of starting from A again; its grids of a 12-class folder show 8 classes spread over them."""
+    from PIL import Image
+    with tempfile.TemporaryDirectory() as d:
+        data = make_folder(os.path.join(d, "data"), per_class=1, classes=12)  # 3 steps an epoch at batch 4
+        run_train("--data-path", data, *MAR, "--epochs", "1", "--output-dir", f"{d}/a")
+        flags = ["--data-path", data, *MAR, "--resume", f"{d}/a/checkpoint-last.pth", "--output-dir", f"{d}/b", "--epochs", "2"]
+        run_train(*flags)
+        log = read(f"{d}/b/log.txt")
+        assert "resumed from" in log and "at step 3 / 6" in log, log[-1500:]
+        done = final_weights(f"{d}/b")
+        run_train(*flags)
+        log = read(f"{d}/b/log.txt")
+        assert "not --resume" in log and "already complete (6 steps)" in log, log[-1500:]
+        assert same_state(final_weights(f"{d}/b"), done) and final_weights(f"{d}/b")["step"] == 6
+        assert Image.open(f"{d}/b/samples-final.png").size == (8 * 34 + 2, 8 * 34 + 2)  # 8 rows of 8, 32 px + 2 px padding
 
 
 def test_train_nan_loss_stops_and_keeps_last_good_checkpoint():
     with tempfile.TemporaryDirectory() as d:
         run_train("--data-path", shared_run("data"), *MAR, "--epochs", "1", "--output-dir", f"{d}/run")
         good = final_weights(f"{d}/run")
-        p = run_train("--data-path", shared_run("data"), *MAR, "--epochs", "3", "--lr", "1e30", "--output-dir", f"{d}/run",
-                      check=False)
-        assert p.returncode == 1 and ("loss is nan" in p.stderr.lower() or "loss is inf" in p.stderr.lower()), p.stderr[-2000:]
-        assert same_state(final_weights(f"{d}/run"), good), "the last good checkpoint was overwritten"
+        # seen at a log step (the loss), or at a checkpoint step between logs (the gradient norm)
+        for flags, said in ([], "loss is "), (["--log-every", "1000", "--ckpt-every", "2"], "the gradient norm is "):
+            p = run_train("--data-path", shared_run("data"), *MAR, "--epochs", "3", "--lr", "1e30", "--output-dir", f"{d}/run",
+                          *flags, check=False)
+            assert p.returncode == 1 and (said + "nan" in p.stderr.lower() or said + "inf" in p.stderr.lower()), p.stderr[-2000:]
+            assert same_state(final_weights(f"{d}/run"), good), "the last good checkpoint was overwritten"
 
 
 def test_train_corrupt_images_are_skipped():
@@ -1932,6 +1955,9 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             (["--data-path", data, "--prediction", "eps"], "--prediction eps is for VAE latents"),
             (["--data-path", data, "--cleanup-steps", "-1"], "--cleanup-steps -1: must be at least 0"),
             (["--data-path", data, "--loss-fraction", "1.5"], "--loss-fraction 1.5: must be in (0, 1]"),
+            (["--data-path", data, "--val-path", data], "--val-path: --model mar does not use held-out images"),
+            (["--model", "vae", "--data-path", data, "--val-path", f"{d}/nope"], "--val-path: no folder"),
+            (["--model", "maskgit", "--tokenizer", "t.pth", "--temperature", "0"], "--temperature 0.0: must be positive"),
         ]
         for flags, expect in flag_cases:
             message = str(raises(SystemExit, train.parse_args, [*FAST[:6], *flags, "--epochs", "1"]))
@@ -1941,6 +1967,7 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             (["--data-path", data, "--resume", f"{d}/coda.pth"], "checkpoint of --model coda"),
             (["--data-path", data, "--patch-size", "2", "--output-dir", f"{d}/tiny"], "another config: vae_stride 8"),
             (["--model", "coda", "--vae", f"{d}/nope.ckpt", "--data-path", data], "--vae: checkpoint not found"),
+            (["--model", "coda", "--vae", f"{d}/nope.ckpt", "--compare-quantizers"], "--vae: checkpoint not found"),
             (["--model", "coda", "--vae", f"{d}/tiny/checkpoint-last.pth", "--data-path", data],
              "is a checkpoint of --model mar, not a VAE"),
             (["--model", "maskgit", "--tokenizer", f"{d}/tiny/checkpoint-last.pth", "--data-path", data],
@@ -2151,6 +2178,16 @@ def test_train_coda_ddp_keeps_ranks_identical():
         rank0, rank1 = ddp_ranks_weights(d, *coda_flags(), "--epochs", "1", "--output-dir", f"{d}/ddp")
         assert_ranks_equal(rank0, rank1)
         assert final_weights(f"{d}/ddp")["step"] == 5
+
+
+def test_train_coda_nearest_codes_with_lora_on_the_encoder_alone():
+    """No LoRA in the decoder and nearest codes (which pass the codebook no gradient through it): the
+    GAN term's adaptive weight is taken at the decoded image, and the GAN still trains the encoder."""
+    with tempfile.TemporaryDirectory() as d:
+        flags = [f if f != "both" else "encoder" for f in coda_flags()]
+        run_train(*flags, "--quantizer", "nearest", "--epochs", "1", "--output-dir", f"{d}/run")
+        logged = [json.loads(line) for line in read(f"{d}/run/metrics.jsonl").splitlines()]
+        assert all(math.isfinite(m["loss"]) and m["d_weight"] > 0 for m in logged[1:]), logged
 
 
 def test_train_compare_quantizers_under_torchrun():

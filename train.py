@@ -183,10 +183,16 @@ def open_run_folder(args, rank, world, device):
 
 
 def keep_metrics_until(path, step):
-    """Drop the lines of metrics.jsonl logged after `step`, so that it holds one line per step."""
+    """Drop the lines of metrics.jsonl logged after `step`, so that it holds one line per step, and
+    a last line cut short (a kill or a full disk while it was written)."""
+    def before(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
     if os.path.exists(path):
         with open(path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            lines = [line for line in f if before(line)]
         with open(path + ".tmp", "w") as f:
             f.writelines(lines)
         os.replace(path + ".tmp", path)
@@ -286,7 +292,7 @@ def load_resume(ckpt, path, training, opt):
 def check_config(path, saved, current):
     """Stop with one line naming every architecture fact that differs from the checkpoint's."""
     if saved != current:
-        diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+        diff = {k: (saved.get(k), current.get(k)) for k in {**saved, **current} if saved.get(k) != current.get(k)}
         fail(f"{path} was trained with another config: " + ", ".join(f"{k} {a} (checkpoint) vs {b} (now)" for k, (a, b) in diff.items()))
 
 
@@ -343,10 +349,16 @@ def save_grid(images, path, nrow):
 @torch.no_grad()
 def picture(training, ema, num_classes, held_out, seed):
     """What a run shows of its EMA model -> (images, labels, columns): a generator draws one row per
-    class (all 10 built-in classes x 10, or 8 ImageNet classes x 8); a tokenizer shows 8 held-out
-    images, each followed by its reconstruction."""
+    class (up to 10 classes x 10; else 8 classes x 8: on ImageNet the official code's 8, on other
+    data 8 spread over the class list); a tokenizer shows 8 held-out images, each followed by its
+    reconstruction."""
     if hasattr(training, "sample"):
-        rows = list(range(num_classes)) if num_classes <= 10 else [207, 360, 388, 113, 355, 980, 323, 979]
+        if num_classes <= 10:
+            rows = list(range(num_classes))
+        elif num_classes == 1000:  # ImageNet
+            rows = [207, 360, 388, 113, 355, 980, 323, 979]
+        else:
+            rows = torch.linspace(0, num_classes - 1, 8).round().long().tolist()
         cols = 10 if num_classes <= 10 else 8
         labels = torch.tensor(rows, device=training.device).repeat_interleave(cols)
         generator = torch.Generator(training.device).manual_seed(seed)  # on the device: no host copy per draw
@@ -757,6 +769,8 @@ def main(args):
         signal.signal(sig, stop_before_training)  # until the loop, where a signal saves a checkpoint first
     step, ckpt_path = 0, os.path.join(args.output_dir, "checkpoint-last.pth")
     resume = resume_from(args.resume, ckpt_path, rank, world)
+    if args.resume and os.path.realpath(resume) != os.path.realpath(args.resume):
+        log(f"resuming from this run's own {ckpt_path}, not --resume {args.resume}: it holds the later steps")
     ckpt = load_checkpoint(resume, "--resume") if resume else None
     if ckpt and ckpt.get("model_name") != args.model:
         fail(f"{resume} is a checkpoint of --model {ckpt.get('model_name', '(not written by train.py)')}, not {args.model}")
@@ -815,8 +829,16 @@ def main(args):
 
     writer = CheckpointWriter()
 
+    def diverged(what):
+        good = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
+        log(f"{what} at step {step}: stopping; {good}")
+        fail(f"{what} at step {step} (try a lower --blr); {good}")
+
     def save(final=False):
-        """In the background (see CheckpointWriter); `final`: wait until the file is written."""
+        """In the background (see CheckpointWriter); `final`: wait until the file is written. Never
+        over a good checkpoint with diverged weights (the gradient norm, equal on all ranks, tells)."""
+        if not torch.isfinite(grad_norm):  # a host sync, once per checkpoint
+            diverged(f"the gradient norm is {grad_norm.item()}")
         states = gather_to_rank0(rng_state(device, aug))
         if rank == 0:
             extra = training.checkpoint_state(ema, held_out) if hasattr(training, "checkpoint_state") else {}
@@ -877,12 +899,13 @@ def main(args):
                 stats = torch.stack([loss_sum, torch.tensor(float(STOP["signal"] is not None), device=device)])
                 if world > 1:
                     dist.all_reduce(stats)
+                    every = [None] * world
+                    dist.all_gather_object(every, bad_files)  # each rank skips the unreadable files of its shard
+                    bad_files = set().union(*every)
                 avg_loss, stop = stats[0].item() / (n_window * world), stats[1].item() > 0
                 extra = training.metrics() if hasattr(training, "metrics") else {}
                 if not math.isfinite(avg_loss):
-                    good = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
-                    log(f"loss is {avg_loss} at step {step}: stopping; {good}")
-                    fail(f"loss is {avg_loss} at step {step} (try a lower --blr); {good}")
+                    diverged(f"loss is {avg_loss}")
                 ips = n_window * args.batch_size * world / (time.time() - t_window)
                 pbar.set_postfix(loss=f"{avg_loss:.4f}", lr=f"{cur_lr:.2e}", img_s=f"{ips:.0f}",
                                  **{k: f"{v:.3g}" for k, v in extra.items() if k in ("codebook_usage", "l1", "d_loss")})
@@ -925,10 +948,11 @@ def distribute(training, compile, device, world):
 
 
 def resume_from(flag, ckpt_path, rank, world):
-    """The checkpoint to resume from (--resume, else the run folder's own if there is one), or
-    None. Rank 0 decides and tells the others: with node-local disks the ranks may see different
-    folders, and a rank that cannot see rank 0's choice stops with one line instead of hanging."""
-    resume = [flag or (ckpt_path if os.path.exists(ckpt_path) else None)]
+    """The checkpoint to resume from (the run folder's own if there is one, else --resume), or
+    None: a requeued command that started from --resume goes on from its own progress. Rank 0
+    decides and tells the others: with node-local disks the ranks may see different folders, and a
+    rank that cannot see rank 0's choice stops with one line instead of hanging."""
+    resume = [ckpt_path if os.path.exists(ckpt_path) else flag]
     if world > 1:
         dist.broadcast_object_list(resume, src=0)
         if resume[0] and not os.path.exists(resume[0]):
@@ -980,8 +1004,12 @@ def final_report(args, training, ema, images, labels, grid, held_out, device):
 def compare_quantizers(argv, base):
     """CODA's --compare-quantizers: the paper's Table 1 progression (coda.TABLE1), one run per row in
     <output-dir>/table1-<row> with the given flags plus the row's, each resumable; prints the table."""
+    try:
+        table = coda.table1_rows(base)  # reads --vae
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
     rows = []
-    for i, (name, flags) in enumerate(coda.table1_rows(base)):
+    for i, (name, flags) in enumerate(table):
         args = parse_args([a for a in argv if a != "--compare-quantizers"] + flags +
                           ["--output-dir", os.path.join(base.output_dir, f"table1-{i}")])
         if main(args) is None:
@@ -1050,7 +1078,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=list(model.PRESETS))
     # data
     p.add_argument("--data-path", help="ImageNet-style folder (one subfolder per class); default: built-in data")
-    p.add_argument("--val-path", help="held-out images for grids and reports (default: --data-path)")
+    p.add_argument("--val-path", help="a tokenizer's held-out images for grids and reports (default: --data-path)")
     p.add_argument("--img-size", type=int)
     p.add_argument("--num-workers", type=int, default=8 if torch.cuda.is_available() else 0)
     p.add_argument("--defaults", default="auto", choices=["auto", "paper", "cpu"], help="the values unset flags "
@@ -1074,7 +1102,7 @@ def parse_args(argv=None):
                                                                   "fails naming it (torchrun)")
     # run folder, logging, samples
     p.add_argument("--output-dir", help="default: runs/<model>-<preset>")
-    p.add_argument("--resume", help="checkpoint to resume from (default: <output-dir>/checkpoint-last.pth if present)")
+    p.add_argument("--resume", help="checkpoint to start from (<output-dir>/checkpoint-last.pth, if present, wins)")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--ckpt-every", type=int)
     p.add_argument("--sample-every", type=int)
@@ -1108,12 +1136,19 @@ def parse_args(argv=None):
     args.unset = sorted(key for key in defaults if key in vars(args) and getattr(args, key) is None)  # see continue_recipe
     for key in args.unset:
         setattr(args, key, defaults[key])
+    if "warmup_epochs" in args.unset and args.warmup_epochs >= args.epochs:  # a short --epochs: the recipe's share
+        args.warmup_epochs = defaults["warmup_epochs"] * args.epochs // defaults["epochs"]
+        args.defaults_in_force += f"; {args.warmup_epochs} warm-up epochs, the recipe's share of --epochs {args.epochs}"
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.model}-{args.preset}")
     if args.eval and (args.data_path or getattr(args, "use_cached", False)) and not args.fid_stats:
         fail("--eval on ImageNet needs --fid-stats (ADM's VIRTUAL_imagenet256_labeled.npz, MAR's fid_stats/adm_in256_stats.npz, "
              "or `python fid.py DIR --save-stats`)")
     if args.resume and not os.path.exists(args.resume):
         fail(f"--resume: checkpoint not found: {args.resume}")
+    if args.val_path and not hasattr(model, "report"):
+        fail(f"--val-path: --model {name} does not use held-out images (the tokenizers, vae and coda, do)")
+    if args.val_path and not os.path.isdir(args.val_path):
+        fail(f"--val-path: no folder {args.val_path}")
     check_numbers(args)
     for flag in ("output_dir", "save_images", "cache_path"):
         if getattr(args, flag, None) and (flag != "cache_path" or getattr(args, "cache_latents", False)):
