@@ -787,8 +787,9 @@ class Training(TokenizerTraining):
             raise ValueError(f"--img-size {args.img_size} is not a multiple of the VAE's stride {vae.stride}")
         side = args.img_size // vae.stride  # the latent's side
         levels = tuple(args.levels or preset_levels(args.preset, side))
-        if levels[-1] != side:
-            raise ValueError(f"the last level ({levels[-1]}) must equal the latent size {side} (--levels)")
+        if levels[-1] != side or not all(1 <= s <= side for s in levels):
+            raise ValueError(f"--levels {' '.join(map(str, levels))}: each side from 1 to the latent size {side}, "
+                             f"the last equal to it")
         quantizer = CODAQuantizer(vae.embed_dim, args.codebook_size or PRESETS[args.preset]["codebook_size"], levels, args.quantizer)
         self.model = CODA(vae, quantizer, scale)
         self.config = dict(preset=args.preset, img_size=args.img_size, vae=vae_config, scale=scale, levels=levels,
@@ -837,7 +838,7 @@ def load_trained(path, device):
     if ckpt.get("model_name") != "coda":
         raise ValueError(f"{path} is not a checkpoint of --model coda (it is {ckpt.get('model_name', 'not from train.py')})")
     c = ckpt["config"]
-    arch = {k: v for k, v in c["vae"].items() if k != "file"}
+    arch = {k: v for k, v in c["vae"].items() if k not in ("vae", "file")}  # the sizes, without the VAE's source (older: file)
     vae = add_lora(mar.AutoencoderKL(**arch) if arch else mar.kl16(), c["lora_rank"], LORA_PARTS[c["lora"]])
     model = CODA(vae, CODAQuantizer(vae.embed_dim, c["codebook_size"], c["levels"], c["quantizer"]), c["scale"])
     model.load_state_dict(ckpt["model_ema"])

@@ -1951,6 +1951,7 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             (["--data-path", data, "--patch-size", "-4"], "--patch-size -4: must be at least 1"),
             (["--data-path", data, "--lr", "nan"], "--lr nan: must be a finite number"),
             (["--data-path", data, "--img-size", "0"], "--img-size 0: must be at least 1"),
+            (["--data-path", data, "--num-images", "1"], "--num-images 1: must be at least 2"),
             (["--data-path", data, "--output-dir", f"{d}/coda.pth/run"], "is a file, not a folder"),
             (["--data-path", data, "--prediction", "eps"], "--prediction eps is for VAE latents"),
             (["--data-path", data, "--cleanup-steps", "-1"], "--cleanup-steps -1: must be at least 0"),
@@ -1968,6 +1969,8 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             (["--data-path", data, "--patch-size", "2", "--output-dir", f"{d}/tiny"], "another config: vae_stride 8"),
             (["--model", "coda", "--vae", f"{d}/nope.ckpt", "--data-path", data], "--vae: checkpoint not found"),
             (["--model", "coda", "--vae", f"{d}/nope.ckpt", "--compare-quantizers"], "--vae: checkpoint not found"),
+            (["--model", "coda", "--vae", f"{shared_run('vae')}/checkpoint-last.pth", "--data-path", data, "--levels", "0", "4"],
+             "--levels 0 4: each side from 1 to the latent size 4"),
             (["--model", "coda", "--vae", f"{d}/tiny/checkpoint-last.pth", "--data-path", data],
              "is a checkpoint of --model mar, not a VAE"),
             (["--model", "maskgit", "--tokenizer", f"{d}/tiny/checkpoint-last.pth", "--data-path", data],
@@ -2148,7 +2151,8 @@ def test_train_refuses_pixel_checkpoints_of_other_tokens():
         for more in (["--epochs", "2"], ["--eval", "--num-images", "10", "--fid-stats", shared_run("data")]):
             expect_error(run_train(*common, *more, check=False),
                          "was trained with another config: vae_stride 1 (checkpoint) vs 8 (now), patch_size 8 "
-                         "(checkpoint) vs 1 (now), vae_embed_dim 3 (checkpoint) vs 192 (now), tokens None", "train.py")
+                         "(checkpoint) vs 1 (now), vae_embed_dim 3 (checkpoint) vs 192 (now), diffusion v-prediction, SNR "
+                         "/ 64 (checkpoint) vs None (now), tokens None", "train.py")
         torch.save(mlp, f"{d}/run/checkpoint-last.pth")
         expect_error(run_train(*common, "--epochs", "2", check=False), "was trained with another config: "
                      "pixel_channels None (checkpoint) vs 8 (now), diffloss_d None (checkpoint) vs 2 (now)", "train.py")
@@ -2208,7 +2212,8 @@ def test_train_compare_quantizers_under_torchrun():
 
 
 def test_train_maskgit_on_cached_coda_tokens():
-    """Tokens cached once (image and flip), trained, sampled, and scored by --eval."""
+    """Tokens cached once (image and flip), trained, sampled, and scored by --eval (through a renamed
+    copy of the tokenizer)."""
     with tempfile.TemporaryDirectory() as d:
         mg = ["--model", "maskgit", "--tokenizer", f"{shared_run('coda')}/checkpoint-last.pth", "--data-path",
               shared_run("data"), *FAST, "--num-iter", "2", "--output-dir", f"{d}/mg"]
@@ -2229,7 +2234,8 @@ def test_train_maskgit_on_cached_coda_tokens():
         p = run_train(*[other if a == mg[3] else a for a in mg], "--epochs", "3", check=False)
         expect_error(p, "tokens.npy was encoded by another tokenizer", "train.py")
         assert final_weights(f"{d}/mg")["step"] == 20  # the checkpoint untouched
-        p = run_train(*mg, "--eval", "--num-images", "20", "--eval-batch-size", "10", "--inception-weights", tf,
+        shutil.copy(mg[3], f"{d}/renamed.pth")  # the same tokenizer under another name is the same tokenizer
+        p = run_train(*[f"{d}/renamed.pth" if a == mg[3] else a for a in mg], "--eval", "--num-images", "20", "--eval-batch-size", "10", "--inception-weights", tf,
                       "--fid-stats", f"{d}/real.npz")
         assert printed(p, "FID") > 0 and printed(p, "sFID") > 0 and printed(p, "IS (ADM evaluator)") > 0, p.stdout[-500:]
 

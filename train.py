@@ -1158,9 +1158,10 @@ def parse_args(argv=None):
 
 def check_numbers(args):
     """Every number a flag gave is usable, before anything is built: counts at least 1 (0 where
-    allowed), rates finite and positive, the EMA decay in [0, 1]."""
+    allowed; images for statistics 2, a covariance's least), rates finite and positive, the EMA decay in [0, 1]."""
     for key, value in vars(args).items():
-        flag, low = "--" + key.replace("_", "-"), 0 if key in ("warmup_epochs", "num_workers", "ema_start_epoch", "seed", "cleanup_steps") else 1
+        flag = "--" + key.replace("_", "-")
+        low = 0 if key in ("warmup_epochs", "num_workers", "ema_start_epoch", "seed", "cleanup_steps") else 2 if key == "num_images" else 1
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if isinstance(value, int) and value < low:
