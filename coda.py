@@ -604,7 +604,7 @@ def add_args(p):
     p.add_argument("--vae", required=True, help="the frozen VAE: official kl16.ckpt or a --model vae run's checkpoint")
     p.add_argument("--codebook-size", type=int, help="default: the preset's (16384 for CODA-MAR, 256 tiny)")
     p.add_argument("--levels", type=int, nargs="+", help="residual level sides; default: the preset's up to the latent's "
-                                                         "side (1 2 3 4 5 6 8 10 13 16 for CODA-MAR, 1 2 3 4 tiny)")
+                                                         "side (1 2 3 4 5 6 8 10 13 16 for CODA-MAR, 1 2 3 4 6 8 tiny)")
     p.add_argument("--quantizer", default="attention", choices=["attention", "nearest"], help="nearest: plain (residual) VQ")
     p.add_argument("--lora", choices=list(LORA_PARTS), help="where LoRA adapts the VAE (official: both)")
     p.add_argument("--lora-rank", type=int, help="LoRA rank (official 32)")

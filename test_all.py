@@ -1052,6 +1052,48 @@ def test_maskgit_layout_loss_and_determinism():
         assert sum(p.numel() for p in maskgit.maskgit_large().parameters()) == 196592896  # MaskGIT-L, V = 16384
 
 
+def test_maskgit_guidance_temperatures_and_training_loss_by_value():
+    """Guided logits are l_u + s (l_c - l_u) with s per the schedule; --temperature divides the
+    logits; the re-masking noise is annealed by 1 - (t+1)/T; the training loss is the masked
+    cross-entropy of the model fed [MASK] at the masked positions, with dropped labels."""
+    torch.manual_seed(0)
+    model = maskgit.maskgit_tiny().eval()
+    L, V = model.length, model.codebook_size
+    x = torch.randint(0, V, (3, L))
+    x[0, :20], x[1, 5:], x[2] = V, V, V                                   # 10, 5 and 0 of 30 known
+    labels, null = torch.tensor([1, 4, 9]), torch.full((3,), model.num_classes)
+    lc, lu = model.logits(x, labels), model.logits(x, null)
+    known = torch.tensor([10.0, 5.0, 0.0])[:, None, None]
+    for schedule, s in (("constant", torch.tensor(3.0)), ("linear", 1 + 2.0 * known / L)):
+        guided = model.guided_logits(x, labels, 3.0, schedule)
+        expect = lu + s * (lc - lu)
+        assert (guided - expect).abs().mean() < 1e-4 * expect.abs().mean(), schedule
+    assert torch.equal(model.guided_logits(x, labels, 1.0, "linear"), lc)
+    # temperature T samples from logits / T
+    table = torch.randn(L, V, generator=torch.Generator().manual_seed(1))
+    hot = maskgit.decode(lambda t: table.expand(2, L, V), 2, L, V, 4, 4.5, 2.0, torch.Generator().manual_seed(2))
+    cooled = maskgit.decode(lambda t: table.expand(2, L, V) / 2.0, 2, L, V, 4, 4.5, 1.0, torch.Generator().manual_seed(2))
+    plain = maskgit.decode(lambda t: table.expand(2, L, V), 2, L, V, 4, 4.5, 1.0, torch.Generator().manual_seed(2))
+    assert torch.equal(hot, cooled) and not torch.equal(hot, plain)
+    # step 0 of 4: 3 of 4 re-masked (floor(4 cos(pi / 8))); noise annealed by 0.75 keeps the least likely token
+    log_p, noise = torch.tensor([[-1.0, -2.0, -3.0, -4.0]]), torch.tensor([[0.0, 0.0, 0.0, 10.0]])
+    masked = maskgit.remask(log_p, torch.ones(1, 4, dtype=torch.bool), torch.full((1, 1), 4.0), 0, 4, 1.0, noise)
+    assert masked.tolist() == [[True, True, True, False]]  # confidences -1, -2, -3, 3.5 (0.25 instead: -1.5, pos 0 kept)
+    # the training loss, rebuilt from the same generator draws (class embeddings large enough to matter)
+    model.train()
+    model.class_emb.weight.data.normal_(0, 3, generator=torch.Generator().manual_seed(4))
+    tokens, labels = torch.randint(0, V, (64, L)), torch.randint(0, 10, (64,))
+    g = torch.Generator().manual_seed(3)
+    mask = maskgit.random_mask(64, L, "cpu", g)
+    drop = maskgit.rand((64,), g, "cpu") < model.class_dropout
+    assert 0 < drop.sum() < 64
+    dropped = torch.where(drop, model.num_classes, labels)
+    expect = maskgit.masked_cross_entropy(model.logits(torch.where(mask, V, tokens), dropped), tokens, mask)
+    kept = maskgit.masked_cross_entropy(model.logits(torch.where(mask, V, tokens), labels), tokens, mask)
+    loss = model(tokens, labels, generator=torch.Generator().manual_seed(3))
+    assert abs(loss.item() - expect.item()) < 1e-5 * expect.item() < abs(kept.item() - expect.item()), (loss, expect, kept)
+
+
 # ---------------------------------------------------------------------------------------------
 # fid.py: parity with torch-fidelity and pytorch-fid
 # ---------------------------------------------------------------------------------------------
@@ -1602,8 +1644,8 @@ def same_state(a, b):
                for k in a["model"])
 
 
-def interrupt(*flags, lines=2, logged=None):
-    """Start train.py, send SIGTERM once metrics.jsonl has `lines` lines (mid-run), or once log.txt
+def interrupt(*flags, lines=2, logged=None, sig=signal.SIGTERM):
+    """Start train.py, send `sig` once metrics.jsonl has `lines` lines (mid-run), or once log.txt
     holds the text `logged` -> (exit code, stderr, seconds from the signal to the exit)."""
     out = flags[list(flags).index("--output-dir") + 1]
     output = lambda name: read(os.path.join(out, name)) if os.path.exists(os.path.join(out, name)) else ""
@@ -1613,7 +1655,7 @@ def interrupt(*flags, lines=2, logged=None):
     while proc.poll() is None and time.time() - t0 < 180 and not ready():
         time.sleep(0.1)
     t1 = time.time()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     code = proc.wait(timeout=120)
     return code, proc.stderr.read(), time.time() - t1
 
@@ -1813,7 +1855,7 @@ def test_train_checkpoints_are_written_in_the_background_from_a_snapshot():
 def test_train_a_signal_during_the_final_report_stops_at_once():
     """Issue 14 case 9: once the final checkpoint is written, SIGTERM during the end-of-run report
     (here the built-in judge's training) stops the run at once, exit 143, the checkpoint complete.
-    So does SIGTERM before the first training step, with nothing to save."""
+    So does Ctrl-C (SIGINT, exit 130) before the first training step, with nothing to save."""
     with tempfile.TemporaryDirectory() as d:
         out = f"{d}/run"
         flags = ["--epochs", "1", "--batch-size", "256", "--num-iter", "2", "--num-sampling-steps", "5", "--device", "cpu",
@@ -1822,11 +1864,11 @@ def test_train_a_signal_during_the_final_report_stops_at_once():
         assert code == 143 and seconds < 10, (code, seconds, err[-1000:])
         assert "stopped by SIGTERM after the final checkpoint was written" in err and "Traceback" not in err, err[-1000:]
         assert final_weights(out)["step"] == 39 and "class accuracy" not in read(f"{out}/log.txt")
-        # before the loop (here while MAR's pixel decoder is fitted): nothing to save, one line, at once
+        # before the loop (here while MAR's pixel decoder is fitted; Ctrl-C): nothing to save, one line, at once
         code, err, seconds = interrupt("--data-path", shared_run("data"), *MAR, "--output-dir", f"{d}/early",
-                                       "--cleanup-steps", "100000", logged="parameters")
-        assert code == 143 and seconds < 10 and "Traceback" not in err, (code, seconds, err[-1000:])
-        assert "stopped by SIGTERM before the first training step; nothing to save" in err, err[-1000:]
+                                       "--cleanup-steps", "100000", logged="parameters", sig=signal.SIGINT)
+        assert code == 130 and seconds < 10 and "Traceback" not in err, (code, seconds, err[-1000:])
+        assert "stopped by SIGINT before the first training step; nothing to save" in err, err[-1000:]
         assert not os.path.exists(f"{d}/early/checkpoint-last.pth")
 
 def test_train_metrics_hold_one_line_per_step_after_a_resume():
@@ -1846,6 +1888,26 @@ def test_train_metrics_hold_one_line_per_step_after_a_resume():
         assert steps == [5, 10, 15, 20], steps
 
 
+def test_train_ema_learning_rate_and_shards_by_value():
+    """update_ema is ema <- d ema + (1 - d) p on trained parameters only; the learning rate ramps
+    linearly, then holds (constant) or follows the cosine; the ranks' shards of an epoch are disjoint
+    and cover the epoch's permutation (less the remainder), and a resumed shard is its tail."""
+    import train
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)                                   # frozen: never averaged
+    before = [p.detach().clone() for p in ema.parameters()]
+    train.update_ema(ema, model, 0.9)
+    assert torch.allclose(ema.weight, 0.9 * before[0] + 0.1 * model.weight, rtol=1e-6, atol=0)
+    assert torch.equal(ema.bias, before[1])
+    lr = lambda step, schedule: train.learning_rate(step, 1.0, 10, 110, schedule)
+    assert [lr(s, "constant") for s in (0, 5, 10, 60, 109)] == [0.0, 0.5, 1.0, 1.0, 1.0]
+    assert lr(60, "cosine") == 0.5 and abs(lr(35, "cosine") - 0.5 * (1 + math.cos(math.pi / 4))) < 1e-12
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(3 * 10007 + 2)).tolist()
+    shards = [list(train.ShardSampler(10, rank, 3, seed=3, epoch=2)) for rank in range(3)]
+    assert sorted(sum(shards, [])) == sorted(perm[:9]) and all(len(s) == 3 for s in shards)
+    assert list(train.ShardSampler(10, 1, 3, seed=3, epoch=2, start=1)) == shards[1][1:]
+
+
 def test_train_requeued_resume_command_goes_on_from_its_own_checkpoint():
     """A command that starts from --resume A, run again (a requeued job), continues its own run folder
     instead of starting from A again; its grids of a 12-class folder show 8 classes spread over them."""
@@ -1861,6 +1923,7 @@ def test_train_requeued_resume_command_goes_on_from_its_own_checkpoint():
         run_train(*flags)
         log = read(f"{d}/b/log.txt")
         assert "not --resume" in log and "already complete (6 steps)" in log, log[-1500:]
+        assert log.count("wrote") == log.count("samples-final.png") == 1, log[-1500:]  # a complete run draws nothing again
         assert same_state(final_weights(f"{d}/b"), done) and final_weights(f"{d}/b")["step"] == 6
         assert Image.open(f"{d}/b/samples-final.png").size == (8 * 34 + 2, 8 * 34 + 2)  # 8 rows of 8, 32 px + 2 px padding
 
@@ -1958,6 +2021,7 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             (["--data-path", data, "--loss-fraction", "1.5"], "--loss-fraction 1.5: must be in (0, 1]"),
             (["--data-path", data, "--val-path", data], "--val-path: --model mar does not use held-out images"),
             (["--model", "vae", "--data-path", data, "--val-path", f"{d}/nope"], "--val-path: no folder"),
+            (["--model", "vae", "--data-path", data, "--val-path", f"{d}/empty"], f"no images in {d}/empty"),
             (["--model", "maskgit", "--tokenizer", "t.pth", "--temperature", "0"], "--temperature 0.0: must be positive"),
         ]
         for flags, expect in flag_cases:
@@ -2041,6 +2105,13 @@ def test_train_vae_records_its_latent_scale_and_reports():
     with tempfile.TemporaryDirectory() as d:
         torch.save(dict(vae, config=dict(vae["config"], arch=coda.VAE_PRESETS["tiny-colour"])), f"{d}/colour.pth")
         assert groups(f"{shared_run('vae')}/checkpoint-last.pth") == {32} and groups(f"{d}/colour.pth") == {8, 16}
+        # --val-path may be a flat folder, as ImageNet's val comes: its images in name order
+        from PIL import Image
+        os.makedirs(f"{d}/val")
+        for i in (2, 0, 1):
+            Image.fromarray(fid.toy_image(i, 0, seed=9)).save(f"{d}/val/img{i}.png")
+        held = train.holdout_images(argparse.Namespace(val_path=f"{d}/val", data_path=None, img_size=32, seed=0), 8)
+        assert torch.equal(held, fid.to_tensor(torch.stack([torch.from_numpy(fid.toy_image(i, 0, seed=9)) for i in range(3)])))
 
 
 def test_train_mar_on_a_vae_run_caches_moments_once_and_predicts_v():
@@ -2186,12 +2257,15 @@ def test_train_coda_ddp_keeps_ranks_identical():
 
 def test_train_coda_nearest_codes_with_lora_on_the_encoder_alone():
     """No LoRA in the decoder and nearest codes (which pass the codebook no gradient through it): the
-    GAN term's adaptive weight is taken at the decoded image, and the GAN still trains the encoder."""
+    GAN term's adaptive weight is taken at the decoded image (it was a RuntimeError at step 1), it is
+    positive, and the encoder's LoRA (its up-projections start at zero) trains."""
     with tempfile.TemporaryDirectory() as d:
         flags = [f if f != "both" else "encoder" for f in coda_flags()]
         run_train(*flags, "--quantizer", "nearest", "--epochs", "1", "--output-dir", f"{d}/run")
         logged = [json.loads(line) for line in read(f"{d}/run/metrics.jsonl").splitlines()]
         assert all(math.isfinite(m["loss"]) and m["d_weight"] > 0 for m in logged[1:]), logged
+        ups = {k: v for k, v in final_weights(f"{d}/run")["model"].items() if "lora_layer.up" in k}
+        assert ups and all(k.startswith("vae.encoder") for k in ups) and all(v.abs().max() > 0 for v in ups.values()), list(ups)
 
 
 def test_train_compare_quantizers_under_torchrun():
@@ -2478,6 +2552,8 @@ def main():
         return worker()
     pattern = sys.argv[1] if len(sys.argv) > 1 else ""
     names = [n for n, f in globals().items() if n.startswith("test_") and callable(f) and pattern in n]
+    if not names:
+        sys.exit(f"no test name contains {pattern!r}")  # a typo must not look like a pass
     names.sort(key=lambda n: n not in FIRST)  # stable: otherwise in the files' order
     counts, lock = {"PASS": 0, "FAIL": 0, "SKIP": 0}, threading.Lock()
 

@@ -399,14 +399,19 @@ def center_crop_arr(pil_image, image_size):
 
 
 @functools.lru_cache(maxsize=4)  # choose_defaults and ImageFolder list the same folder once
-def list_images(root, suffixes=IMG_EXTENSIONS):
-    """-> (class names, [(path, label)]) of an ImageNet-style folder, sorted, or a one-line error."""
+def list_images(root, suffixes=IMG_EXTENSIONS, loose=False):
+    """-> (class names, [(path, label)]) of an ImageNet-style folder, sorted, or a one-line error.
+    `loose`: a folder of images without class subfolders is one class (held-out images, such as
+    ImageNet's val folder as it comes)."""
     if not os.path.isdir(root):
         fail(f"data folder not found: {root}")
     classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
     samples = [(os.path.join(dirpath, f), label) for label, c in enumerate(classes)
                for dirpath, _, files in sorted(os.walk(os.path.join(root, c))) for f in sorted(files)
                if f.lower().endswith(suffixes)]
+    if not samples and loose:
+        classes, samples = [""], [(f.path, 0) for f in sorted(os.scandir(root), key=lambda f: f.name)
+                                  if f.is_file() and f.name.lower().endswith(suffixes)]
     if not samples:
         loose = sum(f.is_file() and f.name.lower().endswith(suffixes) for f in os.scandir(root))
         if loose:
@@ -430,8 +435,8 @@ class ImageFolder(torch.utils.data.Dataset):
     item of the sample (-1 for a good one), so a few bad files in a million never crash a multi-day
     run, and the run can name them and count each once."""
 
-    def __init__(self, root, image_size, suffixes=IMG_EXTENSIONS):
-        self.classes, self.samples = list_images(root, suffixes)
+    def __init__(self, root, image_size, suffixes=IMG_EXTENSIONS, loose=False):
+        self.classes, self.samples = list_images(root, suffixes, loose)
         self.image_size, self.items = image_size, None
 
     def __len__(self):
@@ -612,7 +617,7 @@ def holdout_images(args, n):
     or the first n of --val-path (default: of --data-path)."""
     if not (args.data_path or args.val_path):
         return fid.to_tensor(fid.toy_images(args.img_size, n, seed=args.seed + 1000))
-    data = ImageFolder(args.val_path or args.data_path, args.img_size)
+    data = ImageFolder(args.val_path or args.data_path, args.img_size, loose=bool(args.val_path))
     return torch.stack([data[i][0] for i in range(min(n, len(data)))])
 
 
@@ -863,8 +868,10 @@ def main(args):
     # ---- the loop ----
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    if step >= total_steps:
+    if step >= total_steps:  # its final grid and report were written when it completed
         log(f"the run in {args.output_dir} is already complete ({step} steps); use another --output-dir for a new run")
+        barrier()
+        return model
     train_model.train()
     pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc="training")
     loss_sum, bad_files, t_window, n_window = torch.zeros((), device=device), set(), time.time(), 0
@@ -1078,7 +1085,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=list(model.PRESETS))
     # data
     p.add_argument("--data-path", help="ImageNet-style folder (one subfolder per class); default: built-in data")
-    p.add_argument("--val-path", help="a tokenizer's held-out images for grids and reports (default: --data-path)")
+    p.add_argument("--val-path", help="a tokenizer's held-out images for grids and reports, in class subfolders or "
+                                        "not (default: --data-path)")
     p.add_argument("--img-size", type=int)
     p.add_argument("--num-workers", type=int, default=8 if torch.cuda.is_available() else 0)
     p.add_argument("--defaults", default="auto", choices=["auto", "paper", "cpu"], help="the values unset flags "
@@ -1149,6 +1157,8 @@ def parse_args(argv=None):
         fail(f"--val-path: --model {name} does not use held-out images (the tokenizers, vae and coda, do)")
     if args.val_path and not os.path.isdir(args.val_path):
         fail(f"--val-path: no folder {args.val_path}")
+    if args.val_path:
+        list_images(args.val_path, loose=True)  # no images: one line now, not at the first grid
     check_numbers(args)
     for flag in ("output_dir", "save_images", "cache_path"):
         if getattr(args, flag, None) and (flag != "cache_path" or getattr(args, "cache_latents", False)):
