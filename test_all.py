@@ -671,13 +671,19 @@ def test_mar_grad_checkpointing_and_bf16_autocast():
     torch.manual_seed(0)
     model = perturbed(mar.mar_tiny(num_sampling_steps=5))
     x, y = torch.randn(4, 192, 4, 4) * 0.5, torch.randint(0, 10, (4,))
-    grads = []
-    for ckpt in (False, True):
-        model.grad_checkpointing = model.diffloss.net.grad_checkpointing = ckpt
-        torch.manual_seed(1)
-        model(x, y).backward()
-        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
-        model.zero_grad()
+    grads, calls, real = [], [], mar.checkpoint
+    mar.checkpoint = lambda block, *a, **k: calls.append(block) or real(block, *a, **k)  # counted
+    try:
+        for ckpt in (False, True):
+            model.grad_checkpointing = model.diffloss.net.grad_checkpointing = ckpt
+            torch.manual_seed(1)
+            model(x, y).backward()
+            grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+            model.zero_grad()
+            blocks = [*model.encoder_blocks, *model.decoder_blocks, *model.diffloss.net.res_blocks]
+            assert calls == (blocks if ckpt else []), (ckpt, len(calls))  # every block, once, only when asked
+    finally:
+        mar.checkpoint = real
     assert_close(grads[1], grads[0], rtol=1e-5, what="gradients with checkpointing")
     torch.manual_seed(1)
     ref_loss = model(x, y)
