@@ -2343,12 +2343,13 @@ def test_train_eval_generates_and_scores_like_fid_py():
     on the saved PNGs, against given reference statistics (one process) and against the built-in
     data's held-out images (two processes: each rank generates and scores half). The samples are
     decoded by the checkpoint's own pixel decoder: one whose output is 0.25 brighter draws brighter
-    images than the original checkpoint from the same tokens."""
+    images than the original checkpoint from the same tokens (and its raw weights, all NaN, are not used)."""
     with tempfile.TemporaryDirectory() as d:
         tf, ev = eval_setup(d)
         out = lambda run: [f"{d}/{run}" if a == f"{d}/run" else a for a in ev]  # --eval with another --output-dir
         ckpt = final_weights(f"{d}/run")
         ckpt["tokenizer"]["cleanup.10.bias"] += 0.25
+        ckpt["model"] = {k: v.float().fill_(float("nan")) for k, v in ckpt["model"].items()}  # --eval draws with model_ema
         torch.save(ckpt, f"{d}/brighter.pth")
         brighter = [f"{d}/brighter.pth" if a == f"{d}/run/checkpoint-last.pth" else a for a in out("stats")]
         stats, one = two_at_a_time(lambda run: run(), [  # the reference statistics are cached in the run folder
