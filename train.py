@@ -413,9 +413,9 @@ def list_images(root, suffixes=IMG_EXTENSIONS, loose=False):
         classes, samples = [""], [(f.path, 0) for f in sorted(os.scandir(root), key=lambda f: f.name)
                                   if f.is_file() and f.name.lower().endswith(suffixes)]
     if not samples:
-        loose = sum(f.is_file() and f.name.lower().endswith(suffixes) for f in os.scandir(root))
-        if loose:
-            fail(f"{root} holds {loose} image{'s' * (loose != 1)} but no class subfolders: move them into one "
+        flat = sum(f.is_file() and f.name.lower().endswith(suffixes) for f in os.scandir(root))
+        if flat:
+            fail(f"{root} holds {flat} image{'s' * (flat != 1)} but no class subfolders: move them into one "
                  f"subfolder per class ({root}/<class>/), or all into one for a single class")
         fail(f"no images in {root} (expected one subfolder per class holding {'/'.join(suffixes)} files)")
     empty = sorted(set(classes) - {classes[label] for _, label in samples})
@@ -1166,12 +1166,14 @@ def parse_args(argv=None):
     return args
 
 
+LEAST = dict(warmup_epochs=0, num_workers=0, ema_start_epoch=0, seed=0, cleanup_steps=0, num_images=2)  # else 1
+
+
 def check_numbers(args):
     """Every number a flag gave is usable, before anything is built: counts at least 1 (0 where
     allowed; images for statistics 2, a covariance's least), rates finite and positive, the EMA decay in [0, 1]."""
     for key, value in vars(args).items():
-        flag = "--" + key.replace("_", "-")
-        low = 0 if key in ("warmup_epochs", "num_workers", "ema_start_epoch", "seed", "cleanup_steps") else 2 if key == "num_images" else 1
+        flag, low = "--" + key.replace("_", "-"), LEAST.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if isinstance(value, int) and value < low:
