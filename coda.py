@@ -788,8 +788,10 @@ class Training(TokenizerTraining):
         side = args.img_size // vae.stride  # the latent's side
         levels = tuple(args.levels or preset_levels(args.preset, side))
         if levels[-1] != side or not all(1 <= s <= side for s in levels):
-            raise ValueError(f"--levels {' '.join(map(str, levels))}: each side from 1 to the latent size {side}, "
-                             f"the last equal to it")
+            given = f"--levels {' '.join(map(str, levels))}" if args.levels else (
+                f"--img-size {args.img_size}: its latent side {side} is not one of --preset {args.preset}'s levels, so give "
+                f"--levels; levels {' '.join(map(str, levels))}")
+            raise ValueError(f"{given}: each side from 1 to the latent size {side}, the last equal to it")
         quantizer = CODAQuantizer(vae.embed_dim, args.codebook_size or PRESETS[args.preset]["codebook_size"], levels, args.quantizer)
         self.model = CODA(vae, quantizer, scale)
         self.config = dict(preset=args.preset, img_size=args.img_size, vae=vae_config, scale=scale, levels=levels,

@@ -41,6 +41,7 @@ import hashlib
 import os
 import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -446,7 +447,7 @@ def open_npz(path):
     pickle, a truncated file)."""
     try:
         f = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is not a readable .npz archive ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(f, np.lib.npyio.NpzFile):
         raise ValueError(f"{path} is a single .npy array, not an .npz archive (save it with np.savez)")
@@ -524,7 +525,15 @@ def load_statistics(path):
         out = {k: f[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in f}
         if "pool3" in f:
             out["pool"] = torch.from_numpy(f["pool3"].astype(np.float32))
-        return out
+    for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        if mu in out and (out[mu].ndim != 1 or out.get(sigma, np.zeros(0)).shape != (len(out[mu]),) * 2):
+            raise ValueError(f"{path}: {mu} {out[mu].shape} and {sigma} {out.get(sigma, np.zeros(0)).shape} are not a mean "
+                             f"and its covariance")
+        if mu in out and not (np.isfinite(out[mu]).all() and np.isfinite(out[sigma]).all()):
+            raise ValueError(f"{path}: {mu} or {sigma} holds NaN or infinite values")
+    if "pool" in out and tuple(out["pool"].shape[1:]) != out["mu"].shape:
+        raise ValueError(f"{path}: pool3 {tuple(out['pool'].shape)} is not features of the size of mu {out['mu'].shape}")
+    return out
 
 
 def save_statistics(path, summary, features=False):
@@ -619,7 +628,9 @@ class ImageFiles(torch.utils.data.Dataset):
     def __init__(self, root):
         self.files = sorted(os.path.join(root, f) for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS))
         if not self.files:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
+            inside = any(os.path.isdir(os.path.join(root, f)) for f in os.listdir(root))
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}" +
+                             (" (the images of one folder are read, not of its subfolders)" if inside else ""))
 
     def __len__(self):
         return len(self.files)
@@ -1039,6 +1050,10 @@ def main(argv=None):
         p.error("give SAMPLES REF to compare, or SAMPLES --save-stats OUT.npz")
     if args.save_features and not args.save_stats:
         p.error("--save-features goes with --save-stats")
+    if args.save_stats and not (args.save_stats.endswith(".npz") and os.path.isdir(os.path.dirname(os.path.abspath(args.save_stats)))):
+        sys.exit(f"fid.py: error: --save-stats {args.save_stats}: give a .npz file name in an existing folder")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("fid.py: error: --device cuda: no CUDA device")
     if "RANK" in os.environ:  # torchrun: one process per GPU, features computed in shards
         dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
     cuda = torch.cuda.is_available() and args.device != "cpu"

@@ -20,6 +20,7 @@ Read it top to bottom:
 """
 import argparse
 import math
+import os
 import time
 
 import torch
@@ -285,6 +286,8 @@ def check_args(args):
     """-> an error message for flags MaskGIT cannot use, else None (train.py fails with it)."""
     if args.temperature is not None and args.temperature <= 0:
         return f"--temperature {args.temperature}: must be positive (it divides MaskGIT's logits)"
+    if args.cache_path and (os.path.isdir(args.cache_path) or not os.path.isdir(os.path.dirname(os.path.abspath(args.cache_path)))):
+        return f"--cache-path {args.cache_path}: give a file name (such as tokens.npy) in an existing folder"
     return None
 
 

@@ -1384,6 +1384,16 @@ def test_fid_errors_are_one_line():
         cases.append(([f"{d}/A", f"{d}/array.npz"], "a single .npy array, not an .npz archive"))
         np.savez(f"{d}/stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
         cases.append(([f"{d}/stats.npz", "--save-stats", f"{d}/x.npz", "--save-features"], "holds statistics only"))
+        with open(f"{d}/stats.npz", "rb") as f, open(f"{d}/cut.npz", "wb") as g:
+            g.write(f.read(500))  # an interrupted download
+        np.savez(f"{d}/nan.npz", mu=np.full(2048, np.nan), sigma=np.eye(2048))
+        np.savez(f"{d}/pool.npz", mu=np.zeros(2048), sigma=np.eye(2048), pool3=np.zeros((5, 7)))
+        cases += [([f"{d}/A", f"{d}/cut.npz"], "is not a readable .npz archive"),
+                  ([f"{d}/A", f"{d}/nan.npz"], "mu or sigma holds NaN or infinite values"),
+                  ([f"{d}/A", f"{d}/pool.npz"], "pool3 (5, 7) is not features of the size of mu"),
+                  ([f"{d}/A", f"{d}/corrupt"], "(the images of one folder are read, not of its subfolders)"),
+                  ([f"{d}/A", "--save-stats", f"{d}/nodir/s.npz"], "give a .npz file name in an existing folder"),
+                  ([f"{d}/A", "--save-stats", f"{d}/s"], "give a .npz file name in an existing folder")]
         weights = lambda args: [] if "--weights" in args else ["--weights", tf]
         for args, expect in cases:  # in this process: the message of SystemExit, which Python prints, exiting 1
             message = str(raises(SystemExit, fid.main, [*args, *weights(args), "--num-workers", "0"]))
@@ -2029,6 +2039,9 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             (["--model", "vae", "--data-path", data, "--val-path", f"{d}/nope"], "--val-path: no folder"),
             (["--model", "vae", "--data-path", data, "--val-path", f"{d}/empty"], f"no images in {d}/empty"),
             (["--model", "maskgit", "--tokenizer", "t.pth", "--temperature", "0"], "--temperature 0.0: must be positive"),
+            (["--model", "maskgit", "--tokenizer", "t.pth", "--cache-path", d], "give a file name (such as tokens.npy)"),
+            (["--model", "maskgit", "--tokenizer", "t.pth", "--cache-path", f"{d}/no/t.npy"], "in an existing folder"),
+            (["--model", "vae", "--data-path", data, "--inception-weights", f"{d}/no.pth"], "--inception-weights: not found"),
         ]
         for flags, expect in flag_cases:
             message = str(raises(SystemExit, train.parse_args, [*FAST[:6], *flags, "--epochs", "1"]))
@@ -2041,6 +2054,8 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             (["--model", "coda", "--vae", f"{d}/nope.ckpt", "--compare-quantizers"], "--vae: checkpoint not found"),
             (["--model", "coda", "--vae", f"{shared_run('vae')}/checkpoint-last.pth", "--data-path", data, "--levels", "0", "4"],
              "--levels 0 4: each side from 1 to the latent size 4"),
+            (["--model", "coda", "--vae", f"{shared_run('vae')}/checkpoint-last.pth", "--data-path", data, "--img-size", "40"],
+             "--img-size 40: its latent side 5 is not one of --preset tiny's levels, so give --levels"),
             (["--model", "coda", "--vae", f"{d}/tiny/checkpoint-last.pth", "--data-path", data],
              "is a checkpoint of --model mar, not a VAE"),
             (["--model", "maskgit", "--tokenizer", f"{d}/tiny/checkpoint-last.pth", "--data-path", data],
@@ -2313,6 +2328,10 @@ def test_train_maskgit_on_cached_coda_tokens():
         other = altered_copy(mg[3], f"{d}/other.pth")
         p = run_train(*[other if a == mg[3] else a for a in mg], "--epochs", "3", check=False)
         expect_error(p, "tokens.npy was encoded by another tokenizer", "train.py")
+        with open(f"{d}/mg/tokens.npy", "rb") as f, open(f"{d}/cut.npy", "wb") as g:
+            g.write(f.read(1000))  # a cache cut short
+        expect_error(run_train(*mg, "--cache-path", f"{d}/cut.npy", "--epochs", "3", check=False),
+                     "cut.npy is not a readable cache", "train.py")
         assert final_weights(f"{d}/mg")["step"] == 20  # the checkpoint untouched
         shutil.copy(mg[3], f"{d}/renamed.pth")  # the same tokenizer under another name is the same tokenizer
         p = run_train(*[f"{d}/renamed.pth" if a == mg[3] else a for a in mg], "--eval", "--num-images", "20", "--eval-batch-size", "10", "--inception-weights", tf,
@@ -2375,6 +2394,7 @@ def test_train_eval_generates_and_scores_like_fid_py():
         # statistics alone hold no features: one line says why precision and recall are missing
         assert "precision/recall: not computed: the reference is statistics only" in stats.stdout, stats.stdout
         assert "Precision:" not in stats.stdout and "not computed" not in one.stdout, one.stdout
+        assert f"note: {d}/run/checkpoint-last.pth was trained on {shared_run('data')}, and is scored against" in one.stdout
         # no weights given, none cached, no network (a proxy that refuses): one line naming train.py's own flag
         no_proxy = "http://127.0.0.1:9"
         offline = run_train(*[a for a in ev if a not in ("--inception-weights", tf)], check=False,

@@ -582,7 +582,10 @@ class CachedTokens(torch.utils.data.Dataset):
                 for r in range(world):
                     os.remove(f"{path}.rank{r}.npy")
             barrier()
-        self.codes = np.load(path, mmap_mode="r")
+        try:
+            self.codes = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as e:  # cut short, or another file
+            fail(f"{path} is not a readable cache ({str(e).splitlines()[0][:100]}); delete it to encode again")
         first = encode(dataset[0][0][None].to(device))[0].cpu()  # image 0 encoded now: is the cache still its?
         if len(self.codes) != len(self.labels) or self.codes.shape[1:] != first.shape:
             fail(f"{path} holds another dataset's or tokenizer's codes {self.codes.shape}; delete it to encode again")
@@ -655,6 +658,10 @@ def evaluate(args, rank, world, device):
         fail(f"{ckpt_path} is a checkpoint of --model {ckpt['model_name']}, not {args.model}")
     # ours record the class count in `config`; the official ones in their argparse Namespace `args`
     num_classes = ckpt["config"]["class_num"] if "config" in ckpt else getattr(ckpt.get("args"), "class_num", 1000)
+    trained_on = ckpt["args"].get("data_path") if isinstance(ckpt.get("args"), dict) else None
+    if trained_on and not args.fid_stats and rank == 0:  # said, not silent: the built-in data may not be its data
+        print(f"note: {ckpt_path} was trained on {trained_on}, and is scored against the built-in data's held-out "
+              f"images (--fid-stats gives another reference)", flush=True)
     if args.num_images % num_classes:
         fail(f"--num-images {args.num_images} must be a multiple of the {num_classes} classes (class-balanced samples)")
     training = build(args, num_classes, device)
@@ -1153,6 +1160,9 @@ def parse_args(argv=None):
              "or `python fid.py DIR --save-stats`)")
     if args.resume and not os.path.exists(args.resume):
         fail(f"--resume: checkpoint not found: {args.resume}")
+    for flag in ("inception_weights", "dino_weights", "fid_stats"):  # read at the end of a run: checked before it
+        if getattr(args, flag, None) and not os.path.exists(getattr(args, flag)):
+            fail(f"--{flag.replace('_', '-')}: not found: {getattr(args, flag)}")
     if args.val_path and not hasattr(model, "report"):
         fail(f"--val-path: --model {name} does not use held-out images (the tokenizers, vae and coda, do)")
     if args.val_path and not os.path.isdir(args.val_path):
