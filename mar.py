@@ -1523,6 +1523,13 @@ def keep_freed_memory():
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 1 << 30))  # 32 MiB: the largest allowed
 
 
+def positive(text):
+    """argparse type of the benchmarks' sizes and counts: an integer of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be an integer of at least 1")
+    return int(text)
+
+
 def bench_device():
     """-> (the current device with TF32 allowed, train.py's autocast (see `autocast`), synchronize)."""
     keep_freed_memory()
@@ -1629,10 +1636,10 @@ if __name__ == "__main__":
     # On a GPU: the paper's per-GPU training batch, and batch 256, at which it reports 0.3 s/image. On a
     # CPU: the sizes of the README's CPU figures, since MAR-B at batch 64 needs about 24 GiB of memory.
     gpu = torch.cuda.is_available()
-    parser.add_argument("--batch-size", type=int, default=64 if gpu else 8)
-    parser.add_argument("--sample-batch", type=int, default=256 if gpu else 8)
-    parser.add_argument("--steps", type=int, default=10 if gpu else 3)
-    parser.add_argument("--num-iter", type=int, nargs="+", default=[64, 256] if gpu else [8])
+    parser.add_argument("--batch-size", type=positive, default=64 if gpu else 8)
+    parser.add_argument("--sample-batch", type=positive, default=256 if gpu else 8)
+    parser.add_argument("--steps", type=positive, default=10 if gpu else 3)
+    parser.add_argument("--num-iter", type=positive, nargs="+", default=[64, 256] if gpu else [8])
     parser.add_argument("--compile", action="store_true", help="time training as train.py --compile (warm-up "
                         "compiles one graph per mask size: minutes)")
     parser.add_argument("--breakdown", action="store_true", help="time the transformer, Diffusion Loss and the "

@@ -375,9 +375,9 @@ if __name__ == "__main__":
     # On a GPU: the per-GPU batch of PAPER. On a CPU, where MaskGIT-L takes about 6 s an image
     # to train (0.8 TFLOP) and peaked at 13 GiB at batch 4, sizes that fit its memory and a few minutes.
     gpu = torch.cuda.is_available()
-    parser.add_argument("--batch-size", type=int, default=32 if gpu else 4)
-    parser.add_argument("--sample-batch", type=int, default=64 if gpu else 4)
-    parser.add_argument("--steps", type=int, default=10 if gpu else 2)
-    parser.add_argument("--num-iter", type=int, nargs="+", default=[8, 32] if gpu else [8])
+    parser.add_argument("--batch-size", type=mar.positive, default=32 if gpu else 4)
+    parser.add_argument("--sample-batch", type=mar.positive, default=64 if gpu else 4)
+    parser.add_argument("--steps", type=mar.positive, default=10 if gpu else 2)
+    parser.add_argument("--num-iter", type=mar.positive, nargs="+", default=[8, 32] if gpu else [8])
     args = parser.parse_args()
     benchmark(args.preset, args.batch_size, args.sample_batch, args.steps, args.num_iter)

@@ -1964,17 +1964,21 @@ def test_train_corrupt_images_are_skipped():
         good = read(os.path.join(data, "class01", "img0.png"), "rb")
         with open(os.path.join(data, "class01", "truncated.png"), "wb") as f:
             f.write(good[: len(good) // 2])
+        os.makedirs(os.path.join(data, "class10"))
+        with open(os.path.join(data, "class10", "gone.png"), "wb") as f:  # a class none of whose images can be read
+            f.write(b"not an image")
         import train
         folder = train.ImageFolder(data, 32)
         items = [folder[i] for i in range(len(folder))]  # decoded at every step: a bad file -> the next image, its index
-        assert {os.path.basename(folder.samples[i][0]) for _, _, i in items if i >= 0} == {"broken.png", "truncated.png"}
+        assert {os.path.basename(folder.samples[i][0]) for _, _, i in items if i >= 0} == {"broken.png", "truncated.png", "gone.png"}
         folder.preload(progress=False)  # a small folder is decoded once: the same items
         assert all(torch.equal(a[0], b[0]) and a[1:] == b[1:] for a, b in zip(items, folder)) and len(folder) == len(items)
         run_train("--data-path", data, *MAR, "--epochs", "3", "--output-dir", f"{d}/run")
-        log = read(f"{d}/run/log.txt")  # 2 bad files over 3 epochs: counted once each, and named
-        assert "skipped 2 unreadable images" in log and "broken.png" in log and "truncated.png" in log, log[-1500:]
+        log = read(f"{d}/run/log.txt")  # 3 bad files over 3 epochs: counted once each, and named
+        assert "skipped 3 unreadable images" in log and "broken.png" in log and "truncated.png" in log, log[-1500:]
+        assert "warning: no image of class class10 could be read: the model never saw it" in log, log[-1500:]
         assert "images of " in log and "into memory once" in log, log[-1500:]
-        assert json.loads(read(f"{d}/run/metrics.jsonl").splitlines()[-1])["skipped_images"] == 2
+        assert json.loads(read(f"{d}/run/metrics.jsonl").splitlines()[-1])["skipped_images"] == 3
 
 
 def test_train_cached_latents_with_a_kl16_layout_vae():

@@ -986,6 +986,10 @@ def finish(args, training, model, ema, dataset, bad_files, grid, held_out, log, 
     if bad_files:
         names = ", ".join(dataset.samples[i][0] for i in sorted(bad_files)[:3]) + (", ..." if len(bad_files) > 3 else "")
         log(f"skipped {len(bad_files)} unreadable images (each replaced by the next readable one): {names}")
+        unseen = sorted(set(range(len(dataset.classes))) - {c for i, (_, c) in enumerate(dataset.samples) if i not in bad_files})
+        if unseen:  # every image of a class was read at least once in the run, and none could be
+            log(f"warning: no image of class {', '.join(dataset.classes[c] for c in unseen)} could be read: the model "
+                f"never saw {'it' if len(unseen) == 1 else 'them'}, and its samples of {'it' if len(unseen) == 1 else 'them'} mean nothing")
     if rank == 0:
         images, labels = grid("final")
         for line in final_report(args, training, ema, images, labels, grid, held_out, device):
