@@ -840,7 +840,7 @@ def load_trained(path, device):
     if ckpt.get("model_name") != "coda":
         raise ValueError(f"{path} is not a checkpoint of --model coda (it is {ckpt.get('model_name', 'not from train.py')})")
     c = ckpt["config"]
-    arch = {k: v for k, v in c["vae"].items() if k not in ("vae", "file")}  # the sizes, without the VAE's source (older: file)
+    arch = {k: v for k, v in c["vae"].items() if k != "file"}
     vae = add_lora(mar.AutoencoderKL(**arch) if arch else mar.kl16(), c["lora_rank"], LORA_PARTS[c["lora"]])
     model = CODA(vae, CODAQuantizer(vae.embed_dim, c["codebook_size"], c["levels"], c["quantizer"]), c["scale"])
     model.load_state_dict(ckpt["model_ema"])

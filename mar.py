@@ -22,6 +22,7 @@ tensors produced by the official code on the same weights.
 import argparse
 import ctypes
 import math
+import os
 import time
 import weakref
 from contextlib import nullcontext
@@ -1271,11 +1272,11 @@ def load_vae(path, device):
         if ckpt.get("model_name") == "vae":
             vae = AutoencoderKL(**ckpt["config"]["arch"])
             vae.load_state_dict(ckpt["model_ema"])
-            scale, config = ckpt["latent_scale"], dict(ckpt["config"]["arch"], vae="a --model vae run")
+            scale, config = ckpt["latent_scale"], dict(ckpt["config"]["arch"], file=os.path.basename(path))
         elif "model_name" in ckpt:  # another train.py run
             raise ValueError(f"{path} is a checkpoint of --model {ckpt['model_name']}, not a VAE (train.py --model vae, or kl16.ckpt)")
         else:
-            vae, scale, config = kl16(), VAE_SCALE, dict(vae="kl16")
+            vae, scale, config = kl16(), VAE_SCALE, dict(file="kl16")
             load_weights(vae, path, "model")
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"--vae: {e}") from None

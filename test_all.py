@@ -1924,9 +1924,22 @@ def test_train_ema_learning_rate_and_shards_by_value():
     assert list(train.ShardSampler(10, 1, 3, seed=3, epoch=2, start=1)) == shards[1][1:]
 
 
+def test_train_check_config_ignores_file_names_and_names_every_difference():
+    """A renamed VAE or tokenizer file is the same model (checkpoints of earlier versions recorded
+    MaskGIT's tokenizer file name; CODA records its VAE's); any other difference, also a key only the
+    checkpoint has, is named in the one line."""
+    import train
+    old = dict(levels=(1, 2), tokenizer="checkpoint-last.pth", vae=dict(embed_dim=16, file="checkpoint-last.pth"))
+    train.check_config("c.pth", old, dict(levels=(1, 2), vae=dict(embed_dim=16, file="vae.pth")))  # no exit
+    message = str(raises(SystemExit, train.check_config, "c.pth", dict(old, prediction="v"), dict(levels=(1, 2, 3), vae=old["vae"])))
+    assert message.endswith("c.pth was trained with another config: levels (1, 2) (checkpoint) vs (1, 2, 3) (now), "
+                            "prediction v (checkpoint) vs None (now)"), message
+
+
 def test_train_requeued_resume_command_goes_on_from_its_own_checkpoint():
     """A command that starts from --resume A, run again (a requeued job), continues its own run folder
-    instead of starting from A again; its grids of a 12-class folder show 8 classes spread over them."""
+    instead of starting from A again; a complete run draws its final grid again only if it is missing;
+    a folder holding another run is refused. Grids of a 12-class folder show 8 classes spread over them."""
     from PIL import Image
     with tempfile.TemporaryDirectory() as d:
         data = make_folder(os.path.join(d, "data"), per_class=1, classes=12)  # 3 steps an epoch at batch 4
@@ -1938,22 +1951,35 @@ def test_train_requeued_resume_command_goes_on_from_its_own_checkpoint():
         done = final_weights(f"{d}/b")
         run_train(*flags)
         log = read(f"{d}/b/log.txt")
-        assert "not --resume" in log and "already complete (6 steps)" in log, log[-1500:]
+        assert "which started from --resume" in log and "already complete (6 steps)" in log, log[-1500:]
         assert log.count("wrote") == log.count("samples-final.png") == 1, log[-1500:]  # a complete run draws nothing again
         assert same_state(final_weights(f"{d}/b"), done) and final_weights(f"{d}/b")["step"] == 6
         assert Image.open(f"{d}/b/samples-final.png").size == (8 * 34 + 2, 8 * 34 + 2)  # 8 rows of 8, 32 px + 2 px padding
+        os.remove(f"{d}/b/samples-final.png")  # as if a signal had stopped the final grid: the next run draws it
+        run_train(*flags)
+        assert os.path.exists(f"{d}/b/samples-final.png") and read(f"{d}/b/log.txt").count("wrote") == 2
+        # a folder holding a run that did not start from this --resume: refused, not continued nor overwritten
+        p = run_train("--data-path", data, *MAR, "--resume", f"{d}/b/checkpoint-last.pth", "--output-dir", f"{d}/a", check=False)
+        expect_error(p, f"{d}/a holds a run of its own (step 3) that did not start from --resume", "train.py")
 
 
 def test_train_nan_loss_stops_and_keeps_last_good_checkpoint():
     with tempfile.TemporaryDirectory() as d:
         run_train("--data-path", shared_run("data"), *MAR, "--epochs", "1", "--output-dir", f"{d}/run")
         good = final_weights(f"{d}/run")
-        # seen at a log step (the loss), or at a checkpoint step between logs (the gradient norm)
-        for flags, said in ([], "loss is "), (["--log-every", "1000", "--ckpt-every", "2"], "the gradient norm is "):
-            p = run_train("--data-path", shared_run("data"), *MAR, "--epochs", "3", "--lr", "1e30", "--output-dir", f"{d}/run",
-                          *flags, check=False)
-            assert p.returncode == 1 and (said + "nan" in p.stderr.lower() or said + "inf" in p.stderr.lower()), p.stderr[-2000:]
-            assert same_state(final_weights(f"{d}/run"), good), "the last good checkpoint was overwritten"
+        p = run_train("--data-path", shared_run("data"), *MAR, "--epochs", "3", "--lr", "1e30", "--output-dir", f"{d}/run",
+                      check=False)  # seen at a log step: the loss
+        assert p.returncode == 1 and ("loss is nan" in p.stderr.lower() or "loss is inf" in p.stderr.lower()), p.stderr[-2000:]
+        assert "the last checkpoint is" in p.stderr and "(step 10)" in p.stderr, p.stderr[-2000:]
+        assert same_state(final_weights(f"{d}/run"), good), "the last good checkpoint was overwritten"
+        # between log steps, a checkpoint at every step: the first update at lr 1e30 leaves huge but finite
+        # weights, saved; the next makes them NaN, and that checkpoint is refused
+        p = run_train("--data-path", shared_run("data"), *MAR, "--epochs", "3", "--lr", "1e30", "--output-dir", f"{d}/run",
+                      "--log-every", "1000", "--ckpt-every", "1", check=False)
+        saved = final_weights(f"{d}/run")
+        assert p.returncode == 1 and "the gradient or the weights are not finite" in p.stderr, p.stderr[-2000:]
+        assert f"(step {saved['step']})" in p.stderr and saved["step"] > 10, (saved["step"], p.stderr[-1000:])
+        assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
 
 
 def test_train_corrupt_images_are_skipped():

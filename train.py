@@ -192,7 +192,7 @@ def keep_metrics_until(path, step):
             return False
     if os.path.exists(path):
         with open(path) as f:
-            lines = [line for line in f if before(line)]
+            lines = [line for line in f if line.endswith("\n") and before(line)]
         with open(path + ".tmp", "w") as f:
             f.writelines(lines)
         os.replace(path + ".tmp", path)
@@ -289,8 +289,19 @@ def load_resume(ckpt, path, training, opt):
         training.load_checkpoint_state(ckpt)
 
 
+def architecture(config):
+    """A model's config without the names of the files it was built from (a VAE's, the tokenizer's,
+    in checkpoints of earlier versions): a renamed file is the same file, and the SHA-256 of a
+    tokenizer's weights tells tokenizers apart (check_tokenizer)."""
+    out = {k: v for k, v in config.items() if k != "tokenizer"}
+    if isinstance(out.get("vae"), dict):
+        out["vae"] = {k: v for k, v in out["vae"].items() if k != "file"}
+    return out
+
+
 def check_config(path, saved, current):
     """Stop with one line naming every architecture fact that differs from the checkpoint's."""
+    saved, current = architecture(saved), architecture(current)
     if saved != current:
         diff = {k: (saved.get(k), current.get(k)) for k in {**saved, **current} if saved.get(k) != current.get(k)}
         fail(f"{path} was trained with another config: " + ", ".join(f"{k} {a} (checkpoint) vs {b} (now)" for k, (a, b) in diff.items()))
@@ -781,11 +792,15 @@ def main(args):
         signal.signal(sig, stop_before_training)  # until the loop, where a signal saves a checkpoint first
     step, ckpt_path = 0, os.path.join(args.output_dir, "checkpoint-last.pth")
     resume = resume_from(args.resume, ckpt_path, rank, world)
-    if args.resume and os.path.realpath(resume) != os.path.realpath(args.resume):
-        log(f"resuming from this run's own {ckpt_path}, not --resume {args.resume}: it holds the later steps")
     ckpt = load_checkpoint(resume, "--resume") if resume else None
     if ckpt and ckpt.get("model_name") != args.model:
         fail(f"{resume} is a checkpoint of --model {ckpt.get('model_name', '(not written by train.py)')}, not {args.model}")
+    if args.resume and os.path.realpath(resume) != os.path.realpath(args.resume):  # the folder's own checkpoint
+        started = ckpt.get("args", {}).get("resume")
+        if not started or os.path.realpath(started) != os.path.realpath(args.resume):
+            fail(f"{args.output_dir} holds a run of its own (step {ckpt['step']}) that did not start from --resume "
+                 f"{args.resume}: use another --output-dir, or drop --resume to continue that run")
+        log(f"resuming this run's own {ckpt_path} (step {ckpt['step']}), which started from --resume {args.resume}")
     if ckpt:
         continue_recipe(args, ckpt["args"], log)
     # ---- data, model, EMA, optimizer ----
@@ -841,16 +856,20 @@ def main(args):
 
     writer = CheckpointWriter()
 
+    last_saved = [step if os.path.exists(ckpt_path) else None]  # the step checkpoint-last.pth holds
+
     def diverged(what):
-        good = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
-        log(f"{what} at step {step}: stopping; {good}")
-        fail(f"{what} at step {step} (try a lower --blr); {good}")
+        last = f"the last checkpoint is {ckpt_path} (step {last_saved[0]})" if last_saved[0] is not None else "no checkpoint was written yet"
+        log(f"{what} at step {step}: stopping; {last}")
+        fail(f"{what} at step {step} (try a lower --blr); {last}")
 
     def save(final=False):
         """In the background (see CheckpointWriter); `final`: wait until the file is written. Never
-        over a good checkpoint with diverged weights (the gradient norm, equal on all ranks, tells)."""
-        if not torch.isfinite(grad_norm):  # a host sync, once per checkpoint
-            diverged(f"the gradient norm is {grad_norm.item()}")
+        with non-finite weights or gradients (equal on all ranks): the last checkpoint stays."""
+        weights = torch.stack([p.detach().abs().amax() for p in trainable])
+        if not (torch.isfinite(grad_norm) & torch.isfinite(weights).all()):  # a host sync, once per checkpoint
+            diverged("the gradient or the weights are not finite")
+        last_saved[0] = step
         states = gather_to_rank0(rng_state(device, aug))
         if rank == 0:
             extra = training.checkpoint_state(ema, held_out) if hasattr(training, "checkpoint_state") else {}
@@ -875,10 +894,15 @@ def main(args):
     # ---- the loop ----
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    if step >= total_steps:  # its final grid and report were written when it completed
+    if step >= total_steps:
         log(f"the run in {args.output_dir} is already complete ({step} steps); use another --output-dir for a new run")
-        barrier()
-        return model
+        drawn = [os.path.exists(os.path.join(args.output_dir, "samples-final.png")) and  # rank 0 decides, all follow
+                 (not hasattr(training, "report") or os.path.exists(os.path.join(args.output_dir, "report.json")))]
+        if world > 1:
+            dist.broadcast_object_list(drawn, src=0)
+        if drawn[0]:  # else a signal stopped its final grid or report: they are made now
+            barrier()
+            return model
     train_model.train()
     pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc="training")
     loss_sum, bad_files, t_window, n_window = torch.zeros((), device=device), set(), time.time(), 0
@@ -1121,7 +1145,8 @@ def parse_args(argv=None):
                                                                   "fails naming it (torchrun)")
     # run folder, logging, samples
     p.add_argument("--output-dir", help="default: runs/<model>-<preset>")
-    p.add_argument("--resume", help="checkpoint to start from (<output-dir>/checkpoint-last.pth, if present, wins)")
+    p.add_argument("--resume", help="checkpoint to start training from (a requeued command goes on from its "
+                                    "<output-dir>/checkpoint-last.pth instead), or to evaluate with --eval")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--ckpt-every", type=int)
     p.add_argument("--sample-every", type=int)
@@ -1172,7 +1197,7 @@ def parse_args(argv=None):
     if args.val_path and not os.path.isdir(args.val_path):
         fail(f"--val-path: no folder {args.val_path}")
     if args.val_path:
-        list_images(args.val_path, loose=True)  # no images: one line now, not at the first grid
+        list_images(args.val_path, IMG_EXTENSIONS, True)  # no images: one line now, not at the first grid (cached as ImageFolder asks)
     check_numbers(args)
     for flag in ("output_dir", "save_images", "cache_path"):
         if getattr(args, flag, None) and (flag != "cache_path" or getattr(args, "cache_latents", False)):
