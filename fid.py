@@ -1072,7 +1072,8 @@ def main(argv=None):
             sets.append(data)
         if rank0 and args.save_stats:
             save_statistics(args.save_stats, sets[0], args.save_features)
-            print(f"saved statistics of {sets[0].get('num_images')} images to {args.save_stats}")
+            n = sets[0].get("num_images")  # None: SAMPLES was statistics already
+            print(f"saved statistics{f' of {n} images' if n else ''} to {args.save_stats}")
         if rank0:
             result = compare(sets[0], sets[1] if len(sets) == 2 else None, device)
             print("\n".join(report(result, os.path.basename(args.inputs[-1].rstrip("/")))))

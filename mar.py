@@ -1233,6 +1233,8 @@ def load_checkpoint(path):
             raise ValueError(f"{path} holds Python objects other than tensors; refused, because loading them "
                              f"could run code hidden in the file") from None
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if isinstance(e, KeyError):  # the unpickler's KeyError(101) of a text file, say
+            reason = "not a file that torch.save wrote"
         raise ValueError(f"{path} is not a readable checkpoint (truncated or another format?): {reason}") from None
 
 

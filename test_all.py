@@ -547,6 +547,9 @@ def test_mar_wrong_or_truncated_checkpoints_raise_one_line():
         with open(vpath, "wb") as f:
             f.write(data[: len(data) // 2])
         assert "not a readable checkpoint" in str(raises(ValueError, mar.load_weights, vae, vpath, "model"))
+        with open(vpath, "w") as f:
+            f.write("hello")  # a text file: the unpickler's KeyError(101) said only "101"
+        assert str(raises(ValueError, mar.load_weights, vae, vpath, "model")).endswith(": not a file that torch.save wrote")
 
 
 def test_mar_sampling_seed_fixes_output():
@@ -2009,7 +2012,8 @@ def test_train_corrupt_images_are_skipped():
 
 def test_train_cached_latents_with_a_kl16_layout_vae():
     """--cache-latents writes the official main_cache.py layout (moments of the image and of its
-    flip per file), and --use-cached trains from it; the VAE file has the official kl16 layout."""
+    flip per file), and --use-cached trains from it, skipping an unreadable file, refusing another
+    VAE or image size; the VAE file has the official kl16 layout."""
     import train
     with tempfile.TemporaryDirectory() as d:
         data = make_folder(os.path.join(d, "data"), per_class=2, classes=4)
@@ -2025,9 +2029,21 @@ def test_train_cached_latents_with_a_kl16_layout_vae():
         with torch.no_grad():
             assert_close(moments, vae.encode(image).moments[0], rtol=1e-4, what="moments")
             assert_close(moments_flip, vae.encode(image.flip(3)).moments[0], rtol=1e-4, what="flip")
+        with open(os.path.join(d, "cache", "class00", "junk.png.npz"), "w") as f:
+            f.write("not an archive")  # skipped as an unreadable image is
         run_train("--use-cached", *flags, "--epochs", "2", "--output-dir", f"{d}/run")
         ckpt = final_weights(f"{d}/run")
         assert ckpt["step"] == 4 and ckpt["config"]["vae_embed_dim"] == 16 and ckpt["config"]["patch_size"] == 1
+        assert "skipped 1 unreadable images" in read(f"{d}/run/log.txt")
+        # the cache records which VAE encoded it, and its latents' size is checked
+        assert json.loads(read(f"{d}/cache/vae.json"))["vae_sha256"] == train.weights_digest(vae)
+        torch.save({"model": perturbed(mar.kl16()).state_dict()}, f"{d}/other.ckpt")
+        cases = [(["--vae", f"{d}/other.ckpt"], "was encoded by another VAE"),
+                 (["--img-size", "64"], "holds latents of (2, 2), not the 4 x 4 of --img-size")]
+        runs = two_at_a_time(lambda case: run_train("--use-cached", *flags, *case[0], "--epochs", "2", "--output-dir",
+                                                    f"{d}/run-{case[0][0]}", check=False), cases)
+        for p, (_, expect) in zip(runs, cases):
+            expect_error(p, expect, "train.py")
 
 
 class Pickled:

@@ -498,14 +498,29 @@ class CachedLatents(ImageFolder):
 
     def __init__(self, root):
         super().__init__(root, None, suffixes=(".npz",))
+        self.root = root
 
     def load(self, path):
         with np.load(path) as data:
-            return torch.from_numpy(data["moments"]), torch.from_numpy(data["moments_flip"])
+            try:
+                return torch.from_numpy(data["moments"]), torch.from_numpy(data["moments_flip"])
+            except KeyError as e:
+                raise ValueError(f"{path} holds no {e}") from None
 
-    def __getitem__(self, i):
-        path, label = self.samples[i]
-        return (*self.load(path), label, -1)
+    def __getitem__(self, i):  # an unreadable file: the next readable one, as ImageFolder's images
+        (moments, moments_flip), label, bad = super().__getitem__(i)
+        return moments, moments_flip, label, bad
+
+    def check(self, path, digest, side):
+        """Stop with one line if the cache was encoded by another VAE (the SHA-256 of its weights that
+        --cache-latents records in `path`; official caches record none) or at another image size."""
+        if os.path.exists(path):
+            with open(path) as f:
+                if json.load(f)["vae_sha256"] != digest:
+                    fail(f"{self.root} was encoded by another VAE: give the --vae that --cache-latents used")
+        if tuple(self[0][0].shape[-2:]) != (side, side):
+            fail(f"{self.root} holds latents of {tuple(self[0][0].shape[-2:])}, not the {side} x {side} of --img-size "
+                 f"(give the --img-size it was cached at)")
 
 
 @torch.no_grad()
@@ -531,6 +546,9 @@ def cache_latents(args, rank, world, device):
             os.makedirs(os.path.dirname(out), exist_ok=True)
             np.savez(out + ".tmp.npz", moments=moments[j], moments_flip=moments_flip[j])
             os.replace(out + ".tmp.npz", out)
+    if rank == 0:  # which VAE encoded them (CachedLatents.check)
+        with open(os.path.join(args.cache_path, "vae.json"), "w") as f:
+            json.dump(dict(vae_sha256=weights_digest(vae)), f)
     print(f"rank {rank}: cached {len(mine) - skipped} images to {args.cache_path}, skipped {skipped} unreadable")
 
 
@@ -808,6 +826,8 @@ def main(args):
     num_classes = len(dataset.classes)
     training = build(args, num_classes, device)
     tokenizer_flag, digest = tokenizer_digest(training)
+    if type(dataset) is CachedLatents:  # MAR's --use-cached
+        dataset.check(os.path.join(args.cache_path, "vae.json"), digest, args.img_size // training.vae.stride)
     if hasattr(training, "encode") and len(dataset) <= getattr(training, "cache_limit", len(dataset)):
         # MaskGIT's tokens, MAR's VAE moments: of every image and its flip, computed once
         dataset = CachedTokens(dataset, training.encode, digest, args.cache_path or os.path.join(args.output_dir, "tokens.npy"),
