@@ -526,10 +526,12 @@ def load_statistics(path):
         if "pool3" in f:
             out["pool"] = torch.from_numpy(f["pool3"].astype(np.float32))
     for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
-        if mu in out and (out[mu].ndim != 1 or out.get(sigma, np.zeros(0)).shape != (len(out[mu]),) * 2):
-            raise ValueError(f"{path}: {mu} {out[mu].shape} and {sigma} {out.get(sigma, np.zeros(0)).shape} are not a mean "
-                             f"and its covariance")
-        if mu in out and not (np.isfinite(out[mu]).all() and np.isfinite(out[sigma]).all()):
+        if mu not in out:
+            continue
+        m, s = out[mu], out.get(sigma, np.zeros(0))
+        if m.ndim != 1 or s.shape != (len(m),) * 2:
+            raise ValueError(f"{path}: {mu} {m.shape} and {sigma} {s.shape} are not a mean and its covariance")
+        if not (np.isfinite(m).all() and np.isfinite(s).all()):
             raise ValueError(f"{path}: {mu} or {sigma} holds NaN or infinite values")
     if "pool" in out and tuple(out["pool"].shape[1:]) != out["mu"].shape:
         raise ValueError(f"{path}: pool3 {tuple(out['pool'].shape)} is not features of the size of mu {out['mu'].shape}")

@@ -247,6 +247,15 @@ def gather_to_rank0(obj):
     return objs
 
 
+def from_rank0(obj):
+    """-> rank 0's obj on every rank: a decision rank 0 makes for all (the ranks may see different disks)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def set_rng_state(state, device, aug):
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and state["cuda"] is not None:
@@ -518,8 +527,9 @@ class CachedLatents(ImageFolder):
             with open(path) as f:
                 if json.load(f)["vae_sha256"] != digest:
                     fail(f"{self.root} was encoded by another VAE: give the --vae that --cache-latents used")
-        if tuple(self[0][0].shape[-2:]) != (side, side):
-            fail(f"{self.root} holds latents of {tuple(self[0][0].shape[-2:])}, not the {side} x {side} of --img-size "
+        cached = tuple(self[0][0].shape[-2:])  # (h, w) of the first file's moments
+        if cached != (side, side):
+            fail(f"{self.root} holds latents of {cached}, not the {side} x {side} of --img-size "
                  f"(give the --img-size it was cached at)")
 
 
@@ -876,20 +886,21 @@ def main(args):
 
     writer = CheckpointWriter()
 
-    last_saved = [step if os.path.exists(ckpt_path) else None]  # the step checkpoint-last.pth holds
+    last_saved = step if os.path.exists(ckpt_path) else None  # the step checkpoint-last.pth holds
 
     def diverged(what):
-        last = f"the last checkpoint is {ckpt_path} (step {last_saved[0]})" if last_saved[0] is not None else "no checkpoint was written yet"
+        last = f"the last checkpoint is {ckpt_path} (step {last_saved})" if last_saved is not None else "no checkpoint was written yet"
         log(f"{what} at step {step}: stopping; {last}")
         fail(f"{what} at step {step} (try a lower --blr); {last}")
 
     def save(final=False):
         """In the background (see CheckpointWriter); `final`: wait until the file is written. Never
         with non-finite weights or gradients (equal on all ranks): the last checkpoint stays."""
+        nonlocal last_saved
         weights = torch.stack([p.detach().abs().amax() for p in trainable])
         if not (torch.isfinite(grad_norm) & torch.isfinite(weights).all()):  # a host sync, once per checkpoint
             diverged("the gradient or the weights are not finite")
-        last_saved[0] = step
+        last_saved = step
         states = gather_to_rank0(rng_state(device, aug))
         if rank == 0:
             extra = training.checkpoint_state(ema, held_out) if hasattr(training, "checkpoint_state") else {}
@@ -916,11 +927,9 @@ def main(args):
     signal.signal(signal.SIGINT, request_stop)
     if step >= total_steps:
         log(f"the run in {args.output_dir} is already complete ({step} steps); use another --output-dir for a new run")
-        drawn = [os.path.exists(os.path.join(args.output_dir, "samples-final.png")) and  # rank 0 decides, all follow
-                 (not hasattr(training, "report") or os.path.exists(os.path.join(args.output_dir, "report.json")))]
-        if world > 1:
-            dist.broadcast_object_list(drawn, src=0)
-        if drawn[0]:  # else a signal stopped its final grid or report: they are made now
+        drawn = from_rank0(os.path.exists(os.path.join(args.output_dir, "samples-final.png")) and
+                           (not hasattr(training, "report") or os.path.exists(os.path.join(args.output_dir, "report.json"))))
+        if drawn:  # else a signal stopped its final grid or report: they are made now
             barrier()
             return model
     train_model.train()
@@ -1010,12 +1019,10 @@ def resume_from(flag, ckpt_path, rank, world):
     None: a requeued command that started from --resume goes on from its own progress. Rank 0
     decides and tells the others: with node-local disks the ranks may see different folders, and a
     rank that cannot see rank 0's choice stops with one line instead of hanging."""
-    resume = [ckpt_path if os.path.exists(ckpt_path) else flag]
-    if world > 1:
-        dist.broadcast_object_list(resume, src=0)
-        if resume[0] and not os.path.exists(resume[0]):
-            fail(f"rank {rank} cannot see {resume[0]}, which rank 0 resumes from: the output folder must be shared")
-    return resume[0]
+    resume = from_rank0(ckpt_path if os.path.exists(ckpt_path) else flag)
+    if world > 1 and resume and not os.path.exists(resume):
+        fail(f"rank {rank} cannot see {resume}, which rank 0 resumes from: the output folder must be shared")
+    return resume
 
 
 def finish(args, training, model, ema, dataset, bad_files, grid, held_out, log, rank, world, device):
@@ -1032,8 +1039,9 @@ def finish(args, training, model, ema, dataset, bad_files, grid, held_out, log, 
         log(f"skipped {len(bad_files)} unreadable images (each replaced by the next readable one): {names}")
         unseen = sorted(set(range(len(dataset.classes))) - {c for i, (_, c) in enumerate(dataset.samples) if i not in bad_files})
         if unseen:  # every image of a class was read at least once in the run, and none could be
+            them = "it" if len(unseen) == 1 else "them"
             log(f"warning: no image of class {', '.join(dataset.classes[c] for c in unseen)} could be read: the model "
-                f"never saw {'it' if len(unseen) == 1 else 'them'}, and its samples of {'it' if len(unseen) == 1 else 'them'} mean nothing")
+                f"never saw {them}, and its samples of {them} mean nothing")
     if rank == 0:
         images, labels = grid("final")
         for line in final_report(args, training, ema, images, labels, grid, held_out, device):
