@@ -657,14 +657,20 @@ def test_mar_tiny_positions_start_at_the_2d_sincos_table():
     assert 0.018 < paper_init.decoder_pos_embed_learned.std() < 0.022
 
 def test_mar_bf16_only_on_gpus_with_native_bf16():
-    """A V100 emulates bf16 (slowly): MAR and MaskGIT train there in fp32; an A100 or H100 in bf16."""
-    saved = torch.cuda.is_bf16_supported
+    """A V100 emulates bf16 (slowly): MAR and MaskGIT train there in fp32; an A100 or H100 in bf16.
+    On a CPU, oneDNN's test decides; a torch without that (private) op trains in fp32."""
+    saved, ops = torch.cuda.is_bf16_supported, torch.ops.mkldnn
     try:
         for native, expect in ((False, False), (True, True)):  # V100: bf16 only with emulation counted
             torch.cuda.is_bf16_supported = lambda including_emulation=True, native=native: native or including_emulation
             assert mar.bf16_autocast(torch.device("cuda")) == expect, native
+        for answer, expect in ((True, True), (False, False)):
+            torch.ops.mkldnn = types.SimpleNamespace(_is_mkldnn_bf16_supported=lambda answer=answer: answer)
+            assert mar.bf16_autocast(torch.device("cpu")) == expect, answer
+        torch.ops.mkldnn = types.SimpleNamespace()  # the op gone
+        assert mar.bf16_autocast(torch.device("cpu")) is False
     finally:
-        torch.cuda.is_bf16_supported = saved
+        torch.cuda.is_bf16_supported, torch.ops.mkldnn = saved, ops
 
 
 def test_mar_grad_checkpointing_and_bf16_autocast():
