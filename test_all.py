@@ -1933,6 +1933,28 @@ def test_train_ema_learning_rate_and_shards_by_value():
     assert list(train.ShardSampler(10, 1, 3, seed=3, epoch=2, start=1)) == shards[1][1:]
 
 
+def test_train_recipe_flags_win_over_the_recipe_and_reach_what_uses_them():
+    """--weight-decay, --ema, --lr-schedule, --grad-clip and --seed given on the command line replace the
+    recipe's values; the weight decay reaches the matrices of the transformer only (the official
+    grouping: no decay on biases, norms and the Diffusion Loss MLP), the EMA decay the EMA update."""
+    import train
+    given = ["--weight-decay", "0.3", "--ema", "0.5", "--lr-schedule", "cosine", "--grad-clip", "0.25", "--seed", "7"]
+    recipe, args = train.parse_args(["--model", "mar"]), train.parse_args(["--model", "mar", *given])
+    assert (recipe.weight_decay, recipe.ema, recipe.lr_schedule, recipe.grad_clip, recipe.seed) != (0.3, 0.5, "cosine", 0.25, 7)
+    assert (args.weight_decay, args.ema, args.lr_schedule, args.grad_clip, args.seed) == (0.3, 0.5, "cosine", 0.25, 7)
+    training = train.build(args, 10, torch.device("cpu"))
+    assert training.ema_decay(step=100, epoch=1) == 0.5
+    decay = {id(p): g["weight_decay"] for g in train.make_optimizer(training, 1e-3, args.weight_decay).param_groups
+             for p in g["params"]}
+    model = training.model
+    qkv = model.encoder_blocks[0].attn.qkv
+    assert decay[id(qkv.weight)] == 0.3 and decay[id(qkv.bias)] == 0.0
+    assert decay[id(model.encoder_blocks[0].norm1.weight)] == 0.0
+    assert {decay[id(p)] for p in model.diffloss.parameters()} == {0.0}
+    assert sum(p.numel() for p in model.parameters() if decay[id(p)] == 0.3) > 0.5 * sum(
+        p.numel() for n, p in model.named_parameters() if "diffloss" not in n)
+
+
 def test_train_check_config_ignores_file_names_and_names_every_difference():
     """A renamed VAE or tokenizer file is the same model (checkpoints of earlier versions recorded
     MaskGIT's tokenizer file name; CODA records its VAE's); any other difference, also a key only the
