@@ -2413,6 +2413,34 @@ def test_train_maskgit_on_cached_coda_tokens():
         assert printed(p, "FID") > 0 and printed(p, "sFID") > 0 and printed(p, "IS (ADM evaluator)") > 0, p.stdout[-500:]
 
 
+def test_train_maskgit_cache_holds_each_images_tokens_and_its_flips_in_order():
+    """CODA tokenizes a posterior sample, so its tokens change from one encoding to the next; with the
+    posterior's log-variance at its clamp (-30) they do not, and the cache train.py builds for MaskGIT
+    holds, at row i, the tokens of image i and of its flip, with image i's label."""
+    import train
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = torch.load(f"{shared_run('coda')}/checkpoint-last.pth", weights_only=True)
+        for state in (ckpt["model"], ckpt["model_ema"]):
+            half = len(state["vae.quant_conv.bias"]) // 2                  # [mean; log-variance] channels
+            state["vae.quant_conv.weight"][half:], state["vae.quant_conv.bias"][half:] = 0.0, -100.0
+        torch.save(ckpt, f"{d}/sharp.pth")
+        args = train.parse_args(["--model", "maskgit", "--tokenizer", f"{d}/sharp.pth", "--data-path", shared_run("data"), *FAST])
+        dataset = train.ImageFolder(args.data_path, args.img_size)
+        training = train.build(args, len(dataset.classes), torch.device("cpu"))
+        cache = train.CachedTokens(dataset, training.encode, "digest", f"{d}/tokens.npy", 8, 0, 0, 1, torch.device("cpu"))
+        tokenizer = coda.load_trained(f"{d}/sharp.pth", "cpu")[0]
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])  # (N, 3, H, W), in the dataset's order
+        with torch.no_grad():
+            for start in range(0, len(images), 8):                        # the cache's batches
+                batch = images[start:start + 8]
+                for flip, x in enumerate((batch, batch.flip(3))):
+                    expected = maskgit.flatten_levels(tokenizer.tokenize(x))  # (8, 30)
+                    cached = torch.stack([cache[i][0][flip] for i in range(start, start + len(batch))]).long()
+                    assert torch.equal(cached, expected), (start, flip, (cached != expected).float().mean())
+        assert [cache[i][1] for i in range(len(dataset))] == [label for _, label in dataset.samples]
+        assert not torch.equal(cache[0][0][0], cache[0][0][1])                # a flip is another image's tokens
+
+
 # ---------------------------------------------------------------------------------------------
 # train.py: generate and score (--eval)
 # ---------------------------------------------------------------------------------------------
