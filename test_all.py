@@ -1936,7 +1936,8 @@ def test_train_ema_learning_rate_and_shards_by_value():
 def test_train_recipe_flags_win_over_the_recipe_and_reach_what_uses_them():
     """--weight-decay, --ema, --lr-schedule, --grad-clip and --seed given on the command line replace the
     recipe's values; the weight decay reaches the matrices of the transformer only (the official
-    grouping: no decay on biases, norms and the Diffusion Loss MLP), the EMA decay the EMA update."""
+    grouping: no decay on biases, norms and the Diffusion Loss MLP), the EMA decay the EMA update, and
+    CODA's --disc-weight its loss."""
     import train
     given = ["--weight-decay", "0.3", "--ema", "0.5", "--lr-schedule", "cosine", "--grad-clip", "0.25", "--seed", "7"]
     recipe, args = train.parse_args(["--model", "mar"]), train.parse_args(["--model", "mar", *given])
@@ -1953,6 +1954,9 @@ def test_train_recipe_flags_win_over_the_recipe_and_reach_what_uses_them():
     assert {decay[id(p)] for p in model.diffloss.parameters()} == {0.0}
     assert sum(p.numel() for p in model.parameters() if decay[id(p)] == 0.3) > 0.5 * sum(
         p.numel() for n, p in model.named_parameters() if "diffloss" not in n)
+    coda_args = train.parse_args(["--model", "coda", "--vae", f"{shared_run('vae')}/checkpoint-last.pth", "--disc", "patch",
+                                  "--lpips-weight", "0", "--disc-weight", "0.25"])
+    assert train.build(coda_args, 10, torch.device("cpu")).criterion.disc_weight == 0.25  # the adaptive GAN weight's factor
 
 
 def test_train_check_config_ignores_file_names_and_names_every_difference():
