@@ -717,7 +717,8 @@ class DiffLoss(nn.Module):
                 with torch.cuda.device(z.device):  # streams, pool and capture on z's GPU, not the current one
                     return self.replay(noise, c, cfg, guided, temperature, noises)
             except RuntimeError as e:  # a capture that fails (an old driver, a debug mode): eager from now on
-                torch.cuda.set_stream(stream)  # a failed capture can leave its own stream current
+                with torch.cuda.device(z.device):  # set_stream also makes the stream's GPU current: restored on exit
+                    torch.cuda.set_stream(stream)  # a failed capture can leave its own stream current
                 print(f"note: CUDA graph capture failed, sampling eagerly: {str(e).splitlines()[0][:150]}")
                 self.cuda_graphs = False
         return self.loop(noise, c, cfg, guided, temperature, noises=noises)
@@ -1631,8 +1632,8 @@ def benchmark(preset="base", batch_size=64, sample_batch=64, steps=10, iters=(64
               f"{sample_batch}, {model.diffloss.gen_diffusion.num_steps} diffusion steps, decoding to pixels included)")
         if breakdown:
             del model.diffloss.sample  # the method again
-            print(f"  of which: transformer and the rest {(total - diffusion[0] - decoding[0]) / sample_batch:.4f}, "
-                  f"Diffusion Loss {diffusion[0] / sample_batch:.4f}, decoding {decoding[0] / sample_batch:.4f} s/image")
+            print(f"  of which: transformer and the rest {(total - diffusion[0] - decoding[0]) / sample_batch:.3g}, "
+                  f"Diffusion Loss {diffusion[0] / sample_batch:.3g}, decoding {decoding[0] / sample_batch:.3g} s/image")
     if device.type == "cuda":
         print(f"sampling peak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
