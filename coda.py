@@ -763,11 +763,11 @@ class VAETraining(TokenizerTraining):
 
     def checkpoint_state(self, ema, held_out):
         """+ the scale that makes the VAE's latents unit-variance (LDM's practice) for the models
-        trained on them: 1 / std of EMA posterior samples of 256 held-out images, encoded 16 of 256 px at a
-        time (256 at once took about 30 GB at 256 px), sampled at once."""
+        trained on them: 1 / std of EMA posterior samples of 256 held-out images, encoded mar.CHUNK_PIXELS at
+        a time (256 at once took about 30 GB at 256 px), sampled at once."""
         with torch.no_grad():
             images = held_out(256).to(self.device)
-            chunk = max(1, 16 * 256 * 256 // images.shape[-1] ** 2)  # 32 px: all 256 at once
+            chunk = max(1, mar.CHUNK_PIXELS // images.shape[-1] ** 2)  # 32 px: all 256 at once
             moments = torch.cat([ema.encode(part).moments for part in images.split(chunk)])
             z = mar.DiagonalGaussian(moments).sample(torch.Generator(self.device).manual_seed(0))
         return dict(super().checkpoint_state(ema, held_out), latent_scale=1 / z.float().std().item())

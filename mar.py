@@ -1152,7 +1152,10 @@ def latents_to_images(vae, latents, scale=VAE_SCALE):
     return decode_in_chunks(vae, latents.float() / scale).clamp(-1, 1)  # PixelTokenizer: scale 1
 
 
-def decode_in_chunks(vae, latents, pixels=16 * 256 * 256):
+CHUNK_PIXELS = 16 * 256 * 256  # image pixels a VAE encodes or decodes at a time where a whole batch is too large (sixteen 256 px images)
+
+
+def decode_in_chunks(vae, latents, pixels=CHUNK_PIXELS):
     """vae.decode(latents), on a CPU `pixels` output pixels (sixteen 256 px images) at a time:
     KL-16's decoder holds about 0.12 GiB of activations per 256 px image (64 images peaked at 7.9
     GiB in bf16), so a whole --eval-batch-size of 256 at once was more than a 24 GiB machine has.
