@@ -1469,6 +1469,16 @@ class Training(nn.Module):
         masked tokens is drawn outside `model`, which may be compiled (see MAR.forward)."""
         return model(x, labels, self.model.draw_num_masked(COMPILE_BUCKETS if self.args.compile else None))
 
+    def warm_up(self, model, x, labels, amp):
+        """train.py --compile, before the first step: a forward and backward pass at every mask size
+        the run will draw, so that each graph compiles now rather than mid-run, where a Ctrl-C would
+        wait for the compilation and torchrun, after 30 s, kill the run without its checkpoint.
+        train.py restores the random state and drops the gradients afterwards."""
+        for n in self.model.mask_sizes(COMPILE_BUCKETS):
+            with amp:
+                loss = model(x, labels, n)
+            loss.backward()
+
     @staticmethod
     def no_weight_decay(name, param):
         """As the official code: no decay on 1-D parameters (norms), biases, and the whole MLP."""

@@ -2176,6 +2176,40 @@ def test_train_refuses_a_second_process_on_the_same_output_dir():
         assert final_weights(f"{d}/run")["step"] == 20
 
 
+COMPILED_RUN = """import sys, functools, torch
+sys.path.insert(0, {here!r})
+import mar, train
+from torch._dynamo.utils import counters
+torch.compile = functools.partial(torch.compile, backend="eager")  # dynamo only: no C++ compiler needed
+warm_up, skip, seen = mar.Training.warm_up, sys.argv.pop(1) == "skip", {{}}
+def recorded(*a):
+    if not skip:
+        warm_up(*a)
+    seen["after warm-up"] = counters["stats"]["unique_graphs"]
+mar.Training.warm_up = recorded
+train.main(train.parse_args(sys.argv[1:]))
+print(seen["after warm-up"], counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()))
+"""
+
+
+def test_train_compile_compiles_every_mask_size_before_the_first_step_and_leaves_no_trace():
+    """--compile: MAR's graphs (one per mask size) all compile before the first step, so that none
+    compiles mid-run, where a Ctrl-C would wait for it and torchrun kill the run unsaved. The
+    warm-up's passes change nothing: the same run with them skipped ends with the same weights."""
+    with tempfile.TemporaryDirectory() as d:
+        script = os.path.join(d, "compiled_run.py")
+        with open(script, "w") as f:
+            f.write(COMPILED_RUN.format(here=HERE))
+        flags = ["--data-path", shared_run("data"), *MAR, "--img-size", "16", "--epochs", "1", "--compile"]
+        warm, cold = two_at_a_time(lambda how: run_script(script, how, *flags, "--output-dir", f"{d}/{how}"),
+                                   ["warm", "skip"])
+        after, end, breaks = map(int, warm.stdout.split()[-3:])
+        assert after == end >= 2 and breaks == 0, warm.stdout[-300:]  # 16 px: 4 tokens, 3 or 4 masked
+        assert int(cold.stdout.split()[-3]) == 0 and int(cold.stdout.split()[-2]) == end, cold.stdout[-300:]
+        assert "--compile: compiled the training step for every mask size" in read(f"{d}/warm/log.txt")
+        assert same_state(final_weights(f"{d}/warm"), final_weights(f"{d}/skip"))
+
+
 # ---------------------------------------------------------------------------------------------
 # train.py: the tokenizers (--model vae, --model coda) and MaskGIT on their tokens
 # ---------------------------------------------------------------------------------------------

@@ -922,6 +922,14 @@ def main(args):
                 log(f"step {step}: wrote {os.path.join(args.output_dir, f'samples-{name}.png')}")
             return images.float().cpu(), labels
 
+    if args.compile and hasattr(training, "warm_up") and step < total_steps:  # MAR: every mask size's graph, now
+        t0, state = time.time(), rng_state(device, aug)
+        batch = torch.utils.data.default_collate([dataset[i] for i in range(args.batch_size)])
+        training.warm_up(train_model, *training.inputs(batch, torch.zeros(args.batch_size, dtype=torch.bool)), amp)
+        opt.zero_grad(set_to_none=True)
+        set_rng_state(state, device, aug)  # the run draws what it would have drawn without the warm-up
+        log(f"--compile: compiled the training step for every mask size in {time.time() - t0:.0f} s")
+
     # ---- the loop ----
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
