@@ -1936,8 +1936,8 @@ def test_train_ema_learning_rate_and_shards_by_value():
 def test_train_recipe_flags_win_over_the_recipe_and_reach_what_uses_them():
     """--weight-decay, --ema, --lr-schedule, --grad-clip and --seed given on the command line replace the
     recipe's values; the weight decay reaches the matrices of the transformer only (the official
-    grouping: no decay on biases, norms and the Diffusion Loss MLP), the EMA decay the EMA update, and
-    CODA's --disc-weight its loss."""
+    grouping: no decay on biases, norms and the Diffusion Loss MLP), the EMA decay the EMA update,
+    CODA's --disc-weight its loss, and MAR's sampling flags (--cfg-schedule among them) its sampler."""
     import train
     given = ["--weight-decay", "0.3", "--ema", "0.5", "--lr-schedule", "cosine", "--grad-clip", "0.25", "--seed", "7"]
     recipe, args = train.parse_args(["--model", "mar"]), train.parse_args(["--model", "mar", *given])
@@ -1957,6 +1957,16 @@ def test_train_recipe_flags_win_over_the_recipe_and_reach_what_uses_them():
     coda_args = train.parse_args(["--model", "coda", "--vae", f"{shared_run('vae')}/checkpoint-last.pth", "--disc", "patch",
                                   "--lpips-weight", "0", "--disc-weight", "0.25"])
     assert train.build(coda_args, 10, torch.device("cpu")).criterion.disc_weight == 0.25  # the adaptive GAN weight's factor
+    sampling = ["--num-iter", "3", "--cfg", "2.5", "--cfg-schedule", "constant", "--temperature", "0.7"]
+    recipe = train.parse_args(["--model", "mar"])
+    assert (recipe.num_iter, recipe.cfg, recipe.cfg_schedule, recipe.temperature) == (8, 9.0, "linear", 1.1)
+    training, calls = train.build(train.parse_args(["--model", "mar", *sampling]), 10, torch.device("cpu")), []
+    def recorded(*a, **kw):
+        calls.append(a)
+        raise KeyError("recorded")
+    training.model.sample_tokens = recorded  # the grids' and --eval's sampler
+    raises(KeyError, training.sample, training.model, torch.arange(2), None)
+    assert calls[0][1:4] + calls[0][5:] == (3, 2.5, "constant", 0.7), calls
 
 
 def test_train_check_config_ignores_file_names_and_names_every_difference():
