@@ -1749,6 +1749,11 @@ def test_train_defaults_follow_the_data_and_say_so():
     paper = train.parse_args(["--data-path", data, "--defaults", "paper"])
     assert (paper.preset, paper.img_size, paper.ema, paper.epochs, paper.warmup_epochs) == ("base", 256, 0.9999, 400, 100)
     assert train.parse_args(["--data-path", data, "--epochs", "3"]).epochs == 3
+    warmup = lambda *flags: train.parse_args(["--model", "mar", *flags]).warmup_epochs
+    # a shorter --epochs gets the recipe's share of its warm-up, which reaches the recipe's at its length, without a jump
+    assert [warmup("--defaults", "paper", "--epochs", str(e)) for e in (100, 101, 399, 400, 800)] == [25, 25.25, 99.75, 100, 100]
+    assert warmup("--epochs", "29") == 0.5 and warmup("--epochs", "29", "--warmup-epochs", "2") == 2
+    assert "0.5 warm-up epochs, the recipe's share of --epochs 29" in train.parse_args(["--epochs", "29"]).defaults_in_force
     builtin = train.parse_args(["--model", "maskgit", "--tokenizer", "t.pth"])
     assert (builtin.epochs, builtin.cfg) == (96, 3.0) and "built-in data" in builtin.defaults_in_force
     with tempfile.TemporaryDirectory() as d:

@@ -849,7 +849,7 @@ def main(args):
     steps_per_epoch = len(dataset) // world // args.batch_size
     if steps_per_epoch == 0:
         fail(f"{len(dataset)} images are fewer than one global batch ({args.batch_size} x {world} processes)")
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
     model = training.model.to(device)
     log(f"{args.model} ({args.preset}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{len(dataset)} images of {num_classes} classes, {steps_per_epoch} steps per epoch")
@@ -1123,7 +1123,7 @@ def choose_defaults(args, model):
         return model.PAPER, f"defaults: the paper's recipe ({n:,} images and a GPU; --defaults cpu for the CPU-sized one)"
     steps = fid.BUILTIN_IMAGES / n  # epochs scale so that the run takes as many steps as the built-in one
     defaults = dict(builtin, epochs=max(1, round(builtin["epochs"] * steps)),
-                    warmup_epochs=round(builtin["warmup_epochs"] * steps))
+                    warmup_epochs=builtin["warmup_epochs"] * steps)
     why = "--defaults cpu" if args.defaults == "cpu" else "fewer than 100,000 images" if n < 100_000 else "no GPU"
     px = defaults["img_size"] if args.img_size is None else args.img_size
     size = first_image_size(samples)
@@ -1165,7 +1165,7 @@ def parse_args(argv=None):
                    "auto: the paper's for 100,000+ images on a GPU")
     # optimization
     p.add_argument("--epochs", type=int)
-    p.add_argument("--warmup-epochs", type=int)
+    p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--batch-size", type=int, help="per process")
     p.add_argument("--blr", type=float, help="base lr; lr = blr x global batch / 256")
     p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
@@ -1216,9 +1216,9 @@ def parse_args(argv=None):
     args.unset = sorted(key for key in defaults if key in vars(args) and getattr(args, key) is None)  # see continue_recipe
     for key in args.unset:
         setattr(args, key, defaults[key])
-    if "warmup_epochs" in args.unset and args.warmup_epochs >= args.epochs:  # a short --epochs: the recipe's share
-        args.warmup_epochs = defaults["warmup_epochs"] * args.epochs // defaults["epochs"]
-        args.defaults_in_force += f"; {args.warmup_epochs} warm-up epochs, the recipe's share of --epochs {args.epochs}"
+    if "warmup_epochs" in args.unset and args.epochs < defaults["epochs"]:  # a shorter --epochs: the recipe's share
+        args.warmup_epochs = defaults["warmup_epochs"] * args.epochs / defaults["epochs"]  # the recipe's at its length
+        args.defaults_in_force += f"; {args.warmup_epochs:.3g} warm-up epochs, the recipe's share of --epochs {args.epochs}"
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.model}-{args.preset}")
     if args.eval and (args.data_path or getattr(args, "use_cached", False)) and not args.fid_stats:
         fail("--eval on ImageNet needs --fid-stats (ADM's VIRTUAL_imagenet256_labeled.npz, MAR's fid_stats/adm_in256_stats.npz, "
