@@ -704,8 +704,11 @@ class TokenizerTraining(nn.Module):
     def load_checkpoint_state(self, ckpt):
         state = ckpt.get("second_player", ckpt.get("recipe", {}))  # "recipe": checkpoints before the restructuring
         if self.disc is not None and state:
-            self.disc.load_state_dict(state["disc"])
-            self.d_opt.load_state_dict(state["d_opt"])
+            try:
+                self.disc.load_state_dict(state["disc"])
+                self.d_opt.load_state_dict(state["d_opt"])
+            except (RuntimeError, ValueError) as e:  # another --disc than the run's
+                raise ValueError(f"its discriminator does not fit --disc {self.args.disc} ({str(e).splitlines()[0]})")
 
     @torch.no_grad()
     def report(self, ema, images, metrics, batch_size):

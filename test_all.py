@@ -14,6 +14,7 @@ a seeded torch.Generator. No official code is in this repository.
 """
 import concurrent.futures
 import contextlib
+import copy
 import json
 import math
 import os
@@ -1866,6 +1867,20 @@ def test_train_resume_is_exact():
 
 
 
+def test_train_resume_with_another_global_batch_goes_on_from_the_epochs_done():
+    """Resumed with another --batch-size (or number of processes), a run goes on from the epochs it
+    has done, counted in its new steps, not from the old step number (which had called a run at half
+    its epochs complete, or trained on past its end)."""
+    with tempfile.TemporaryDirectory() as d:
+        flags = ["--data-path", shared_run("data"), *MAR, "--output-dir", f"{d}/run"]
+        run_train(*flags, "--epochs", "1")  # 10 steps of 4 images
+        run_train(*flags, "--epochs", "2", "--batch-size", "8")  # 5 steps an epoch: from step 5 to 10
+        ckpt = final_weights(f"{d}/run")
+        assert (ckpt["step"], ckpt["epoch"]) == (10, 2.0), (ckpt["step"], ckpt["epoch"])
+        assert "resuming with 1 x 8 images a step instead of 1 x 4: its step 10 (epoch 1.00) is step 5 here" in read(
+            f"{d}/run/log.txt")
+
+
 def test_train_checkpoints_are_written_in_the_background_from_a_snapshot():
     """The checkpoint holds the state at the moment `write` was called, though training goes on
     while a thread writes it; a failed write stops the run with one line."""
@@ -1942,7 +1957,8 @@ def test_train_recipe_flags_win_over_the_recipe_and_reach_what_uses_them():
     """--weight-decay, --ema, --lr-schedule, --grad-clip and --seed given on the command line replace the
     recipe's values; the weight decay reaches the matrices of the transformer only (the official
     grouping: no decay on biases, norms and the Diffusion Loss MLP), the EMA decay the EMA update,
-    CODA's --disc-weight its loss, and MAR's sampling flags (--cfg-schedule among them) its sampler."""
+    CODA's --disc-weight its loss, and MAR's sampling flags (--cfg-schedule among them) its sampler.
+    A given --blr replaces a recipe's absolute --lr (the tokenizers'); --eval's flags need --eval."""
     import train
     given = ["--weight-decay", "0.3", "--ema", "0.5", "--lr-schedule", "cosine", "--grad-clip", "0.25", "--seed", "7"]
     recipe, args = train.parse_args(["--model", "mar"]), train.parse_args(["--model", "mar", *given])
@@ -1972,6 +1988,10 @@ def test_train_recipe_flags_win_over_the_recipe_and_reach_what_uses_them():
     training.model.sample_tokens = recorded  # the grids' and --eval's sampler
     raises(KeyError, training.sample, training.model, torch.arange(2), None)
     assert calls[0][1:4] + calls[0][5:] == (3, 2.5, "constant", 0.7), calls
+    vae = train.parse_args(["--model", "vae", "--blr", "1e-2"])  # a given --blr wins over the recipe's absolute --lr
+    assert (vae.lr, vae.blr, train.parse_args(["--model", "vae"]).lr) == (None, 1e-2, 1e-3)
+    for flag in ("--fid-stats", "--save-images"):  # --eval's: refused in a training run, which would not read them
+        assert "is for --eval" in str(raises(SystemExit, train.parse_args, ["--model", "mar", flag, HERE]))
 
 
 def test_train_check_config_ignores_file_names_and_names_every_difference():
@@ -2341,15 +2361,25 @@ def test_train_coda_trains_lora_and_quantizer_only():
 
 def test_train_coda_resumes_exactly_with_its_discriminator():
     """The lr (cosine) and the GAN ramp depend on the run's length: interrupt the same command."""
-    full = final_weights(shared_run("coda"))
+    full = final_weights(shared_run("coda"))  # drew no grid before its end
     with tempfile.TemporaryDirectory() as d:
-        code, err, _ = interrupt(*coda_flags(), "--epochs", "4", "--output-dir", f"{d}/resumed")
+        grids = ["--sample-every", "5"]  # a grid at every log step, where a signal stops: they must not touch its random state
+        code, err, _ = interrupt(*coda_flags(), *grids, "--epochs", "4", "--output-dir", f"{d}/resumed")
         assert code == 143 and 0 < final_weights(f"{d}/resumed")["step"] < 40, (code, err[-2000:])
-        run_train(*coda_flags(), "--epochs", "4", "--output-dir", f"{d}/resumed")
+        run_train(*coda_flags(), *grids, "--epochs", "4", "--output-dir", f"{d}/resumed")
         resumed = final_weights(f"{d}/resumed")
-    assert full["step"] == resumed["step"] == 40 and same_state(resumed, full), "resumed CODA run differs"
-    disc, disc_resumed = full["second_player"]["disc"], resumed["second_player"]["disc"]
-    assert disc.keys() == disc_resumed.keys() and all(torch.equal(disc[k], disc_resumed[k]) for k in disc)
+        assert full["step"] == resumed["step"] == 40 and same_state(resumed, full), "resumed CODA run differs"
+        disc, disc_resumed = full["second_player"]["disc"], resumed["second_player"]["disc"]
+        assert disc.keys() == disc_resumed.keys() and all(torch.equal(disc[k], disc_resumed[k]) for k in disc)
+        # a checkpoint whose optimizer or discriminator another run's flags made: one line, no traceback
+        groups, extra = copy.deepcopy(full), copy.deepcopy(full)
+        groups["optimizer"]["param_groups"].append(dict(groups["optimizer"]["param_groups"][0], params=[10 ** 6]))
+        extra["second_player"]["disc"]["extra.weight"] = torch.zeros(1)
+        for name, ckpt, text in (("groups", groups, "its optimizer does not fit this run's parameter groups"),
+                                 ("disc", extra, "its discriminator does not fit --disc patch")):
+            os.makedirs(f"{d}/{name}")
+            torch.save(ckpt, f"{d}/{name}/checkpoint-last.pth")
+            expect_error(run_train(*coda_flags(), "--epochs", "5", "--output-dir", f"{d}/{name}", check=False), text, "train.py")
 
 
 def test_train_refuses_pixel_checkpoints_of_other_tokens():

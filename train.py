@@ -291,11 +291,18 @@ def load_resume(ckpt, path, training, opt):
     except ValueError as e:
         fail(f"{e}: trained with another version of --preset {training.args.preset}; use a new --output-dir")
     scales = [group["lr_scale"] for group in opt.param_groups]  # from this run's flags
-    opt.load_state_dict(ckpt["optimizer"])
+    again = "resume with the run's own flags, or use a new --output-dir"
+    try:
+        opt.load_state_dict(ckpt["optimizer"])
+    except ValueError as e:  # other parameter groups, e.g. --quantizer-lr given or dropped
+        fail(f"{path}: its optimizer does not fit this run's parameter groups ({e}); {again}")
+    try:
+        if hasattr(training, "load_checkpoint_state"):
+            training.load_checkpoint_state(ckpt)  # CODA: its discriminator; MAR on pixels: its tokenizer's decoder
+    except ValueError as e:
+        fail(f"{path}: {e}; {again}")
     for group, scale in zip(opt.param_groups, scales):
         group["lr_scale"] = scale
-    if hasattr(training, "load_checkpoint_state"):
-        training.load_checkpoint_state(ckpt)
 
 
 def architecture(config):
@@ -606,7 +613,7 @@ class CachedTokens(torch.utils.data.Dataset):
         self.classes = dataset.classes
         self.labels = (np.array([label for _, label in dataset.samples]) if hasattr(dataset, "samples")
                        else np.arange(len(dataset)) % 10)  # the built-in data: label = index % 10
-        if not os.path.exists(path):
+        if not from_rank0(os.path.exists(path)):  # one decision: every rank then takes the same collectives
             mine = range(rank * len(dataset) // world, (rank + 1) * len(dataset) // world)
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size, num_workers=num_workers)
             shard = [encode(images.to(device)).cpu() for images, _, _ in tqdm(loader, desc="encoding the training set once",
@@ -863,6 +870,11 @@ def main(args):
         step = ckpt["step"]
         if rank == 0:  # a run killed after its last checkpoint logged steps that will now run again
             keep_metrics_until(os.path.join(args.output_dir, "metrics.jsonl"), step)
+        before = (ckpt.get("world_size"), ckpt["args"].get("batch_size"))
+        if before != (world, args.batch_size):  # another global batch: the epochs done, counted in this run's steps
+            step = round(ckpt["epoch"] * steps_per_epoch)
+            log(f"resuming with {world} x {args.batch_size} images a step instead of {before[0]} x {before[1]}: "
+                f"its step {ckpt['step']} (epoch {ckpt['epoch']:.2f}) is step {step} here")
     train_model = distribute(training, args.compile, device, world)  # checkpoints are written from the plain `model`
     ema = copy.deepcopy(model).requires_grad_(False)  # after the DDP wrap, so every rank starts equal
     if resume:
@@ -915,7 +927,7 @@ def main(args):
     def grid(name, seed=args.seed):  # on rank 0: the picture of the EMA model (see `picture`), saved if named
         if rank == 0:
             ema.eval()
-            with amp:
+            with amp, torch.random.fork_rng(devices=[device] if cuda else []):  # the training's random streams untouched
                 images, labels, cols = picture(training, ema, num_classes, held_out, seed)
             if name:
                 save_grid(images, os.path.join(args.output_dir, f"samples-{name}.png"), cols)
@@ -1216,6 +1228,9 @@ def parse_args(argv=None):
     args.unset = sorted(key for key in defaults if key in vars(args) and getattr(args, key) is None)  # see continue_recipe
     for key in args.unset:
         setattr(args, key, defaults[key])
+    if "lr" in args.unset and args.blr is not None and "blr" not in args.unset:  # a given --blr wins over a recipe's --lr
+        args.lr = None
+        args.unset.remove("lr")
     if "warmup_epochs" in args.unset and args.epochs < defaults["epochs"]:  # a shorter --epochs: the recipe's share
         args.warmup_epochs = defaults["warmup_epochs"] * args.epochs / defaults["epochs"]  # the recipe's at its length
         args.defaults_in_force += f"; {args.warmup_epochs:.3g} warm-up epochs, the recipe's share of --epochs {args.epochs}"
@@ -1225,6 +1240,9 @@ def parse_args(argv=None):
              "or `python fid.py DIR --save-stats`)")
     if args.resume and not os.path.exists(args.resume):
         fail(f"--resume: checkpoint not found: {args.resume}")
+    for flag in ("fid_stats", "save_images"):
+        if getattr(args, flag, None) and not args.eval:
+            fail(f"--{flag.replace('_', '-')} is for --eval (generate and score); a training run does not read it")
     for flag in ("inception_weights", "dino_weights", "fid_stats"):  # read at the end of a run: checked before it
         if getattr(args, flag, None) and not os.path.exists(getattr(args, flag)):
             fail(f"--{flag.replace('_', '-')}: not found: {getattr(args, flag)}")
