@@ -653,7 +653,7 @@ class TokenizerTraining(nn.Module):
     def no_weight_decay(name, param):
         return False
 
-    def lr_scale(self, name):
+    def lr_scale(self, name, lr):
         return 1.0
 
     def ema_decay(self, step, epoch):
@@ -826,9 +826,9 @@ class Training(TokenizerTraining):
         extra = self.args.vq_weight * q_loss + self.args.entropy_weight * e_loss  # sections 1-3
         return self.image_loss(x, recon, progress, extra, dict(q_loss=q_loss.detach(), entropy=e_loss.detach()))
 
-    def lr_scale(self, name):
-        """The quantizer has its own lr (official codebook_learning_rate; 5e-4 as the LoRA's)."""
-        return (self.args.quantizer_lr or self.args.lr) / self.args.lr if name.startswith("quantizer.") else 1.0
+    def lr_scale(self, name, lr):
+        """The quantizer has its own lr (official codebook_learning_rate; 5e-4 as the LoRA's); `lr`: the run's."""
+        return (self.args.quantizer_lr or lr) / lr if name.startswith("quantizer.") else 1.0
 
     def ema_decay(self, step, epoch):
         """Official CODA: the EMA copies the weights until --ema-start-epoch, then the warm-up."""

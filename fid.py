@@ -40,6 +40,7 @@ import colorsys
 import hashlib
 import os
 import sys
+import tempfile
 import time
 import zipfile
 
@@ -265,12 +266,30 @@ def check_sha256(path, sha256):
                          f"or altered download; delete it to download again")
 
 
+def everywhere(true):
+    """-> whether `true` holds on every process (a collective under torch.distributed)."""
+    if not dist.is_initialized():
+        return true
+    answers = [None] * dist.get_world_size()
+    dist.all_gather_object(answers, bool(true))
+    return all(answers)
+
+
+def writable(path):
+    """-> whether a file can be written at `path` (probed by a temporary file beside it)."""
+    try:
+        tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(path))).close()
+    except OSError:
+        return False
+    return not os.path.isdir(path)
+
+
 def weights_path(flag="--weights"):
     """The cached weight file, downloaded on first use (by rank 0; the others wait) and checked
     against its SHA-256 every time it is used. `flag`: the calling script's flag for a file."""
     path = cached_weights()
-    if not os.path.exists(path):
-        if not dist.is_initialized() or dist.get_rank() == 0:
+    if not everywhere(os.path.exists(path)):  # one decision for all ranks, so they take the same collectives
+        if not os.path.exists(path) and (not dist.is_initialized() or dist.get_rank() == 0):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             try:  # written to a temporary file and renamed only when its SHA-256 matches
                 torch.hub.download_url_to_file(INCEPTION_URL, path, hash_prefix=INCEPTION_SHA256, progress=True)
@@ -280,11 +299,9 @@ def weights_path(flag="--weights"):
                 if not dist.is_initialized():
                     raise FileNotFoundError(f"cannot download the Inception weights ({type(e).__name__}: {e}); download "
                                             f"{INCEPTION_URL} by hand to {path}, or pass {flag} FILE") from None
-        if dist.is_initialized():
-            dist.barrier()                                    # the other ranks wait for rank 0's download
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"cannot download the Inception weights; download {INCEPTION_URL} by hand to {path}, "
-                                    f"or pass {flag} FILE")
+        if not everywhere(os.path.exists(path)):              # the other ranks wait for rank 0's download
+            raise FileNotFoundError(f"cannot download the Inception weights, or a process cannot see rank 0's download "
+                                    f"(a disk of its own); download {INCEPTION_URL} by hand to {path}, or pass {flag} FILE")
     check_sha256(path, INCEPTION_SHA256)
     return path
 
@@ -475,6 +492,8 @@ def compare(samples, reference=None, device=None):
     if "logits" in samples and len(samples["logits"]) >= 10:
         out["is_mean"], out["is_std"] = inception_score(samples["logits"])
         out["is_adm"] = inception_score_adm(samples["logits"])
+    elif "logits" in samples:
+        missing["IS"] = f"{len(samples['logits'])} images are fewer than its 10 splits"
     if reference is None:
         return dict(out, missing=missing, seconds=seconds)
     t = time.time()
@@ -485,7 +504,9 @@ def compare(samples, reference=None, device=None):
         missing["sFID"] = f"the {'reference' if 'mu_s' in samples else 'sample set'} has no spatial statistics (mu_s, sigma_s)"
     seconds["Frechet distances"] = time.time() - t
     t = time.time()
-    if "pool" in samples and "pool" in reference:
+    if "pool" in samples and "pool" in reference and min(len(samples["pool"]), len(reference["pool"])) <= 3:
+        missing["precision/recall"] = "they need more than k = 3 images in each set"
+    elif "pool" in samples and "pool" in reference:
         out["precision"], out["recall"] = precision_recall(reference["pool"], samples["pool"], device=device)
         out["num_reference"] = len(reference["pool"])
         seconds["precision/recall"] = time.time() - t
@@ -533,6 +554,10 @@ def load_statistics(path):
             raise ValueError(f"{path}: {mu} {m.shape} and {sigma} {s.shape} are not a mean and its covariance")
         if not (np.isfinite(m).all() and np.isfinite(s).all()):
             raise ValueError(f"{path}: {mu} or {sigma} holds NaN or infinite values")
+    for key, size in (("mu", 2048), ("mu_s", 7 * 17 * 17)):  # pool3; ADM's spatial features (mixed_6/conv, 7 channels)
+        if key in out and out[key].shape != (size,):
+            raise ValueError(f"{path}: {key} has {len(out[key])} values, not the {size} of the Inception features "
+                             f"compared here (pytorch-fid's --dims 2048)")
     if "pool" in out and tuple(out["pool"].shape[1:]) != out["mu"].shape:
         raise ValueError(f"{path}: pool3 {tuple(out['pool'].shape)} is not features of the size of mu {out['mu'].shape}")
     return out
@@ -544,7 +569,8 @@ def save_statistics(path, summary, features=False):
     arrays = {k: summary[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in summary}
     if features:
         arrays["pool3"] = np.asarray(summary["pool"], dtype=np.float32)
-    np.savez(path, **arrays)
+    np.savez(path + ".tmp.npz", **arrays)
+    os.replace(path + ".tmp.npz", path)  # whole or not at all: an interrupted write leaves no cut file
 
 
 # =============================================================================================
@@ -1017,7 +1043,7 @@ def builtin_reference(folder, size, num_images, seed, net, batch_size=100):
     under a name that changes with the drawing code."""
     drawn = hashlib.sha1(toy_images(size, 10, seed=seed).numpy().tobytes()).hexdigest()[:8]
     path = os.path.join(folder, f"fid_stats_builtin_{size}px_{num_images}_{drawn}.npz")
-    if os.path.exists(path):
+    if everywhere(os.path.exists(path)):  # one decision for all ranks: computing it takes collectives
         reference = load_statistics(path)
         if {"mu_s", "pool"} <= set(reference):  # a cache written before sFID / precision-recall is redone
             return reference
@@ -1054,6 +1080,8 @@ def main(argv=None):
         p.error("--save-features goes with --save-stats")
     if args.save_stats and not (args.save_stats.endswith(".npz") and os.path.isdir(os.path.dirname(os.path.abspath(args.save_stats)))):
         sys.exit(f"fid.py: error: --save-stats {args.save_stats}: give a .npz file name in an existing folder")
+    if args.save_stats and not writable(args.save_stats):  # checked before any feature is computed
+        sys.exit(f"fid.py: error: --save-stats {args.save_stats}: cannot write it (a folder of that name, or no write access)")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("fid.py: error: --device cuda: no CUDA device")
     if "RANK" in os.environ:  # torchrun: one process per GPU, features computed in shards

@@ -1290,6 +1290,9 @@ def test_fid_cli_matches_torch_fidelity_on_folders():
             scorer.update(images)
             sets.append(fid.summarize(*scorer.features()))
         expect = fid.compare(*sets)
+        few = fid.compare({**sets[0], "pool": sets[0]["pool"][:3], "logits": sets[0]["logits"][:9]}, sets[1])  # k = 3; 10 splits
+        assert "fid" in few and not {"precision", "is_mean"} & few.keys(), few.keys()
+        assert set(few["missing"]) == {"precision/recall", "IS"}, few["missing"]
         for key, name in (("sfid", "sFID"), ("is_adm", "IS (ADM evaluator)"), ("precision", "Precision"), ("recall", "Recall")):
             assert abs(printed(p, name) - expect[key]) <= 1e-4 * abs(expect[key]) + 1e-9, (name, p.stdout, expect[key])
         # saved statistics and features give the same five numbers, also under torchrun with 2 processes
@@ -1398,7 +1401,10 @@ def test_fid_errors_are_one_line():
             g.write(f.read(500))  # an interrupted download
         np.savez(f"{d}/nan.npz", mu=np.full(2048, np.nan), sigma=np.eye(2048))
         np.savez(f"{d}/pool.npz", mu=np.zeros(2048), sigma=np.eye(2048), pool3=np.zeros((5, 7)))
-        cases += [([f"{d}/A", f"{d}/cut.npz"], "is not a readable .npz archive"),
+        np.savez(f"{d}/dims64.npz", mu=np.zeros(64), sigma=np.eye(64))  # pytorch-fid --dims 64
+        os.makedirs(f"{d}/dir.npz")
+        cases += [([f"{d}/A", f"{d}/dims64.npz"], "mu has 64 values, not the 2048 of the Inception features"),
+                  ([f"{d}/A", "--save-stats", f"{d}/dir.npz"], "cannot write it (a folder of that name"),([f"{d}/A", f"{d}/cut.npz"], "is not a readable .npz archive"),
                   ([f"{d}/A", f"{d}/nan.npz"], "mu or sigma holds NaN or infinite values"),
                   ([f"{d}/A", f"{d}/pool.npz"], "pool3 (5, 7) is not features of the size of mu"),
                   ([f"{d}/A", f"{d}/corrupt"], "(the images of one folder are read, not of its subfolders)"),
@@ -2569,7 +2575,7 @@ def test_train_eval_generates_and_scores_like_fid_py():
             record = [json.loads(l) for l in read(f"{d}/{run}/eval.jsonl").splitlines()][-1]  # one line per evaluation
             assert sorted(os.listdir(f"{d}/gen{nproc}")) == [f"{i:05d}.png" for i in range(20)]
             assert "seconds per image" in p.stdout and record["num_images"] == 20 and record["processes"] == nproc, record
-            assert record["cfg"] == (2.9 if nproc == 1 else 9.0), record  # reference statistics: the paper's defaults
+            assert record["cfg"] == 9.0, record  # the run's recipe (CPU-sized), also against given statistics
             for key, name in keys + ([("precision", "Precision"), ("recall", "Recall")] if nproc == 2 else []):
                 assert abs(record[key] - printed(p, name)) < 1e-3, (key, p.stdout)
                 assert abs(printed(p, name) - printed(check, name)) <= 1e-5 * printed(check, name) + 1e-9, (key, p.stdout, check.stdout)
@@ -2578,6 +2584,7 @@ def test_train_eval_generates_and_scores_like_fid_py():
         assert mean("gen1") - mean("gen2") > 15, (mean("gen1"), mean("gen2"))  # 0.25 = 32 levels, less the clamped
         # statistics alone hold no features: one line says why precision and recall are missing
         assert "precision/recall: not computed: the reference is statistics only" in stats.stdout, stats.stdout
+        assert "--eval: as the checkpoint's run (give a flag to change it): --cfg 9, " in stats.stdout, stats.stdout
         assert "Precision:" not in stats.stdout and "not computed" not in one.stdout, one.stdout
         assert f"note: {d}/run/checkpoint-last.pth was trained on {shared_run('data')}, and is scored against" in one.stdout
         # no weights given, none cached, no network (a proxy that refuses): one line naming train.py's own flag
@@ -2591,11 +2598,12 @@ def test_train_eval_generates_and_scores_like_fid_py():
         # the reference statistics of one process and of two (each rank scores half the held-out images)
         first, second = (np.load(f"{d}/{r}/{cached[0]}")["sigma"] for r in ("run", "run2"))
         assert np.abs(first - second).max() < 1e-4 * np.abs(first).mean(), "reference statistics depend on the process count"
-        other, odd = two_at_a_time(lambda flags: run_train(*flags, check=False),
-                                   [(*ev[:-len(MAR)], "--preset", "tiny", "--img-size", "64", "--num-iter", "2"),
-                                    (*ev, "--num-images", "15")])
+        other, odd, used = two_at_a_time(lambda flags: run_train(*flags, check=False),
+                                         [(*ev[:-len(MAR)], "--preset", "tiny", "--img-size", "64", "--num-iter", "2"),
+                                          (*ev, "--num-images", "15"), (*ev, "--save-images", f"{d}/gen1")])
         expect_error(other, "another config", "train.py")
         expect_error(odd, "multiple of the 10 classes", "train.py")
+        expect_error(used, "holds PNGs already (an earlier --eval?)", "train.py")  # fid.py would score old and new
 
 
 # ---------------------------------------------------------------------------------------------

@@ -216,10 +216,10 @@ def learning_rate(step, lr, warmup_steps, total_steps, schedule):
 def make_optimizer(training, lr, weight_decay):
     """AdamW over the trainable parameters, grouped by (no weight decay?, lr scale), decayed first."""
     groups = {}
-    lr_scale = getattr(training, "lr_scale", lambda name: 1.0)  # CODA: the quantizer's own lr
+    lr_scale = getattr(training, "lr_scale", lambda name, lr: 1.0)  # CODA: the quantizer's own lr
     for name, p in training.model.named_parameters():
         if p.requires_grad:  # CODA: only LoRA and the quantizer; the VAE stays frozen
-            groups.setdefault((training.no_weight_decay(name, p), lr_scale(name)), []).append(p)
+            groups.setdefault((training.no_weight_decay(name, p), lr_scale(name, lr)), []).append(p)
     return torch.optim.AdamW([{"params": params, "weight_decay": 0.0 if no_wd else weight_decay, "lr_scale": scale}
                               for (no_wd, scale), params in sorted(groups.items())], lr=lr, betas=training.betas,
                              fused=True)  # one fused kernel for all parameters (CPU and GPU): 2x faster on CPU
@@ -270,16 +270,25 @@ def load_checkpoint(path, flag):
         fail(f"{flag}: {e}")
 
 
+TRAINING_ONLY = {"batch_size", "blr", "lr", "lr_schedule", "weight_decay", "grad_clip", "ema", "epochs", "warmup_epochs",
+                 "ckpt_every", "sample_every", "log_every", "loss_fraction", "diffusion_batch_mul", "cleanup_steps",
+                 "ema_start_epoch", "quantizer_lr", "bf16", "disc", "lpips_weight"}  # recipe flags --eval does not read
+
+
 def continue_recipe(args, saved, log):
     """Resuming continues the run that was started: the recipe flags left unset now (args.unset)
     take the checkpoint's values, not today's defaults, so that a finished run, run again without
     its --epochs, is complete instead of training on (and overwriting it) to the default epochs.
-    Flags given explicitly win, e.g. a larger --epochs to extend a run."""
+    Flags given explicitly win, e.g. a larger --epochs to extend a run. --eval alike: a CPU-sized
+    run scored against given statistics samples as its grids did, not with the paper's settings.
+    -> the values kept."""
     kept = {k: saved[k] for k in args.unset if saved.get(k) is not None and saved[k] != getattr(args, k)}
     for key, value in kept.items():
-        log(f"resuming: --{key.replace('_', '-')} {value} as the checkpoint's run (the default now: {getattr(args, key)}; "
-            f"give the flag to change it)")
+        if log:
+            log(f"resuming: --{key.replace('_', '-')} {value} as the checkpoint's run (the default now: {getattr(args, key)}; "
+                f"give the flag to change it)")
         setattr(args, key, value)
+    return kept
 
 
 def load_resume(ckpt, path, training, opt):
@@ -702,6 +711,13 @@ def evaluate(args, rank, world, device):
     ckpt = load_checkpoint(ckpt_path, "--eval")
     if ckpt.get("model_name", args.model) != args.model:  # official MAR files carry no model_name
         fail(f"{ckpt_path} is a checkpoint of --model {ckpt['model_name']}, not {args.model}")
+    if isinstance(ckpt.get("args"), dict):  # ours: the flags left out take the run's recipe, as a resume does
+        kept = continue_recipe(args, ckpt["args"], None)
+        shown = {k: v for k, v in kept.items() if k not in TRAINING_ONLY}
+        if shown and rank == 0:
+            print("--eval: as the checkpoint's run (give a flag to change it): " +
+                  ", ".join(f"--{k.replace('_', '-')} {v:g}" if type(v) is float else f"--{k.replace('_', '-')} {v}"
+                            for k, v in shown.items()), flush=True)
     # ours record the class count in `config`; the official ones in their argparse Namespace `args`
     num_classes = ckpt["config"]["class_num"] if "config" in ckpt else getattr(ckpt.get("args"), "class_num", 1000)
     trained_on = ckpt["args"].get("data_path") if isinstance(ckpt.get("args"), dict) else None
@@ -1123,7 +1139,7 @@ def choose_defaults(args, model):
     The paper's recipe for ImageNet-sized data (100,000+ images) on a GPU, cached latents or
     ImageNet reference statistics; otherwise the CPU-sized recipe of the built-in run, with as
     many training steps as the built-in run: a small folder of your own trains as that run does."""
-    if args.defaults == "paper" or getattr(args, "use_cached", False) or (args.eval and args.fid_stats):
+    if args.defaults == "paper" or args.defaults == "auto" and (getattr(args, "use_cached", False) or args.eval and args.fid_stats):
         return model.PAPER, "defaults: the paper's recipe (--defaults paper, cached latents or reference statistics)"
     builtin = model.builtin_defaults(args) if hasattr(model, "builtin_defaults") else model.BUILTIN  # MAR: by token kind
     latent = "" if builtin is model.BUILTIN else " on VAE latents"
@@ -1243,6 +1259,10 @@ def parse_args(argv=None):
     for flag in ("fid_stats", "save_images"):
         if getattr(args, flag, None) and not args.eval:
             fail(f"--{flag.replace('_', '-')} is for --eval (generate and score); a training run does not read it")
+    if args.eval and args.save_images and os.path.isdir(args.save_images) and any(
+            f.endswith(".png") for f in os.listdir(args.save_images)):
+        fail(f"--save-images {args.save_images} holds PNGs already (an earlier --eval?), which `fid.py` would score with "
+             f"the new ones: give an empty or new folder")
     for flag in ("inception_weights", "dino_weights", "fid_stats"):  # read at the end of a run: checked before it
         if getattr(args, flag, None) and not os.path.exists(getattr(args, flag)):
             fail(f"--{flag.replace('_', '-')}: not found: {getattr(args, flag)}")
