@@ -2037,6 +2037,9 @@ def test_train_requeued_resume_command_goes_on_from_its_own_checkpoint():
         # a folder holding a run that did not start from this --resume: refused, not continued nor overwritten
         p = run_train("--data-path", data, *MAR, "--resume", f"{d}/b/checkpoint-last.pth", "--output-dir", f"{d}/a", check=False)
         expect_error(p, f"{d}/a holds a run of its own (step 3) that did not start from --resume", "train.py")
+        # --eval of a 12-class run: the built-in data's 10-class reference is no reference for it
+        p = run_train("--eval", *MAR, "--output-dir", f"{d}/a", "--num-images", "12", check=False)
+        expect_error(p, "--eval of a 12-class checkpoint needs --fid-stats", "train.py")
 
 
 def test_train_nan_loss_stops_and_keeps_last_good_checkpoint():

@@ -724,6 +724,8 @@ def evaluate(args, rank, world, device):
     if trained_on and not args.fid_stats and rank == 0:  # said, not silent: the built-in data may not be its data
         print(f"note: {ckpt_path} was trained on {trained_on}, and is scored against the built-in data's held-out "
               f"images (--fid-stats gives another reference)", flush=True)
+    if num_classes != 10 and not args.fid_stats:  # e.g. an official ImageNet checkpoint: toy images are no reference
+        fail(f"--eval of a {num_classes}-class checkpoint needs --fid-stats (the built-in data's reference has 10 classes)")
     if args.num_images % num_classes:
         fail(f"--num-images {args.num_images} must be a multiple of the {num_classes} classes (class-balanced samples)")
     training = build(args, num_classes, device)
