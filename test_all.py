@@ -2531,6 +2531,19 @@ def test_train_maskgit_cache_holds_each_images_tokens_and_its_flips_in_order():
                     assert torch.equal(cached, expected), (start, flip, (cached != expected).float().mean())
         assert [cache[i][1] for i in range(len(dataset))] == [label for _, label in dataset.samples]
         assert not torch.equal(cache[0][0][0], cache[0][0][1])                # a flip is another image's tokens
+        # the same path for another folder of as many images: refused, not trained on with the new labels
+        other = train.ImageFolder(make_folder(f"{d}/other", size=48), args.img_size)
+        assert "was encoded from other images" in str(raises(SystemExit, train.CachedTokens, other, training.encode,
+                                                             "digest", f"{d}/tokens.npy", 8, 0, 0, 1, torch.device("cpu")))
+        # an unreadable image (the last of class03) is cached as its substitute, the next readable image
+        # (class04's first), with that image's label, and counted as unreadable, as the dataset gives it
+        with open(f"{d}/other/class03/img3.png", "wb") as f:
+            f.write(b"not a png")
+        broken = train.ImageFolder(f"{d}/other", args.img_size)
+        cache = train.CachedTokens(broken, training.encode, "digest", f"{d}/broken.npy", 8, 0, 0, 1, torch.device("cpu"))
+        i = [path for path, _ in broken.samples].index(f"{d}/other/class03/img3.png")
+        assert (cache[i][1], cache[i][2]) == broken[i][1:] == (4, i) and torch.equal(cache[i][0], cache[i + 1][0])
+        assert sum(cache[j][2] >= 0 for j in range(len(broken))) == 1
 
 
 # ---------------------------------------------------------------------------------------------

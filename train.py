@@ -611,44 +611,66 @@ def check_tokenizer(path, ckpt, flag, digest):
         fail(f"{path} was trained with another {flag} (its weights differ from this one's); give the {flag} it was trained with")
 
 
+def data_digest(dataset, first=8):
+    """SHA-256 of every label and of the first images: which data a cache was encoded from."""
+    h = hashlib.sha256(np.array([label for _, label in dataset.samples] if hasattr(dataset, "samples") else len(dataset)))
+    for i in range(min(first, len(dataset))):
+        h.update(dataset[i][0].numpy().tobytes())
+    return h.hexdigest()
+
+
 class CachedTokens(torch.utils.data.Dataset):
     """Every training image encoded once by the model file's `encode` (MaskGIT: the CODA tokens of
-    the image and of its flip; MAR: their VAE moments), cached in one .npy: item = (codes, label, -1).
-    `<path>.json` records the digest of the tokenizer's weights, so that a cache encoded by another
-    tokenizer (retrained into the same file, say) is refused instead of trained on."""
+    the image and of its flip; MAR: their VAE moments), cached in one .npy: item = (codes, label,
+    bad), as the dataset's. `<path>.labels.npy` holds each row's label and unreadable-file index (an
+    unreadable image was replaced by the next readable one, with its label); `<path>.json` the
+    digests of the tokenizer's weights and of the data, so that a cache encoded by another tokenizer
+    (retrained into the same file, say) or from other images is refused instead of trained on."""
 
     @torch.no_grad()
     def __init__(self, dataset, encode, digest, path, batch_size, num_workers, rank, world, device):
-        self.classes = dataset.classes
-        self.labels = (np.array([label for _, label in dataset.samples]) if hasattr(dataset, "samples")
-                       else np.arange(len(dataset)) % 10)  # the built-in data: label = index % 10
+        self.classes, data = dataset.classes, data_digest(dataset)
         if not from_rank0(os.path.exists(path)):  # one decision: every rank then takes the same collectives
             mine = range(rank * len(dataset) // world, (rank + 1) * len(dataset) // world)
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size, num_workers=num_workers)
-            shard = [encode(images.to(device)).cpu() for images, _, _ in tqdm(loader, desc="encoding the training set once",
-                                                                               disable=rank != 0)]
+            shard, meta = [], []
+            for images, labels, bad in tqdm(loader, desc="encoding the training set once", disable=rank != 0):
+                shard.append(encode(images.to(device)).cpu())
+                meta.append(torch.stack([labels, bad], 1))
             np.save(f"{path}.rank{rank}.npy", torch.cat(shard).numpy())
+            np.save(f"{path}.rank{rank}.labels.npy", torch.cat(meta).numpy())
             barrier()
             if rank == 0:
                 np.save(path + ".tmp.npy", np.concatenate([np.load(f"{path}.rank{r}.npy") for r in range(world)]))
+                np.save(path + ".labels.npy", np.concatenate([np.load(f"{path}.rank{r}.labels.npy") for r in range(world)]))
                 with open(path + ".json", "w") as f:
-                    json.dump(dict(tokenizer_sha256=digest, images=len(dataset)), f)
+                    json.dump(dict(tokenizer_sha256=digest, data_sha256=data, images=len(dataset)), f)
                 os.replace(path + ".tmp.npy", path)
                 for r in range(world):
                     os.remove(f"{path}.rank{r}.npy")
+                    os.remove(f"{path}.rank{r}.labels.npy")
             barrier()
+        if os.path.exists(path + ".labels.npy"):
+            self.labels, self.bad = np.load(path + ".labels.npy").T
+        else:  # a cache of an earlier version: the dataset's labels (the built-in data: index % 10)
+            self.labels = (np.array([label for _, label in dataset.samples]) if hasattr(dataset, "samples")
+                           else np.arange(len(dataset)) % 10)
+            self.bad = np.full(len(self.labels), -1)
         try:
             self.codes = np.load(path, mmap_mode="r")
         except (ValueError, OSError) as e:  # cut short, or another file
             fail(f"{path} is not a readable cache ({str(e).splitlines()[0][:100]}); delete it to encode again")
         first = encode(dataset[0][0][None].to(device))[0].cpu()  # image 0 encoded now: is the cache still its?
-        if len(self.codes) != len(self.labels) or self.codes.shape[1:] != first.shape:
+        if len(self.codes) != len(dataset) or len(self.labels) != len(dataset) or self.codes.shape[1:] != first.shape:
             fail(f"{path} holds another dataset's or tokenizer's codes {self.codes.shape}; delete it to encode again")
         if os.path.exists(path + ".json"):  # an older version's cache has none
             with open(path + ".json") as f:
-                recorded = json.load(f)["tokenizer_sha256"]
-            if recorded != digest:
+                recorded = json.load(f)
+            if recorded["tokenizer_sha256"] != digest:
                 fail(f"{path} was encoded by another tokenizer (its weights differ from this one's); "
+                     f"use a new --output-dir, or delete it to encode again")
+            if recorded.get("data_sha256", data) != data:  # an earlier version's cache has none
+                fail(f"{path} was encoded from other images (their labels or first images differ from these); "
                      f"use a new --output-dir, or delete it to encode again")
         # moments only: CODA's tokens come from a posterior sample, so encoding an image twice changes some
         if first.is_floating_point() and not same_encoding(torch.from_numpy(np.array(self.codes[0])), first):
@@ -659,7 +681,7 @@ class CachedTokens(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i):
-        return torch.from_numpy(np.array(self.codes[i])), int(self.labels[i]), -1
+        return torch.from_numpy(np.array(self.codes[i])), int(self.labels[i]), int(self.bad[i])
 
 
 def training_data(args, rank):
