@@ -2160,6 +2160,8 @@ def test_train_error_paths_exit_nonzero_with_one_line():
             (["--data-path", data, "--val-path", data], "--val-path: --model mar does not use held-out images"),
             (["--model", "vae", "--data-path", data, "--val-path", f"{d}/nope"], "--val-path: no folder"),
             (["--model", "vae", "--data-path", data, "--val-path", f"{d}/empty"], f"no images in {d}/empty"),
+            (["--model", "vae", "--data-path", data, "--val-path", f"{d}/flat"], "rFID needs at least 2 held-out images"),
+            (["--model", "vae", "--data-path", data, "--img-size", "8"], "SSIM in 11 x 11 windows; give at least 11"),
             (["--model", "maskgit", "--tokenizer", "t.pth", "--temperature", "0"], "--temperature 0.0: must be positive"),
             (["--model", "maskgit", "--tokenizer", "t.pth", "--cache-path", d], "give a file name (such as tokens.npy)"),
             (["--model", "maskgit", "--tokenizer", "t.pth", "--cache-path", f"{d}/no/t.npy"], "in an existing folder"),

@@ -1294,8 +1294,10 @@ def parse_args(argv=None):
         fail(f"--val-path: --model {name} does not use held-out images (the tokenizers, vae and coda, do)")
     if args.val_path and not os.path.isdir(args.val_path):
         fail(f"--val-path: no folder {args.val_path}")
-    if args.val_path:
-        list_images(args.val_path, IMG_EXTENSIONS, True)  # no images: one line now, not at the first grid (cached as ImageFolder asks)
+    if args.val_path and len(list_images(args.val_path, IMG_EXTENSIONS, True)[1]) < 2:  # checked now, not at the report
+        fail(f"--val-path {args.val_path}: the report's rFID needs at least 2 held-out images")
+    if hasattr(model, "report") and args.img_size < 11:
+        fail(f"--img-size {args.img_size}: the tokenizers' report computes SSIM in 11 x 11 windows; give at least 11")
     check_numbers(args)
     for flag in ("output_dir", "save_images", "cache_path"):
         if getattr(args, flag, None) and (flag != "cache_path" or getattr(args, "cache_latents", False)):
