@@ -872,12 +872,12 @@ def table1_rows(args):
 
 def format_table1(rows, where, epochs):
     """rows: [(row name, its report numbers)] -> the printed table, one line per row."""
-    rfid = "rfid" in rows[0][1]
+    rfid = any("rfid" in r for _, r in rows)  # rows of earlier runs may lack it (no Inception weights then)
     lines = ["", f"Table 1 on {where} ({epochs} epochs each, {rows[0][1]['images']} held-out images):",
              f"{'quantizer':40s} {'usage':>7s} {'quant. err':>10s} {'MSE':>8s} {'PSNR':>6s} {'SSIM':>6s}" + (f" {'rFID':>7s}" if rfid else "")]
     for name, r in rows:
         lines.append(f"{name:40s} {r['usage']:7.1%} {r['quant_error']:10.5f} {r['mse']:8.5f} {r['psnr']:6.2f} {r['ssim']:6.3f}" +
-                     (f" {r['rfid']:7.2f}" if rfid else ""))
+                     (f" {r['rfid']:7.2f}" if "rfid" in r else f" {'-':>7s}" if rfid else ""))
     return lines
 
 

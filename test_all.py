@@ -2472,6 +2472,9 @@ def test_train_compare_quantizers_under_torchrun():
             assert line.split()[-5:] == [f"{r['usage']:.1%}", f"{r['quant_error']:.5f}", f"{r['mse']:.5f}",
                                          f"{r['psnr']:.2f}", f"{r['ssim']:.3f}"], (line, r)
             assert final_weights(f"{d}/cmp/table1-{i}")["world_size"] == 2
+    row = dict(usage=0.5, quant_error=0.1, mse=0.01, psnr=20.0, ssim=0.5, images=10)  # rows with and without rFID
+    table = coda.format_table1([("a", row), ("b", dict(row, rfid=3.0))], "x", 1)
+    assert table[2].endswith("rFID") and table[3].endswith(" -") and table[4].endswith(" 3.00"), table
 
 
 def test_train_maskgit_on_cached_coda_tokens():
