@@ -2273,6 +2273,7 @@ def test_train_vae_records_its_latent_scale_and_reports():
     assert not train.parse_args(["--model", "vae", "--defaults", "paper"]).bf16
     report = json.loads(read(f"{shared_run('vae')}/report.json"))
     assert report["images"] == 40 and 0 < report["mse"] < 1 and report["psnr"] > 5, report
+    assert "note: without --val-path, these 40 images are training images" in read(f"{shared_run('vae')}/log.txt")
     # the recorded scale makes the EMA VAE's latents of the held-out images (here --data-path's 40) unit-variance
     import argparse
     net, scale, _ = mar.load_vae(f"{shared_run('vae')}/checkpoint-last.pth", "cpu")
@@ -2291,6 +2292,10 @@ def test_train_vae_records_its_latent_scale_and_reports():
             Image.fromarray(fid.toy_image(i, 0, seed=9)).save(f"{d}/val/img{i}.png")
         held = train.holdout_images(argparse.Namespace(val_path=f"{d}/val", data_path=None, img_size=32, seed=0), 8)
         assert torch.equal(held, fid.to_tensor(torch.stack([torch.from_numpy(fid.toy_image(i, 0, seed=9)) for i in range(3)])))
+    # without --val-path, images spread over --data-path (40 images of 10 classes, 4 each): every class, not the first ones
+    data = train.ImageFolder(shared_run("data"), 32)
+    spread = train.holdout_images(argparse.Namespace(val_path=None, data_path=shared_run("data"), img_size=32, seed=0), 10)
+    assert torch.equal(spread, torch.stack([data[4 * c][0] for c in range(10)])) and [data[4 * c][1] for c in range(10)] == list(range(10))
 
 
 def test_train_mar_on_a_vae_run_caches_moments_once_and_predicts_v():

@@ -694,11 +694,13 @@ def training_data(args, rank):
 
 def holdout_images(args, n):
     """n images the model does not train on, in [-1, 1] (n, 3, H, W): toy images of another seed,
-    or the first n of --val-path (default: of --data-path)."""
+    or n of --val-path spread evenly over it; without --val-path, n of --data-path alike, which
+    the model does train on (the report says so)."""
     if not (args.data_path or args.val_path):
         return fid.to_tensor(fid.toy_images(args.img_size, n, seed=args.seed + 1000))
     data = ImageFolder(args.val_path or args.data_path, args.img_size, loose=bool(args.val_path))
-    return torch.stack([data[i][0] for i in range(min(n, len(data)))])
+    n = min(n, len(data))
+    return torch.stack([data[i * len(data) // n][0] for i in range(n)])  # every class, not the first ones
 
 
 class ShardSampler(torch.utils.data.Sampler):
@@ -1123,6 +1125,8 @@ def final_report(args, training, ema, images, labels, grid, held_out, device):
                                          args.batch_size)
         with open(os.path.join(args.output_dir, "report.json"), "w") as f:
             json.dump(numbers, f)
+        if args.data_path and not args.val_path:
+            lines.append(f"note: without --val-path, these {len(held_out(args.num_images))} images are training images")
         return lines
     if not (args.data_path or getattr(args, "use_cached", False)) and args.img_size == 32:
         more = [grid(None, args.seed + k) for k in range(1, 5)]  # 50 samples a class: one grid's 10 are a noisy verdict
