@@ -1242,12 +1242,13 @@ def load_checkpoint(path):
         raise ValueError(f"{path} is not a readable checkpoint (truncated or another format?): {reason}") from None
 
 
-def load_weights(module, path, key="model"):
+def load_weights(module, path, key="model", ckpt=None):
     """Load `checkpoint[key]` (key None: the file is the state dict itself) into `module` with
     strict=True, or raise one clear line naming what differs. Official files: kl16.ckpt -> key
     'model'; MAR checkpoint-last.pth -> 'model_ema' for sampling (the EMA weights the paper
-    evaluates) or 'model' for the raw weights; CODA's vae.pth / quantizer.pth -> None."""
-    ckpt = load_checkpoint(path)
+    evaluates) or 'model' for the raw weights; CODA's vae.pth / quantizer.pth -> None. `ckpt`: the
+    file's contents, when already read."""
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
     if not isinstance(ckpt, dict) or (key is not None and key not in ckpt):
         found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} has no '{key}' entry (found {found}); is it a checkpoint of this model?")

@@ -2601,6 +2601,7 @@ def test_train_eval_generates_and_scores_like_fid_py():
             record = [json.loads(l) for l in read(f"{d}/{run}/eval.jsonl").splitlines()][-1]  # one line per evaluation
             assert sorted(os.listdir(f"{d}/gen{nproc}")) == [f"{i:05d}.png" for i in range(20)]
             assert "seconds per image" in p.stdout and record["num_images"] == 20 and record["processes"] == nproc, record
+            assert record["step"] == 10, record  # the checkpoint's, as read once
             assert record["cfg"] == 9.0, record  # the run's recipe (CPU-sized), also against given statistics
             for key, name in keys + ([("precision", "Precision"), ("recall", "Recall")] if nproc == 2 else []):
                 assert abs(record[key] - printed(p, name)) < 1e-3, (key, p.stdout)

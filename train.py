@@ -758,11 +758,12 @@ def evaluate(args, rank, world, device):
     check_tokenizer(ckpt_path, ckpt, *tokenizer_digest(training))
     if hasattr(training, "load_checkpoint_state") and "config" in ckpt:
         training.load_checkpoint_state(ckpt)  # MAR on pixels: its tokenizer's decoder
-    del ckpt
-    try:
-        mar.load_weights(training.model, ckpt_path, "model_ema")  # the EMA weights, as the paper evaluates
+    try:  # the EMA weights, as the paper evaluates; of the file as read above (a run may be replacing it)
+        mar.load_weights(training.model, ckpt_path, "model_ema", ckpt)
     except ValueError as e:
         fail(f"--eval: {e} (check --preset / --img-size / --vae)")
+    step = ckpt.get("step")
+    del ckpt
     try:
         net = fid.load_inception(args.inception_weights, device=device, flag="--inception-weights")
         t = time.time()
@@ -800,7 +801,7 @@ def evaluate(args, rank, world, device):
     features = scorer.features()  # every rank takes part in the gather; rank 0 computes the metrics
     if rank == 0:
         result = fid.compare(fid.summarize(*features), reference, device)
-        out = dict(checkpoint=ckpt_path, num_images=result["num_images"],
+        out = dict(checkpoint=ckpt_path, step=step, num_images=result["num_images"],
                    **{k: result.get(k) for k in ("fid", "is_mean", "is_std", "is_adm", "precision", "recall", "sfid")},
                    seconds_per_image=seconds / max(timed, 1), num_iter=args.num_iter,
                    cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
