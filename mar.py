@@ -884,8 +884,9 @@ def sampling_schedule(seq_len, num_iter, cfg=1.0, cfg_schedule="linear"):
 
 
 def sincos_2d(dim, side):
-    """MAE's fixed 2-D sin-cos position table -> (side * side, dim), raster order: the first half of
-    the channels encodes the row, the second the column, each as sin | cos of geometric frequencies."""
+    """A fixed 2-D sin-cos position table as MAE's -> (side * side, dim), raster order: the first half
+    of the channels encodes the row, the second the column (MAE's has the column first: the same
+    table up to that swap), each as sin | cos of geometric frequencies."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
     row, col = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij")
     enc = lambda p: torch.cat([torch.sin(p.reshape(-1, 1) * omega), torch.cos(p.reshape(-1, 1) * omega)], 1)
