@@ -1951,6 +1951,13 @@ def test_train_metrics_hold_one_line_per_step_after_a_resume():
         run_train(*flags, "--epochs", "2")
         steps = [json.loads(l)["step"] for l in read(f"{d}/run/metrics.jsonl").splitlines()]
         assert steps == [5, 10, 15, 20], steps
+        # after a resume with another global batch the steps restart lower: only the last lines past the
+        # checkpoint go, not the earlier run's lines counted in its own steps
+        import train
+        with open(f"{d}/m.jsonl", "w") as f:
+            f.write("".join(json.dumps(dict(step=s)) + "\n" for s in (5, 10, 15, 20, 12, 14, 16)) + '{"step": 1')
+        train.keep_metrics_until(f"{d}/m.jsonl", 14)
+        assert [json.loads(l)["step"] for l in read(f"{d}/m.jsonl").splitlines()] == [5, 10, 15, 20, 12, 14]
 
 
 def test_train_ema_learning_rate_and_shards_by_value():

@@ -183,16 +183,20 @@ def open_run_folder(args, rank, world, device):
 
 
 def keep_metrics_until(path, step):
-    """Drop the lines of metrics.jsonl logged after `step`, so that it holds one line per step, and
-    a last line cut short (a kill or a full disk while it was written)."""
-    def before(line):
+    """Drop the lines of metrics.jsonl logged after the checkpoint of `step` (the file's last lines
+    past `step`; earlier lines stay, also those of a run resumed with another global batch, whose
+    steps were counted otherwise), so that it holds one line per step, and lines cut short (a kill
+    or a full disk while one was written)."""
+    def step_of(line):
         try:
-            return json.loads(line)["step"] <= step
+            return int(json.loads(line)["step"]) if line.endswith("\n") else None
         except (ValueError, KeyError, TypeError):
-            return False
+            return None
     if os.path.exists(path):
         with open(path) as f:
-            lines = [line for line in f if line.endswith("\n") and before(line)]
+            lines = [line for line in f if step_of(line) is not None]
+        while lines and step_of(lines[-1]) > step:
+            lines.pop()
         with open(path + ".tmp", "w") as f:
             f.writelines(lines)
         os.replace(path + ".tmp", path)
