@@ -183,6 +183,8 @@ def test_mar_vae_posterior_and_decode():
         assert_close(post.mean, r["vae_mean"], what="mean")
         assert_close(post.std, r["vae_std"], what="std")
         assert_close(post.kl(), r["vae_kl"], what="kl")
+        low = mar.DiagonalGaussian(post.moments.bfloat16())  # under CPU autocast: bf16 moments, the KL summed in fp32
+        assert low.kl().dtype == torch.float32 and torch.equal(low.kl(), mar.DiagonalGaussian(low.moments.float()).kl())
         # the official draws from the global CPU generator seeded with 123
         assert_close(post.sample(torch.Generator().manual_seed(123)), r["vae_sample"], what="sample")
         assert_close(vae.decode(r["vae_z"].double()), r["vae_decoded"], what="decode")
