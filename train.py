@@ -615,9 +615,15 @@ def check_tokenizer(path, ckpt, flag, digest):
         fail(f"{path} was trained with another {flag} (its weights differ from this one's); give the {flag} it was trained with")
 
 
+def dataset_labels(dataset):
+    """Every image's label: an image folder's from its samples, the built-in data's index % 10."""
+    return (np.array([label for _, label in dataset.samples]) if hasattr(dataset, "samples")
+            else np.arange(len(dataset)) % 10)
+
+
 def data_digest(dataset, first=8):
     """SHA-256 of every label and of the first images: which data a cache was encoded from."""
-    h = hashlib.sha256(np.array([label for _, label in dataset.samples] if hasattr(dataset, "samples") else len(dataset)))
+    h = hashlib.sha256(dataset_labels(dataset))
     for i in range(min(first, len(dataset))):
         h.update(dataset[i][0].numpy().tobytes())
     return h.hexdigest()
@@ -656,9 +662,8 @@ class CachedTokens(torch.utils.data.Dataset):
             barrier()
         if os.path.exists(path + ".labels.npy"):
             self.labels, self.bad = np.load(path + ".labels.npy").T
-        else:  # a cache of an earlier version: the dataset's labels (the built-in data: index % 10)
-            self.labels = (np.array([label for _, label in dataset.samples]) if hasattr(dataset, "samples")
-                           else np.arange(len(dataset)) % 10)
+        else:  # a cache of an earlier version: the dataset's labels
+            self.labels = dataset_labels(dataset)
             self.bad = np.full(len(self.labels), -1)
         try:
             self.codes = np.load(path, mmap_mode="r")
@@ -743,9 +748,8 @@ def evaluate(args, rank, world, device):
         kept = continue_recipe(args, ckpt["args"], None)
         shown = {k: v for k, v in kept.items() if k not in TRAINING_ONLY}
         if shown and rank == 0:
-            print("--eval: as the checkpoint's run (give a flag to change it): " +
-                  ", ".join(f"--{k.replace('_', '-')} {v:g}" if type(v) is float else f"--{k.replace('_', '-')} {v}"
-                            for k, v in shown.items()), flush=True)
+            print("--eval: as the checkpoint's run (give a flag to change it): " + ", ".join(
+                f"--{k.replace('_', '-')} {format(v, 'g') if type(v) is float else v}" for k, v in shown.items()), flush=True)
     # ours record the class count in `config`; the official ones in their argparse Namespace `args`
     num_classes = ckpt["config"]["class_num"] if "config" in ckpt else getattr(ckpt.get("args"), "class_num", 1000)
     trained_on = ckpt["args"].get("data_path") if isinstance(ckpt.get("args"), dict) else None
@@ -1131,7 +1135,7 @@ def final_report(args, training, ema, images, labels, grid, held_out, device):
         with open(os.path.join(args.output_dir, "report.json"), "w") as f:
             json.dump(numbers, f)
         if args.data_path and not args.val_path:
-            lines.append(f"note: without --val-path, these {len(held_out(args.num_images))} images are training images")
+            lines.append(f"note: without --val-path, these {numbers['images']} images are training images")
         return lines
     if not (args.data_path or getattr(args, "use_cached", False)) and args.img_size == 32:
         more = [grid(None, args.seed + k) for k in range(1, 5)]  # 50 samples a class: one grid's 10 are a noisy verdict
