@@ -25,7 +25,8 @@ import math
 import os
 import time
 import weakref
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -600,17 +601,20 @@ class GaussianDiffusion(nn.Module):
 
     def q_sample(self, x0, t, noise):
         """Forward process: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (paper Sec. 3.2)."""
-        return self.sqrt_acp[t][:, None] * x0 + self.sqrt_one_minus_acp[t][:, None] * noise
+        return self.sqrt_acp[t, None] * x0 + self.sqrt_one_minus_acp[t, None] * noise
+
+    # t is a step index per row, (N,), or one int for every row (sampling): `buffer[t, None]` is then
+    # (N, 1) or (1,), and a view, not a gather, for an int (no kernel in a captured CUDA graph).
 
     def to_eps(self, pred, x_t, t):
         """The MLP's first output -> eps: itself, or from v = sqrt(abar) eps - sqrt(1 - abar) x0."""
         if not self.v_prediction:
             return pred
-        return self.sqrt_one_minus_acp[t][:, None] * x_t + self.sqrt_acp[t][:, None] * pred
+        return self.sqrt_one_minus_acp[t, None] * x_t + self.sqrt_acp[t, None] * pred
 
     def q_posterior(self, x0, x_t, t):
         """Mean and log-variance of the true posterior q(x_{t-1} | x_t, x0)."""
-        return self.coef1[t][:, None] * x0 + self.coef2[t][:, None] * x_t, self.post_logvar[t][:, None]
+        return self.coef1[t, None] * x0 + self.coef2[t, None] * x_t, self.post_logvar[t, None]
 
     def p_mean_logvar(self, out, x_t, t):
         """Model posterior p(x_{t-1} | x_t) from the MLP output (N, 2C) = [eps, v]: the log-variance
@@ -619,8 +623,8 @@ class GaussianDiffusion(nn.Module):
         eps, v = out.float().chunk(2, dim=1)
         eps = self.to_eps(eps, x_t, t)
         frac = (v + 1) / 2
-        logvar = frac * self.log_betas[t][:, None] + (1 - frac) * self.post_logvar[t][:, None]
-        x0 = self.sqrt_recip_acp[t][:, None] * x_t - self.sqrt_recipm1_acp[t][:, None] * eps
+        logvar = frac * self.log_betas[t, None] + (1 - frac) * self.post_logvar[t, None]
+        x0 = self.sqrt_recip_acp[t, None] * x_t - self.sqrt_recipm1_acp[t, None] * eps
         return self.q_posterior(x0, x_t, t)[0], logvar
 
     def training_losses(self, net, x0, t, c, noise):
@@ -632,7 +636,7 @@ class GaussianDiffusion(nn.Module):
         x_t = self.q_sample(x0, t, noise)
         out = net(x_t, self.timestep_map[t], c).float()  # (N, 2C)
         pred, v = out.chunk(2, dim=1)
-        target = self.sqrt_acp[t][:, None] * noise - self.sqrt_one_minus_acp[t][:, None] * x0 if self.v_prediction else noise
+        target = self.sqrt_acp[t, None] * noise - self.sqrt_one_minus_acp[t, None] * x0 if self.v_prediction else noise
         mse = ((target - pred) ** 2).mean(dim=1)
         mean, logvar = self.p_mean_logvar(torch.cat([pred.detach(), v], dim=1), x_t, t)
         true_mean, true_logvar = self.q_posterior(x0, x_t, t)
@@ -650,11 +654,10 @@ class GaussianDiffusion(nn.Module):
         x_{t-1} = mu + tau * sigma_t * delta. Temperature scales the noise std of every step (not
         the initial noise). A full-shape noise tensor is drawn at every step, the last included,
         in the same order as the official code, so a seed gives the same samples; or `noises`
-        (num_steps, N, C) holds them all, drawn in advance (CUDA, see DiffLoss.sample)."""
-        steps = torch.arange(self.num_steps, device=x.device)
+        (num_steps, N, C) holds them all, drawn in advance (CUDA, see DiffLoss.sample).
+        model_fn(x, j) is the MLP's output at step j, every row at the same step."""
         for j in reversed(range(self.num_steps)):
-            t = steps[j: j + 1]  # (1,): every row is at step j; the schedule terms broadcast
-            mean, logvar = self.p_mean_logvar(model_fn(x, self.timestep_map[t]), x, t)
+            mean, logvar = self.p_mean_logvar(model_fn(x, j), x, j)
             noise = randn(x.shape, generator, x.device) if noises is None else noises[self.num_steps - 1 - j]
             x = mean + (j != 0) * torch.exp(0.5 * logvar) * noise * temperature
         return x
@@ -728,12 +731,19 @@ class DiffLoss(nn.Module):
 
     def loop(self, noise, c, cfg, guided, temperature, generator=None, noises=None):
         """The reverse diffusion of one token batch: noise (N, C), c (N, W) the embedded conditions."""
-        embed = lambda t: self.net.time_embed(t) + c  # t (1,) -> (N, W): the time embedding once per step
-        model_fn = ((lambda x, t: self.net.guided_embedded(x, embed(t), cfg)) if guided else
-                    (lambda x, t: self.net.forward_embedded(x, embed(t))))
-        return self.gen_diffusion.p_sample_loop(model_fn, noise, temperature, generator, noises)
+        timesteps = self.gen_diffusion.timestep_map  # (S,): step j -> the original timestep the MLP sees
+        with linears_cast_once(self.net, c.device.type):
+            if noises is None:  # the seeded path: one row per step, as the official code embeds it
+                embed = lambda j: self.net.time_embed(timesteps[j: j + 1]) + c  # (N, W)
+            else:  # CUDA: all steps' time embeddings in one batch, not ~12 kernels at each step
+                table = self.net.time_embed(timesteps)  # (S, W)
+                embed = lambda j: table[j] + c  # (N, W)
+            model_fn = ((lambda x, j: self.net.guided_embedded(x, embed(j), cfg)) if guided else
+                        (lambda x, j: self.net.forward_embedded(x, embed(j))))
+            return self.gen_diffusion.p_sample_loop(model_fn, noise, temperature, generator, noises)
 
-    # CUDA graphs. A diffusion step is about 120 small kernels, so on a GPU the loop is bound by
+    # CUDA graphs. A diffusion step of MAR-B's MLP is about 100 small kernels (168 before `loop`
+    # cast the weights once and embedded every step's time at once), so on a GPU the loop is bound by
     # launches, not arithmetic. It is captured once per (shape, guidance, temperature, precision)
     # into a graph with static inputs, and then replayed, one launch per token batch, with the new
     # inputs copied in. `cuda_graphs = False` samples eagerly (the same kernels, launched one by one).
@@ -765,6 +775,26 @@ class DiffLoss(nn.Module):
 
 
 GRAPHS = weakref.WeakKeyDictionary()  # DiffLoss -> its captured sampling graphs (freed with the module)
+
+
+@contextmanager
+def linears_cast_once(module, device_type):
+    """Under autocast: inside, every nn.Linear of `module` computes with its weight and bias cast to
+    autocast's dtype once, on entry, instead of at every call: autocast caches no cast inside a
+    CUDA graph capture (`replay`) nor for weights without grad (the EMA's), and the sampling loop
+    calls each layer 100 times. Autocast would cast them the same way: the same results."""
+    if not torch.is_autocast_enabled(device_type):
+        yield
+        return
+    dtype = torch.get_autocast_dtype(device_type)
+    linears = [m for m in module.modules() if type(m) is nn.Linear]
+    for m in linears:
+        m.forward = partial(F.linear, weight=m.weight.to(dtype), bias=None if m.bias is None else m.bias.to(dtype))
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward  # the class's forward again
 
 
 # =============================================================================================

@@ -12,6 +12,7 @@ so that the zero-initialised layers are not zero. Every official RNG draw was pi
 recorded and passed in, torch draws from seeded global generators, which our code reproduces from
 a seeded torch.Generator. No official code is in this repository.
 """
+import collections
 import concurrent.futures
 import contextlib
 import copy
@@ -455,6 +456,51 @@ def test_mar_last_decoder_block_and_first_sampling_step_skip_only_unread_work():
         model.sample_tokens(2, 4, cfg=3.0, labels=torch.tensor([3, 7]), generator=torch.Generator().manual_seed(1))
         model.sample_tokens(2, 4, cfg=1.0, labels=torch.tensor([3, 7]), generator=torch.Generator().manual_seed(1))
     assert rows == [3, 4, 4, 4] + [2] * 4, rows
+
+
+def test_mar_sampling_casts_each_weight_once_and_gathers_no_schedule_term():
+    """Under autocast, the reverse diffusion casts each Linear's weight and bias once per token
+    batch, not at each step: autocast caches no cast in a CUDA graph capture, nor for weights
+    without grad (the EMA's, as here). The samples equal those of casting at every call. The
+    schedule terms are views of one step, not gathers, and on the CUDA path (the noises drawn
+    first) the time embedding runs once for all steps. Fewer kernels in every captured step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append((func.__name__.split(".")[0], args[0] if args else None))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    d = perturbed(mar.DiffLoss(16, 32, 2, 64, num_sampling_steps=10)).requires_grad_(False)
+    layers = [m for m in d.net.modules() if type(m) is torch.nn.Linear and m is not d.net.cond_embed]  # once per batch
+    linear = {m.weight.data_ptr() for m in layers} | {m.bias.data_ptr() for m in layers}
+    z, noises = torch.randn(8, 32, generator=g), torch.randn(10, 8, 16, generator=g)
+    noise, once = noises[0, :4].repeat(2, 1), mar.linears_cast_once
+    out = {}
+    for cast_once in (True, False):
+        mar.linears_cast_once = once if cast_once else lambda module, device_type: contextlib.nullcontext()
+        try:
+            for path in ("seeded", "cuda"):
+                ops = []
+                with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), Ops():
+                    c = d.net.cond_embed(z)  # (8, 64)
+                    ops.clear()
+                    out[cast_once, path] = (d.sample(z, 0.9, 2.0, torch.Generator().manual_seed(1)) if path == "seeded"
+                                            else d.loop(noise, c, torch.tensor(2.0), True, 0.9, noises=noises))
+                casts = collections.Counter(t.data_ptr() for name, t in ops if name == "_to_copy" and t.data_ptr() in linear)
+                if cast_once:
+                    assert set(casts) == linear and set(casts.values()) == {1}, f"{path}: casts {sorted(casts.values())}"
+                    assert not [name for name, _ in ops if name in ("index", "gather")], f"{path}: a gathered schedule term"
+                    trig = sum(name == "cos" for name, _ in ops)
+                    assert trig == (10 if path == "seeded" else 1), f"{path}: {trig} time embeddings for 10 steps"
+                else:
+                    assert max(casts.values()) == 10, sorted(casts.values())  # autocast: at every step
+        finally:
+            mar.linears_cast_once = once
+    for path in ("seeded", "cuda"):
+        assert torch.equal(out[True, path], out[False, path]), f"{path}: casting once changed the samples"
+    assert out[True, "seeded"].abs().mean() > 0.1, "nothing was sampled"
 
 
 def test_mar_one_reverse_step():
