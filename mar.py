@@ -748,8 +748,8 @@ class DiffLoss(nn.Module):
             return self.gen_diffusion.p_sample_loop(model_fn, noise, temperature, generator, noises)
 
     # CUDA graphs. A diffusion step of MAR-B's MLP is 96 small kernels in bf16 (168 before `loop`
-    # cast the weights once, embedded every step's time at once and shared SiLU(y)), so on a GPU the loop is bound by
-    # launches, not arithmetic. It is captured once per (shape, guidance, temperature, precision)
+    # cast the weights once, embedded all steps' times at once and shared SiLU(y)), so on a GPU the
+    # loop is bound by launches, not arithmetic. It is captured once per (shape, guidance, temperature, precision)
     # into a graph with static inputs, and then replayed, one launch per token batch, with the new
     # inputs copied in. `cuda_graphs = False` samples eagerly (the same kernels, launched one by one).
     cuda_graphs = True
