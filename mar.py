@@ -749,9 +749,10 @@ class DiffLoss(nn.Module):
 
     # CUDA graphs. A diffusion step of MAR-B's MLP is 96 small kernels in bf16 (168 before `loop`
     # cast the weights once, embedded all steps' times at once and shared SiLU(y)), so on a GPU the
-    # loop is bound by launches, not arithmetic. It is captured once per (shape, guidance, temperature, precision)
-    # into a graph with static inputs, and then replayed, one launch per token batch, with the new
-    # inputs copied in. `cuda_graphs = False` samples eagerly (the same kernels, launched one by one).
+    # loop is bound by launches, not arithmetic. It is captured once per (shape, guidance,
+    # temperature, precision) into a graph with static inputs, and then replayed, one launch per
+    # token batch, with the new inputs copied in. `cuda_graphs = False` samples eagerly (the same
+    # kernels, launched one by one).
     cuda_graphs = True
 
     def replay(self, noise, c, cfg, guided, temperature, noises):
