@@ -794,13 +794,13 @@ def linears_cast_once(module, device_type):
         return
     dtype = torch.get_autocast_dtype(device_type)
     linears = [m for m in module.modules() if type(m) is nn.Linear]
-    for m in linears:
-        m.forward = partial(F.linear, weight=m.weight.to(dtype), bias=None if m.bias is None else m.bias.to(dtype))
     try:
-        yield
-    finally:
         for m in linears:
-            del m.forward  # the class's forward again
+            m.forward = partial(F.linear, weight=m.weight.to(dtype), bias=None if m.bias is None else m.bias.to(dtype))
+        yield
+    finally:  # also after a cast that failed (out of memory) part way
+        for m in linears:
+            m.__dict__.pop("forward", None)  # the class's forward again
 
 
 # =============================================================================================

@@ -501,6 +501,23 @@ def test_mar_sampling_casts_each_weight_once_and_gathers_no_schedule_term():
     for path in ("seeded", "cuda"):
         assert torch.equal(out[True, path], out[False, path]), f"{path}: casting once changed the samples"
     assert out[True, "seeded"].abs().mean() > 0.1, "nothing was sampled"
+    real_to, casts = torch.Tensor.to, []
+
+    def fails_at_the_fifth(t, *args, **kwargs):  # a cast that fails part way (out of memory)
+        casts.append(t)
+        if len(casts) == 5:
+            raise RuntimeError("out of memory")
+        return real_to(t, *args, **kwargs)
+
+    torch.Tensor.to = fails_at_the_fifth
+    try:
+        with torch.autocast("cpu", torch.bfloat16), mar.linears_cast_once(d.net, "cpu"):
+            pass
+    except RuntimeError:
+        pass
+    finally:
+        torch.Tensor.to = real_to
+    assert len(casts) == 5 and not [m for m in d.net.modules() if "forward" in m.__dict__], "a layer kept its cast weights"
 
 
 def test_mar_one_reverse_step():
