@@ -1890,6 +1890,32 @@ def test_train_ranks_that_see_different_output_folders_refuse_instead_of_hanging
         expect_error(subprocess.CompletedProcess([], procs[1].returncode, "", err1), "rank 1 cannot see run/checkpoint-last.pth", "train.py")
 
 
+def test_train_ranks_wait_for_rank_0_longer_than_the_collective_timeout():
+    """Rank 0 alone may work longer than --dist-timeout before the others go on (its final report on
+    50,000 held-out images); the others must wait for it, not fail. Two gloo processes whose process
+    group times out after 2 s: rank 0 works 5 s before `train.barrier`, and rank 1 waits there for
+    it (with the default group's barrier it failed after 2 s, and so did every resume of the run)."""
+    import socket
+    script = ("import datetime, sys, time; sys.path.insert(0, sys.argv[1]); import torch.distributed as dist, train\n"
+              "dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=2))\n"
+              "train.HEARTBEAT['stop'] = train.heartbeat(30)\n"
+              "time.sleep(5 if dist.get_rank() == 0 else 0)\n"
+              "t = time.time(); train.barrier(); print(f'waited {time.time() - t:.1f} s'); train.barrier(destroy=True)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", script, HERE], env=dict(ENV, RANK=str(r), WORLD_SIZE="2", MASTER_ADDR=
+                              "127.0.0.1", MASTER_PORT=str(port)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    try:
+        (out0, err0), (out1, err1) = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode == 0 and procs[1].returncode == 0, (err0[-1000:], err1[-1000:])
+    assert float(out1.split()[1]) >= 4 and float(out0.split()[1]) < 1, (out0, out1)
+
+
 def test_train_names_a_rank_that_stops_answering():
     """Issue 14 case 4: rank 1 of 2 is stopped (SIGSTOP) mid-run; instead of stalling forever the run
     fails within --dist-timeout with one line naming rank 1."""

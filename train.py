@@ -94,15 +94,20 @@ def setup_distributed(device_flag, timeout):
 
 
 def barrier(destroy=False):
-    """Wait for every rank (and, at the end of the process, tear the process group down)."""
+    """Wait for every rank (and, at the end of the process, tear the process group down). The wait
+    has no deadline of its own (a gloo group of `heartbeat`'s): what the others wait for may take
+    longer than --dist-timeout (rank 0's final report on 50,000 held-out images), and a timeout
+    there failed every run whose report did, again on each resume; a rank that stops answering
+    is the heartbeat's to catch."""
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=HEARTBEAT.get("patient"))  # None (no heartbeat): the default group
         if destroy:
             HEARTBEAT.pop("stop", lambda: None)()
+            HEARTBEAT.pop("patient", None)
             dist.destroy_process_group()
 
 
-HEARTBEAT = {}  # "stop": ends this process's heartbeat thread
+HEARTBEAT = {}  # "stop": ends this process's heartbeat thread; "patient": the group `barrier` waits in
 
 
 def heartbeat(timeout):
@@ -112,6 +117,7 @@ def heartbeat(timeout):
     A thread answers even while its rank is busy (a long grid or report), so only a silent
     process is caught. -> a function that ends the thread on every rank (call it on all of them)."""
     group, stop = dist.new_group(backend="gloo"), threading.Event()
+    HEARTBEAT["patient"] = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
 
     def beat():
         flag = torch.zeros(1)
