@@ -1192,20 +1192,23 @@ def latents_to_images(vae, latents, scale=VAE_SCALE):
     return decode_in_chunks(vae, latents.float() / scale).clamp(-1, 1)  # PixelTokenizer: scale 1
 
 
-CHUNK_PIXELS = 16 * 256 * 256  # image pixels a VAE encodes or decodes at a time where a whole batch is too large (sixteen 256 px images)
+CHUNK_PIXELS = 16 * 256 * 256  # image pixels a VAE encodes or decodes at a time on a CPU (sixteen 256 px images); 4x on a GPU
 
 
 def decode_in_chunks(vae, latents, pixels=CHUNK_PIXELS):
-    """vae.decode(latents), on a CPU `pixels` output pixels (sixteen 256 px images) at a time:
-    KL-16's decoder holds about 0.12 GiB of activations per 256 px image (64 images peaked at 7.9
-    GiB in bf16), so a whole --eval-batch-size of 256 at once was more than a 24 GiB machine has.
-    Small images (the CPU-sized runs' 32 px) and a GPU (as the official code) decode the batch at
-    once. The chunks give the same images up to float rounding (kernels may differ by batch size)."""
+    """vae.decode(latents) in fp32 whatever autocast is on outside, `pixels` output pixels at a
+    time (4x as many on a GPU). fp32: the uint8 images FID scores are rounded from the decoder's
+    output, and a decoder in bf16 moved 24% of a tiny VAE's output pixels by a level or more
+    against fp32 (fp16, the official code's sampling precision, 3%; 500 images, README); on a GPU
+    convolutions may still use TF32, whose products round as fp16's. Chunks: KL-16's decoder holds
+    about 0.12 GiB of activations per 256 px image in bf16 (64 images peaked at 7.9 GiB), twice
+    that in fp32, so a whole --eval-batch-size of 256 at once was more than a 24 GiB machine has
+    (64 at a time on a GPU: about 16 GiB). Small images (the CPU-sized runs' 32 px) are decoded
+    at once. The chunks give the same images up to float rounding (kernels may differ by batch size)."""
     side = latents.shape[-1] * vae.stride  # output pixels a side
-    chunk = max(1, pixels // side ** 2)
-    if latents.is_cuda or len(latents) <= chunk:
-        return vae.decode(latents)
-    return torch.cat([vae.decode(part) for part in latents.split(chunk)])
+    chunk = max(1, pixels * (4 if latents.is_cuda else 1) // side ** 2)
+    with torch.autocast(latents.device.type, enabled=False):
+        return torch.cat([vae.decode(part) for part in latents.float().split(chunk)])
 
 
 # =============================================================================================

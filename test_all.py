@@ -191,10 +191,12 @@ def test_mar_vae_posterior_and_decode():
         assert_close(vae.decode(r["vae_z"].double()), r["vae_decoded"], what="decode")
 
 
-def test_mar_decoding_on_a_cpu_goes_in_chunks_with_the_same_images():
+def test_mar_decoding_on_a_cpu_goes_in_chunks_in_fp32_with_the_same_images():
     """On a CPU, latents of 256 px images are decoded 16 images at a time (a whole --eval-batch-size
     of 256 needs more memory than a 24 GiB machine has), 32 px ones all at once; the chunks give
-    the images of a decode of the whole batch, up to float rounding."""
+    the images of a decode of the whole batch, up to float rounding, and so does a decode under
+    bf16 autocast (sampling's): the decoder runs in fp32, whose output FID's uint8 images are
+    rounded from (in bf16 a quarter of the pixels moved by a level)."""
     torch.manual_seed(0)
     vae, sizes = mar.kl16().eval(), []
 
@@ -211,7 +213,10 @@ def test_mar_decoding_on_a_cpu_goes_in_chunks_with_the_same_images():
     z = torch.randn(5, 16, 4, 4)  # the real decoder at 64 px, two images per chunk
     with torch.no_grad():
         whole, chunked = vae.decode(z), mar.decode_in_chunks(vae, z, pixels=2 * 64 * 64)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sampled = mar.latents_to_images(vae, z * mar.VAE_SCALE)
     assert (whole - chunked).abs().max() < 1e-4 * whole.abs().mean(), (whole - chunked).abs().max()
+    assert sampled.dtype == torch.float32 and (whole.clamp(-1, 1) - sampled).abs().max() < 1e-4 * whole.abs().mean()
 
 
 def test_mar_diffusion_schedules():
