@@ -758,7 +758,8 @@ class DiffLoss(nn.Module):
     def replay(self, noise, c, cfg, guided, temperature, noises):
         amp = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         graphs = GRAPHS.setdefault(self, {"pool": torch.cuda.graph_pool_handle()})
-        key = (noise.shape, c.dtype, guided, temperature, amp, self.net.input_proj.weight.data_ptr())
+        where = tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers()))  # the graph reads them there
+        key = (noise.shape, c.dtype, guided, temperature, amp, where)
         if key not in graphs:
             static = [t.clone() for t in (noise, c, cfg, noises)]
             run = lambda: self.loop(static[0], static[1], static[2], guided, temperature, noises=static[3])
