@@ -1209,7 +1209,8 @@ def decode_in_chunks(vae, latents, pixels=CHUNK_PIXELS):
     side = latents.shape[-1] * vae.stride  # output pixels a side
     chunk = max(1, pixels * (4 if latents.is_cuda else 1) // side ** 2)
     with torch.autocast(latents.device.type, enabled=False):
-        return torch.cat([vae.decode(part) for part in latents.float().split(chunk)])
+        wide = latents.to(torch.promote_types(latents.dtype, torch.float32))  # fp32, or fp64 where the latents are
+        return torch.cat([vae.decode(part) for part in wide.split(chunk)])
 
 
 # =============================================================================================
