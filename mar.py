@@ -1197,7 +1197,7 @@ CHUNK_PIXELS = 16 * 256 * 256  # image pixels a VAE encodes or decodes at a time
 
 
 def decode_in_chunks(vae, latents, pixels=CHUNK_PIXELS):
-    """vae.decode(latents) in fp32 whatever autocast is on outside, `pixels` output pixels at a
+    """vae.decode(latents) in fp32 (fp64 latents: fp64) under any autocast, `pixels` output pixels at a
     time (4x as many on a GPU). fp32: the uint8 images FID scores are rounded from the decoder's
     output, and a decoder in bf16 moved 24% of a tiny VAE's output pixels by a level or more
     against fp32 (fp16, the official code's sampling precision, 3%; 500 images, README); on a GPU
