@@ -1868,19 +1868,24 @@ def test_train_ddp_two_processes_keep_ranks_identical():
 
 
 
+def free_port():
+    """A TCP port free on this machine now, for a process group started by hand (MASTER_PORT)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_train_ranks_that_see_different_output_folders_refuse_instead_of_hanging():
     """Issue 15: rank 0 decides whether to resume and tells the others. Two gloo processes started
     by hand, each in its own working directory with the same relative --output-dir (node-local
     disks): rank 1 cannot see the checkpoint rank 0 resumes from, says so in one line and exits;
     rank 0 exits too, within seconds, instead of waiting for it."""
-    import socket
     with tempfile.TemporaryDirectory() as d:
         data, flags = shared_run("data"), [*MAR, "--output-dir", "run", "--dist-timeout", "5"]
         run_train("--data-path", shared_run("data"), *MAR, "--epochs", "1", "--output-dir", f"{d}/a/run")
         os.makedirs(f"{d}/b/run")                                            # rank 1's disk: an empty folder
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         procs = [subprocess.Popen([sys.executable, TRAIN, "--data-path", data, *flags, "--epochs", "2"], cwd=f"{d}/{cwd}",
                                   env=dict(ENV, RANK=str(r), LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1",
                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
@@ -1900,15 +1905,12 @@ def test_train_ranks_wait_for_rank_0_longer_than_the_collective_timeout():
     50,000 held-out images); the others must wait for it, not fail. Two gloo processes whose process
     group times out after 2 s: rank 0 works 5 s before `train.barrier`, and rank 1 waits there for
     it (with the default group's barrier it failed after 2 s, and so did every resume of the run)."""
-    import socket
     script = ("import datetime, sys, time; sys.path.insert(0, sys.argv[1]); import torch.distributed as dist, train\n"
               "dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=2))\n"
               "train.HEARTBEAT['stop'] = train.heartbeat(30)\n"
               "time.sleep(5 if dist.get_rank() == 0 else 0)\n"
               "t = time.time(); train.barrier(); print(f'waited {time.time() - t:.1f} s'); train.barrier(destroy=True)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", script, HERE], env=dict(ENV, RANK=str(r), WORLD_SIZE="2", MASTER_ADDR=
                               "127.0.0.1", MASTER_PORT=str(port)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in (0, 1)]
