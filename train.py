@@ -1069,7 +1069,10 @@ def main(args):
             if step % args.ckpt_every == 0 or last:
                 save(final=last)
             if step % args.sample_every == 0 and not last:
+                t_grid = time.time()
                 grid(f"{step:07d}")
+                t_window += time.time() - t_grid  # images/s and the bar's time left count training only
+                pbar.unpause()
             if last:
                 break
     pbar.close()
