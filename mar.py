@@ -723,15 +723,10 @@ class DiffLoss(nn.Module):
         noises = randn((self.gen_diffusion.num_steps, *noise.shape), generator, z.device)  # (S, N, C)
         cfg = torch.full((), float(cfg), device=z.device)  # a tensor: one graph serves every scale
         if self.cuda_graphs:
-            stream = torch.cuda.current_stream(z.device)
-            try:
-                with torch.cuda.device(z.device):  # streams, pool and capture on z's GPU, not the current one
-                    return self.replay(noise, c, cfg, guided, temperature, noises)
-            except RuntimeError as e:  # a capture that fails (an old driver, a debug mode): eager from now on
-                with torch.cuda.device(z.device):  # set_stream also makes the stream's GPU current: restored on exit
-                    torch.cuda.set_stream(stream)  # a failed capture can leave its own stream current
-                print(f"note: CUDA graph capture failed, sampling eagerly: {str(e).splitlines()[0][:150]}")
-                self.cuda_graphs = False
+            with torch.cuda.device(z.device):  # streams, pool and capture on z's GPU, not the current one
+                out = self.replay(noise, c, cfg, guided, temperature, noises)
+            if out is not None:
+                return out
         return self.loop(noise, c, cfg, guided, temperature, noises=noises)
 
     def loop(self, noise, c, cfg, guided, temperature, generator=None, noises=None):
@@ -764,15 +759,23 @@ class DiffLoss(nn.Module):
             static = [t.clone() for t in (noise, c, cfg, noises)]
             run = lambda: self.loop(static[0], static[1], static[2], guided, temperature, noises=static[3])
             no_cache = lambda: torch.autocast("cuda", amp[1], enabled=amp[0], cache_enabled=False)  # no cast outlives it
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), no_cache():
-                run()  # warm-up on a side stream, as capture requires
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: a DataLoader's pin-memory thread may call CUDA while a grid is captured
-            with no_cache(), torch.cuda.graph(graph, pool=graphs["pool"], capture_error_mode="thread_local"):
-                out = run()
+            # side: a stream of this GPU for the warm-up and the capture (torch.cuda.graph's default
+            # capture stream belongs to the first GPU that captured in the process)
+            stream, side = torch.cuda.current_stream(), torch.cuda.Stream()
+            try:
+                side.wait_stream(stream)
+                with torch.cuda.stream(side), no_cache():
+                    run()  # warm-up on a side stream, as capture requires
+                stream.wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: a DataLoader's pin-memory thread may call CUDA while a grid is captured
+                with no_cache(), torch.cuda.graph(graph, pool=graphs["pool"], stream=side, capture_error_mode="thread_local"):
+                    out = run()
+            except RuntimeError as e:  # a capture that fails (an old driver, a debug mode): eager from now on
+                torch.cuda.set_stream(stream)  # a failed capture can leave its own stream current
+                print(f"note: CUDA graph capture failed, sampling eagerly: {str(e).splitlines()[0][:150]}")
+                self.cuda_graphs = False
+                return None
             graphs[key] = graph, static, out
         graph, static, out = graphs[key]
         for buffer, value in zip(static, (noise, c, cfg, noises)):

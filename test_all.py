@@ -104,17 +104,18 @@ def raises(error, fn, *args):
     raise AssertionError(f"{getattr(fn, '__name__', fn)} raised no {error.__name__}")
 
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")  # one thread each: two processes share 2 cores
+GPU_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")  # one thread each: two processes share 2 cores
+ENV = dict(GPU_ENV, CUDA_VISIBLE_DEVICES="")  # the scripts of CPU tests see no GPU: on a GPU machine they check what CI does
 
 
-def run_script(script, *flags, nproc=1, check=True, timeout=600, env=None):
+def run_script(script, *flags, nproc=1, check=True, timeout=600, env=None, gpu=False):
     """Run one of the repository's scripts as a user would: `python script ...`, or under torchrun
     with `nproc` gloo processes, in an empty working directory (default outputs never land in the repo);
-    `env`: variables to set besides ENV."""
+    `env`: variables to set besides ENV; `gpu`: the script sees the machine's GPUs (the CUDA tests)."""
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   f"--nproc_per_node={nproc}"]
     with tempfile.TemporaryDirectory() as cwd:
-        p = subprocess.run(launch + [script] + [str(f) for f in flags], capture_output=True, text=True, env=dict(ENV, **(env or {})),
+        p = subprocess.run(launch + [script] + [str(f) for f in flags], capture_output=True, text=True, env=dict(GPU_ENV if gpu else ENV, **(env or {})),
                            timeout=timeout, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"{os.path.basename(script)} exited {p.returncode}:\n{p.stderr[-3000:]}")
@@ -832,8 +833,6 @@ def test_mar_benchmarks_on_a_cpu_use_sizes_that_fit_its_memory():
     4 images: at the GPU sizes MAR-B (batch 64) needs about 24 GiB and was killed for memory on a
     24 GiB machine, and MaskGIT-L peaked at 13 GiB already at batch 4. The tiny presets here; the
     sizes are the same."""
-    if torch.cuda.is_available():
-        raise Skip("a GPU is here: the benchmarks keep the GPU sizes (test_cuda_benchmarks_run)")
     out = run_script(os.path.join(HERE, "mar.py"), "--bench", "--preset", "tiny").stdout
     assert "training:" in out and "(batch 8," in out, out
     sampling = [line for line in out.splitlines() if line.startswith("sampling:")]
@@ -2305,7 +2304,8 @@ def test_train_error_paths_exit_nonzero_with_one_line():
              "is not a checkpoint of --model coda"),
             (["--model", "vae", "--data-path", data, "--img-size", "30"], "not a multiple of the VAE's stride 8"),
             (["--data-path", data, "--resume", f"{d}/evil.pth"], "holds Python objects other than tensors"),
-        ] + ([] if torch.cuda.is_available() else [(["--data-path", data, "--device", "cuda"], "no CUDA device")])
+            (["--data-path", data, "--device", "cuda"], "no CUDA device"),  # ENV hides any GPU
+        ]
         runs = two_at_a_time(lambda case: run_train(*FAST[:6], *case[0], "--epochs", "1", check=False), cases)
         for p, (flags, expect) in zip(runs, cases):  # the case's flags win over FAST's
             expect_error(p, expect, "train.py")
@@ -2808,7 +2808,7 @@ def test_cuda_train_steps_of_each_model():
         runs.append(("maskgit", ["--model", "maskgit", "--tokenizer", f"{d}/coda/checkpoint-last.pth", *on_cuda(FAST),
                                  "--num-iter", "2"], "bf16 autocast"))
         for name, flags, precision in runs:
-            p = run_train(*flags, "--data-path", data, "--epochs", "1", "--output-dir", f"{d}/{name}")
+            p = run_train(*flags, "--data-path", data, "--epochs", "1", "--output-dir", f"{d}/{name}", gpu=True)
             assert "CUDA graph capture failed" not in p.stdout + p.stderr, (name, p.stdout[-800:])  # MAR's grids: graphs
             log = read(f"{d}/{name}/log.txt")
             assert "device: CPU" not in log and f"precision: {precision}" in log, (name, log[-800:])
@@ -2859,13 +2859,16 @@ def test_cuda_precision_recall_on_the_gpu_equal_the_cpu():
     """The nearest-neighbour blocks on the GPU (TF32 off) give ADM's numbers, as on the CPU."""
     need_cuda()
     r = ref("adm_ref.pt")
-    torch.backends.cuda.matmul.allow_tf32 = False
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
     found = {}
-    for case, scaled in (("exact", ()), ("overflow", range(1000, 1400))):
-        real, fake = sparse_features(1, 3000, scaled), sparse_features(2, 2500)
-        radii = [fid.manifold_radii(f.cuda(), block=1000).cpu() for f in (real, fake)]
-        found[case] = ([(a != r[f"{case}_radii_{n}"]).sum().item() for a, n in zip(radii, ("ref", "sample"))],
-                       fid.precision_recall(real, fake, block=1000, device="cuda"))
+    try:
+        for case, scaled in (("exact", ()), ("overflow", range(1000, 1400))):
+            real, fake = sparse_features(1, 3000, scaled), sparse_features(2, 2500)
+            radii = [fid.manifold_radii(f.cuda(), block=1000).cpu() for f in (real, fake)]
+            found[case] = ([(a != r[f"{case}_radii_{n}"]).sum().item() for a, n in zip(radii, ("ref", "sample"))],
+                           fid.precision_recall(real, fake, block=1000, device="cuda"))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32  # the test process goes on to other tests
     assert all(found[c] == ([0, 0], (r[f"{c}_precision"].item(), r[f"{c}_recall"].item())) for c in found), found
 
 
@@ -2873,12 +2876,12 @@ def test_cuda_benchmarks_run():
     """`python mar.py --bench` and `python maskgit.py --bench` run and print their figures (tiny
     presets here, on whatever device there is; the real figures come from the default presets)."""
     p = run_script(os.path.join(HERE, "mar.py"), "--bench", "--preset", "tiny", "--batch-size", "8", "--sample-batch", "4",
-                   "--steps", "2", "--num-iter", "2", "--breakdown")
+                   "--steps", "2", "--num-iter", "2", "--breakdown", gpu=True)
     assert "training:" in p.stdout and p.stdout.count("sampling:") == 1, p.stdout
-    parts = [float(w.strip(",")) for w in p.stdout.split("of which:")[1].split() if w[0].isdigit()]
+    parts = [float(w.strip(",")) for w in p.stdout.split("of which:")[1].splitlines()[0].split() if w[0].isdigit()]
     assert len(parts) == 3 and all(v > 0 for v in parts), p.stdout  # transformer, Diffusion Loss, decoding
     p = run_script(os.path.join(HERE, "maskgit.py"), "--bench", "--preset", "tiny", "--batch-size", "8",
-                   "--sample-batch", "4", "--num-iter", "2")
+                   "--sample-batch", "4", "--num-iter", "2", gpu=True)
     assert "training:" in p.stdout and p.stdout.count("generation:") == 1, p.stdout
 
 
