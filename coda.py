@@ -29,6 +29,7 @@ produced by running the official modules.
 """
 import argparse
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -545,8 +546,8 @@ class TokenizerLoss(nn.Module):
 # 6. Training the tokenizers with train.py (--model vae, then --model coda)
 # =============================================================================================
 # Official train_mar.py of CODA: AdamW (0.5, 0.9), lr 5e-4 (LoRA and codebook alike) with cosine
-# decay, weight decay 0.005, global batch 512 (16 x 4 accumulation x 8 GPUs -> 64 per GPU on 8
-# GPUs here), 10 epochs, grad clip 10, EMA copying the weights for 4 epochs and then averaging with
+# decay, weight decay 0.005, global batch 512 (16 x 4 accumulation x 8 GPUs: --batch-size 64
+# --grad-accum 4 here), 10 epochs, grad clip 10, EMA copying the weights for 4 epochs and then averaging with
 # a warm-up; the discriminator is updated after every generator step with its own AdamW.
 # --model vae trains mar.py's KL-VAE from scratch with the same losses plus LDM's KL term (LDM's
 # KL-16 recipe as MAR retrained it, LTH14/mar#3): the VAE the built-in pipeline's CODA sits on.
@@ -565,15 +566,17 @@ VAE_PRESETS["tiny4"] = dict(VAE_PRESETS["tiny"], embed_dim=4, ch_mult=(1, 2, 2))
 VAE_PRESETS["tiny16"] = dict(VAE_PRESETS["tiny4"], embed_dim=16)  # 8x8x16, for the Table 1 comparison
 LORA_PARTS = {"both": ("encoder", "decoder"), "encoder": ("encoder",), "decoder": ("decoder",), "none": ()}
 
-PAPER = dict(preset="mar", img_size=256, epochs=10, warmup_epochs=0, batch_size=64, lr=5e-4, lr_schedule="cosine",
+# 64 a GPU in 4 micro-batches of 16, as the official 16 x 4 accumulation: at 256 px in fp32 one image's
+# training step holds about 1.9 GiB (README), so 64 at once would need about 124 GiB
+PAPER = dict(preset="mar", img_size=256, epochs=10, warmup_epochs=0, batch_size=64, grad_accum=4, lr=5e-4, lr_schedule="cosine",
              weight_decay=0.005, grad_clip=10.0, ema=0.9999, ckpt_every=1000, sample_every=1000, num_images=5000,
              lora="both", lora_rank=32, lpips_weight=1.0, disc="dino", bf16=False)
 # built-in: no VGG / DINO download; LoRA on the decoder only, which keeps the frozen encoder's latent
 # and its small posterior noise, so an image's tokens barely change from one encoding to the next
 # (README: the better tokens for MaskGIT on the built-in data)
-BUILTIN = dict(PAPER, preset="tiny", img_size=32, epochs=5, lr=2e-3, ema=0.999, ckpt_every=500, sample_every=500,
+BUILTIN = dict(PAPER, preset="tiny", img_size=32, epochs=5, grad_accum=1, lr=2e-3, ema=0.999, ckpt_every=500, sample_every=500,
                num_images=1000, lora="decoder", lora_rank=8, lpips_weight=0.0, disc="none")
-VAE_PAPER = dict(PAPER, preset="kl16", epochs=40, batch_size=32, lr=1e-4, weight_decay=0.0, disc="patch")
+VAE_PAPER = dict(PAPER, preset="kl16", epochs=40, batch_size=32, grad_accum=2, lr=1e-4, weight_decay=0.0, disc="patch")
 # the CPU-sized VAE trains in bf16 autocast (CUDA, or a CPU with bf16 instructions: 1.6x the steps per second;
 # README, "The discrete pipeline"); the paper's recipe and CODA keep the official fp32
 VAE_BUILTIN = dict(BUILTIN, preset="tiny", lr=1e-3, weight_decay=0.0, bf16=True)
@@ -633,7 +636,7 @@ class TokenizerTraining(nn.Module):
         self.disc = self.train_disc = self.criterion.disc
         self.d_opt = (torch.optim.AdamW([p for p in self.disc.parameters() if p.requires_grad], lr=0.0, betas=self.betas,
                                         weight_decay=args.disc_weight_decay, fused=True) if self.disc else None)
-        self.sums, self.count, self.usage = {}, 0, None
+        self.sums, self.count, self.usage, self.pairs = {}, 0, None, []
 
     def wrap(self, ddp):
         """DDP-wrap the discriminator with train.py's `ddp` (official: SyncBatchNorm on GPUs)."""
@@ -645,7 +648,8 @@ class TokenizerTraining(nn.Module):
     def image_loss(self, x, recon, progress, extra, logs):
         """Reconstruction + ramped GAN term (section 5) + the model's own terms `extra`."""
         loss, parts = self.criterion.generator_loss(x, recon, self.last_layer, progress)
-        self.real, self.fake = x, recon.detach()
+        if self.disc is not None:  # for after_step: one pair per micro-batch (--grad-accum)
+            self.pairs.append((x, recon.detach()))
         self.accumulate(dict(parts, **logs))
         return loss + extra
 
@@ -664,16 +668,20 @@ class TokenizerTraining(nn.Module):
     def after_step(self, lr):
         """The discriminator step on this step's real images and reconstructions (official order:
         after the generator step and the EMA update), same lr schedule and grad clip."""
+        pairs, self.pairs = self.pairs, []
         if self.disc is None:
             return
-        d_loss, logs = self.criterion.discriminator_loss(self.real, self.fake, self.train_disc)
         for group in self.d_opt.param_groups:
             group["lr"] = lr
         self.d_opt.zero_grad(set_to_none=True)
-        d_loss.backward()
+        for i, (real, fake) in enumerate(pairs):  # micro-batches as the generator's: gradients summed, one step
+            last = i == len(pairs) - 1
+            with nullcontext() if last or not hasattr(self.train_disc, "no_sync") else self.train_disc.no_sync():
+                d_loss, logs = self.criterion.discriminator_loss(real, fake, self.train_disc)
+                (d_loss / len(pairs) if len(pairs) > 1 else d_loss).backward()
+            self.accumulate(logs, count=False)
         torch.nn.utils.clip_grad_norm_(self.d_opt.param_groups[0]["params"], self.args.grad_clip)
         self.d_opt.step()
-        self.accumulate(logs, count=False)
 
     def accumulate(self, logs, count=True):
         for k, v in logs.items():

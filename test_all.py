@@ -2508,6 +2508,36 @@ def test_train_coda_trains_lora_and_quantizer_only():
     assert all(k in rows[-1] for k in ("codebook_usage", "q_loss", "entropy", "d_loss", "l1")), rows[-1]
 
 
+def test_train_grad_accum_sums_micro_batches_into_one_step():
+    """--grad-accum 2 computes each step's batch in two halves and steps once on their summed
+    gradients: the VAE (fp32, no discriminator) logs the same losses and trains to the weights of
+    whole batches, within float rounding; CODA's discriminator takes both halves' pairs (its
+    BatchNorm counts twice the batches) and 2 DDP ranks stay equal; a batch it does not divide is refused with one line."""
+    with tempfile.TemporaryDirectory() as d:
+        vae = ["--model", "vae", "--data-path", shared_run("data"), *FAST, "--lpips-weight", "0", "--disc", "none",
+               "--no-bf16", "--epochs", "1"]
+        two_at_a_time(lambda k: run_train(*vae, "--grad-accum", k, "--output-dir", f"{d}/vae{k}"), (1, 2))
+        whole, halves = final_weights(f"{d}/vae1"), final_weights(f"{d}/vae2")
+        assert whole["step"] == halves["step"] == 10, (whole["step"], halves["step"])
+        # AdamW moves a weight whose gradient is near zero by about the lr whatever its sign, so the
+        # rounding of sums in another order shows in a few elements; a lost or doubled half in all
+        moved = torch.cat([(halves["model"][k].double() - w.double()).abs().flatten() for k, w in whole["model"].items()])
+        assert (moved > 1e-7).double().mean() < 1e-3 and moved.max() < 1e-4, (moved > 1e-7).double().mean()
+        losses = [[json.loads(l)["loss"] for l in read(f"{d}/vae{k}/metrics.jsonl").splitlines()] for k in (1, 2)]
+        assert len(losses[0]) == 2 and all(abs(a - b) < 1e-5 * a for a, b in zip(*losses)), losses
+        assert "each in 2 micro-batches of 2 a process (--grad-accum)" in read(f"{d}/vae2/log.txt")
+        seen = []
+        for k in (1, 2):
+            run_train(*coda_flags(), "--epochs", "1", "--grad-accum", k, "--output-dir", f"{d}/coda{k}")
+            disc = final_weights(f"{d}/coda{k}")["second_player"]["disc"]
+            seen.append([v.item() for name, v in disc.items() if name.endswith("num_batches_tracked")])
+        assert seen[0] and seen[1] == [2 * n for n in seen[0]], seen
+        # under DDP the first half's gradients wait (no_sync) and are all-reduced with the second's
+        assert_ranks_equal(*ddp_ranks_weights(d, *coda_flags(), "--epochs", "1", "--grad-accum", "2", "--output-dir", f"{d}/ddp"))
+        expect_error(run_train(*vae, "--grad-accum", "3", "--output-dir", f"{d}/odd", check=False),
+                     "--batch-size 4 is not a multiple of --grad-accum 3", "train.py")
+
+
 def test_train_coda_resumes_exactly_with_its_discriminator():
     """The lr (cosine) and the GAN ramp depend on the run's length: interrupt the same command."""
     full = final_weights(shared_run("coda"))  # drew no grid before its end

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -280,7 +281,7 @@ def load_checkpoint(path, flag):
         fail(f"{flag}: {e}")
 
 
-TRAINING_ONLY = {"batch_size", "blr", "lr", "lr_schedule", "weight_decay", "grad_clip", "ema", "epochs", "warmup_epochs",
+TRAINING_ONLY = {"batch_size", "grad_accum", "blr", "lr", "lr_schedule", "weight_decay", "grad_clip", "ema", "epochs", "warmup_epochs",
                  "ckpt_every", "sample_every", "log_every", "loss_fraction", "diffusion_batch_mul", "cleanup_steps",
                  "ema_start_epoch", "quantizer_lr", "bf16", "disc", "lpips_weight"}  # recipe flags --eval does not read
 
@@ -916,7 +917,9 @@ def main(args):
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
     model = training.model.to(device)
     log(f"{args.model} ({args.preset}): {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{len(dataset)} images of {num_classes} classes, {steps_per_epoch} steps per epoch")
+        f"{len(dataset)} images of {num_classes} classes, {steps_per_epoch} steps per epoch" +
+        (f", each in {args.grad_accum} micro-batches of {args.batch_size // args.grad_accum} a process (--grad-accum)"
+         if args.grad_accum > 1 else ""))
     lr = args.lr or args.blr * args.batch_size * world / 256  # the paper's linear scaling rule
     opt = make_optimizer(training, lr, args.weight_decay)
     trainable = [p for group in opt.param_groups for p in group["params"]]
@@ -993,8 +996,9 @@ def main(args):
 
     if args.compile and hasattr(training, "warm_up") and step < total_steps:  # MAR: every mask size's graph, now
         t0, state = time.time(), rng_state(device, aug)
-        batch = torch.utils.data.default_collate([dataset[i] for i in range(args.batch_size)])
-        training.warm_up(train_model, *training.inputs(batch, torch.zeros(args.batch_size, dtype=torch.bool)), amp)
+        micro = args.batch_size // args.grad_accum  # the size the steps compute at
+        batch = torch.utils.data.default_collate([dataset[i] for i in range(micro)])
+        training.warm_up(train_model, *training.inputs(batch, torch.zeros(micro, dtype=torch.bool)), amp)
         opt.zero_grad(set_to_none=True)
         set_rng_state(state, device, aug)  # the run draws what it would have drawn without the warm-up
         log(f"--compile: compiled the training step for every mask size in {time.time() - t0:.0f} s")
@@ -1025,9 +1029,7 @@ def main(args):
             cur_lr = learning_rate(step, lr, warmup_steps, total_steps, args.lr_schedule)
             for group in opt.param_groups:
                 group["lr"] = cur_lr * group["lr_scale"]
-            with amp:
-                loss = training.loss(train_model, x, y, step / total_steps)
-            loss.backward()
+            loss = backward(training, train_model, x, y, step / total_steps, args.grad_accum, amp)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -1035,7 +1037,7 @@ def main(args):
             if hasattr(training, "after_step"):
                 with amp:
                     training.after_step(cur_lr)  # a second player (the GAN discriminator)
-            loss_sum += loss.detach()
+            loss_sum += loss
             step, n_window = step + 1, n_window + 1
             pbar.update()
             last = step == total_steps
@@ -1080,6 +1082,21 @@ def main(args):
     log(f"done: {step} steps, checkpoint {ckpt_path}")
     barrier()  # the files above exist before any rank goes on (the next --compare-quantizers row)
     return model
+
+
+def backward(training, model, x, y, progress, parts, amp):
+    """The step's loss and gradients, computed in `parts` micro-batches (--grad-accum, as official
+    CODA's 16 images x 4 a GPU): each one's loss divided by `parts`, DDP's all-reduce once, after
+    the last -> the loss of the whole batch, detached."""
+    total = 0
+    for i, (xi, yi) in enumerate(zip(x.chunk(parts), [None] * parts if y is None else y.chunk(parts))):
+        last = i == parts - 1
+        with (nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()), amp:
+            loss = training.loss(model, xi, yi, progress)
+            loss = loss / parts if parts > 1 else loss
+        loss.backward()
+        total = total + loss.detach()
+    return total
 
 
 def distribute(training, compile, device, world):
@@ -1241,6 +1258,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int)
     p.add_argument("--warmup-epochs", type=float)
     p.add_argument("--batch-size", type=int, help="per process")
+    p.add_argument("--grad-accum", type=int, help="split each process's batch into this many micro-batches, their "
+                   "gradients summed before the step (the memory of one; the same global batch); 1 unless the recipe says")
     p.add_argument("--blr", type=float, help="base lr; lr = blr x global batch / 256")
     p.add_argument("--lr", type=float, help="absolute lr (overrides --blr)")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"])
@@ -1290,6 +1309,7 @@ def parse_args(argv=None):
     args.unset = sorted(key for key in defaults if key in vars(args) and getattr(args, key) is None)  # see continue_recipe
     for key in args.unset:
         setattr(args, key, defaults[key])
+    args.grad_accum = args.grad_accum or 1  # a recipe without it (MAR, MaskGIT): whole batches
     if "lr" in args.unset and args.blr is not None and "blr" not in args.unset:  # a given --blr wins over a recipe's --lr
         args.lr = None
         args.unset.remove("lr")
@@ -1321,6 +1341,8 @@ def parse_args(argv=None):
     if hasattr(model, "report") and args.img_size < 11:
         fail(f"--img-size {args.img_size}: the tokenizers' report computes SSIM in 11 x 11 windows; give at least 11")
     check_numbers(args)
+    if args.batch_size % args.grad_accum:
+        fail(f"--batch-size {args.batch_size} is not a multiple of --grad-accum {args.grad_accum}")
     for flag in ("output_dir", "save_images", "cache_path"):
         if getattr(args, flag, None) and (flag != "cache_path" or getattr(args, "cache_latents", False)):
             check_writable(getattr(args, flag), "--" + flag.replace("_", "-"))
