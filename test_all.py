@@ -2865,10 +2865,15 @@ def test_cuda_bf16_loss_and_sampling_match_fp32():
 
 def test_cuda_graph_sampling_equals_eager():
     """Sampling replayed from CUDA graphs equals eager sampling from the same seed, in fp32 and in
-    bf16 autocast; a second call replays the captured graphs with new inputs (another seed)."""
+    bf16 autocast, with the MLP and with PixelDenoiser; a second call replays the captured graphs
+    with new inputs (another seed)."""
     need_cuda()
+    for pixels in ({}, dict(pixel_channels=8, diffloss_d=2)):  # the MLP, and PixelDenoiser (the built-in run's)
+        graph_sampling_equals_eager(perturbed(mar.mar_tiny(num_sampling_steps=10, **pixels)).to("cuda").eval())
+
+
+def graph_sampling_equals_eager(model):
     torch.manual_seed(0)
-    model = perturbed(mar.mar_tiny(num_sampling_steps=10)).to("cuda").eval()
     labels = torch.arange(8, device="cuda")
     captured = lambda: sum(key != "pool" for key in mar.GRAPHS.get(model.diffloss, {}))
     for amp, rtol in ((False, 1e-4), (True, 2e-2)):
