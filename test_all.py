@@ -2534,8 +2534,8 @@ def test_train_grad_accum_sums_micro_batches_into_one_step():
         assert seen[0] and seen[1] == [2 * n for n in seen[0]], seen
         # under DDP the first half's gradients wait (no_sync) and are all-reduced with the second's
         assert_ranks_equal(*ddp_ranks_weights(d, *coda_flags(), "--epochs", "1", "--grad-accum", "2", "--output-dir", f"{d}/ddp"))
-        expect_error(run_train(*vae, "--grad-accum", "3", "--output-dir", f"{d}/odd", check=False),
-                     "--batch-size 4 is not a multiple of --grad-accum 3", "train.py")
+        for k, text in (("3", "--batch-size 4 is not a multiple of --grad-accum 3"), ("0", "--grad-accum 0: must be at least 1")):
+            expect_error(run_train(*vae, "--grad-accum", k, "--output-dir", f"{d}/odd", check=False), text, "train.py")
 
 
 def test_train_coda_resumes_exactly_with_its_discriminator():

@@ -1309,7 +1309,8 @@ def parse_args(argv=None):
     args.unset = sorted(key for key in defaults if key in vars(args) and getattr(args, key) is None)  # see continue_recipe
     for key in args.unset:
         setattr(args, key, defaults[key])
-    args.grad_accum = args.grad_accum or 1  # a recipe without it (MAR, MaskGIT): whole batches
+    if args.grad_accum is None:  # a recipe without it (MAR, MaskGIT): whole batches
+        args.grad_accum = 1
     if "lr" in args.unset and args.blr is not None and "blr" not in args.unset:  # a given --blr wins over a recipe's --lr
         args.lr = None
         args.unset.remove("lr")
