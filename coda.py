@@ -547,8 +547,8 @@ class TokenizerLoss(nn.Module):
 # =============================================================================================
 # Official train_mar.py of CODA: AdamW (0.5, 0.9), lr 5e-4 (LoRA and codebook alike) with cosine
 # decay, weight decay 0.005, global batch 512 (16 x 4 accumulation x 8 GPUs: --batch-size 64
-# --grad-accum 4 here), 10 epochs, grad clip 10, EMA copying the weights for 4 epochs and then averaging with
-# a warm-up; the discriminator is updated after every generator step with its own AdamW.
+# --grad-accum 4 here), 10 epochs, grad clip 10, EMA copying the weights for 4 epochs and then
+# averaging with a warm-up; the discriminator is updated after every generator step with its own AdamW.
 # --model vae trains mar.py's KL-VAE from scratch with the same losses plus LDM's KL term (LDM's
 # KL-16 recipe as MAR retrained it, LTH14/mar#3): the VAE the built-in pipeline's CODA sits on.
 
