@@ -1832,7 +1832,7 @@ def test_train_defaults_follow_the_data_and_say_so():
     data = shared_run("data")  # 40 images
     small = train.parse_args(["--data-path", data])
     steps = mar.BUILTIN["epochs"] * 10000 // 40  # the built-in run's steps (10,000 images) over 40 images
-    assert (small.preset, small.img_size, small.ema, small.epochs, small.warmup_epochs) == ("tiny", 32, 0.999, steps, 250)
+    assert (small.preset, small.img_size, small.ema, small.epochs, small.warmup_epochs) == ("tiny", 32, 0.995, steps, 250)
     assert small.defaults_in_force.startswith("defaults: CPU-sized (fewer than 100,000 images)"), small.defaults_in_force
     assert "at 32 px (its first image, 48x40, is scaled and center-cropped to it)" in small.defaults_in_force
     assert "(its first image" not in train.parse_args(["--data-path", data, "--img-size", "40"]).defaults_in_force
