@@ -935,7 +935,10 @@ def luminance(x):
     return (x * torch.tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
-def toy_judge(size=32, steps=1000, seed=0, members=3):
+JUDGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "judge.pt")  # toy_judge's CNNs at 32 px (write_judge)
+
+
+def toy_judge(size=32, steps=1000, seed=0, members=3, weights=JUDGE):
     """The built-in data's judge: small CNNs that see luminance only (they cannot use colour), trained
     on fresh toy images that no model trains on (seed + 1000), half of them blurred and all with some
     noise so that they tolerate soft samples. Its eleventh answer, NO_CLASS, is trained on images of
@@ -944,11 +947,30 @@ def toy_judge(size=32, steps=1000, seed=0, members=3):
     "triangle". It is an ensemble: `members` CNNs trained on the same images from seeds of their own
     (weights, augmentation, order), their class probabilities averaged, because one CNN's verdict
     on borderline samples moves with its seed (MAR's triangles 46% to 71% over three; README).
-    99-100% on real held-out images. Trained in bf16 autocast where the CPU has bf16 instructions
-    and channels_last (2x faster there), and judging in fp32. -> images (B, 3, H, W) -> (B, 11)."""
-    data = toy_images(size, steps * 64, seed=seed + 1000, classes=NO_CLASS + 1)
-    nets = [judge_net(data, steps, seed + m) for m in range(members)]
+    99-100% on real held-out images. -> images (B, 3, H, W) -> (B, 11) class probabilities."""
+    nets = judge_nets(size, steps, seed, members, weights)
     return lambda images: torch.stack([net(judge_view(images)).softmax(1) for net in nets]).mean(0)
+
+
+def judge_nets(size=32, steps=1000, seed=0, members=3, weights=JUDGE):
+    """The judge's CNNs in eval mode. At 32 px, the built-in runs' size, they are loaded from
+    `weights` (judge.pt, which `write_judge` wrote from this function's training on a CPU with bf16
+    instructions): every run on every machine then judges with the same weights, and none spends the
+    75 s that training them takes on 2 CPU cores. Other sizes train their own: in bf16 autocast where
+    the CPU has bf16 instructions and channels_last (2x faster there)."""
+    if weights and os.path.exists(weights) and (size, steps, seed, members) == (32, 1000, 0, 3):
+        nets = [judge_cnn() for _ in range(members)]
+        for net, state in zip(nets, torch.load(weights, map_location="cpu", weights_only=True), strict=True):
+            net.load_state_dict(state)
+        return [net.eval() for net in nets]
+    data = toy_images(size, steps * 64, seed=seed + 1000, classes=NO_CLASS + 1)
+    return [judge_net(data, steps, seed + m) for m in range(members)]
+
+
+def write_judge(path=JUDGE):
+    """Trains the 32 px judge and saves its CNNs to `path` (python -c "import fid; fid.write_judge()",
+    after a change to the built-in data)."""
+    torch.save([net.state_dict() for net in judge_nets(weights=None)], path)
 
 
 def judge_view(images):
@@ -956,16 +978,21 @@ def judge_view(images):
     return luminance(images.float().cpu()).contiguous(memory_format=torch.channels_last)
 
 
+def judge_cnn():
+    """One of the judge's CNNs: (B, 1, H, W) luma -> (B, 11) logits."""
+    block = lambda cin, cout: [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+    return nn.Sequential(*block(1, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2), *block(64, 128),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, NO_CLASS + 1)).to(memory_format=torch.channels_last)
+
+
 def judge_net(data, steps, seed):
     """One of the judge's CNNs, trained on uint8 images `data` (image i of class i % 11), 64 a step,
-    in an order of its seed -> the CNN in eval mode, on (B, 1, H, W) luma."""
+    in an order of its seed -> the CNN in eval mode."""
     g, answers = torch.Generator().manual_seed(seed), NO_CLASS + 1
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    block = lambda cin, cout: [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
     with torch.random.fork_rng():  # the same judge in every run, and the run's own random stream untouched
         torch.manual_seed(seed)
-        net = nn.Sequential(*block(1, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2), *block(64, 128),
-                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, answers)).to(memory_format=torch.channels_last)
+        net = judge_cnn()
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     order = torch.randperm(steps * 64, generator=g)

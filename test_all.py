@@ -1620,7 +1620,7 @@ def test_fid_colour_blind_judge_separates_the_classes():
     kinds, and the shortcuts a judge without that answer fell for (flat and noisy images it called
     gradients, specks it called dots, lumpy blobs it called squares or triangles)."""
     torch.manual_seed(0)
-    judge = fid.toy_judge(seed=0)  # as the runs train it: three CNNs, 1,000 steps each
+    judge = fid.toy_judge()  # the runs' judge: judge.pt's three CNNs
     x = fid.to_tensor(fid.toy_images(32, num_images=500, seed=123))
     labels = torch.arange(500) % 10
     accuracy, per_class, none = fid.class_accuracy(judge, x, labels)
@@ -1642,6 +1642,26 @@ def test_fid_colour_blind_judge_separates_the_classes():
     with torch.no_grad():
         assert_close(judge(grey), judge(x), 1e-5, "judge of the grey image")
         assert not torch.allclose(judge(x.flip(1)), judge(x), atol=1e-3)  # luma differs: so does the verdict
+
+
+def test_fid_judge_pt_holds_what_toy_judge_trains():
+    """judge.pt is the 32 px judge's three CNNs as judge_nets trains them: its first CNN, trained
+    again here (1,000 steps), names held-out images as the stored one does; without the file, or at
+    another size, the judge is trained, and the stored weights load only where they fit."""
+    stored = fid.judge_nets()
+    assert len(stored) == 3 and not any(net.training for net in stored)
+    assert_close(stored[0][0].weight, torch.load(fid.JUDGE, weights_only=True)[0]["0.weight"], 0, "first conv")
+    trained = fid.judge_nets(members=1, weights=None)[0]
+    x = fid.judge_view(fid.to_tensor(fid.toy_images(32, num_images=500, seed=321)))
+    labels = torch.arange(500) % 10
+    with torch.no_grad():
+        a, b = stored[0](x).argmax(1), trained(x).argmax(1)
+    assert (a == labels).float().mean() >= 0.97 and (b == labels).float().mean() >= 0.97, ((a == labels).float().mean(), (b == labels).float().mean())
+    assert (a == b).float().mean() >= 0.97, (a == b).float().mean()  # the same on a CPU with bf16 instructions (here 100%)
+    assert not torch.equal(stored[1][0].weight, stored[0][0].weight)  # each CNN from its own seed
+    with tempfile.TemporaryDirectory() as d:
+        missing = fid.judge_nets(steps=2, members=1, weights=os.path.join(d, "judge.pt"))[0]
+        assert not torch.equal(missing[0].weight, stored[0][0].weight)  # no file, or other settings: trained
 
 
 def test_fid_judge_reports_all_final_samples_and_the_grid_alone():
