@@ -1359,8 +1359,8 @@ BUILTIN = dict(PAPER, preset="tiny", img_size=32, epochs=58, warmup_epochs=1, bl
 # temperature (CFG 9; 0.9: 40%, 1.0: 56%, 1.1: 63%); at 9 and 1.1, 89%, triangles 71% (README);
 # 58 epochs (9,048 steps; fewer fail squares), Diffusion Loss on half of the masked tokens (a third less time a
 # step, the denoiser being three quarters of it; on 2,000 samples 89% as with all of them; a quarter: triangles
-# 44%): with the tokenizer's decoder fit, 10 to 15 (AMD) or 7 to 15 (Intel) minutes from fresh clones on 2 CPU cores with bf16
-# instructions, where the steps run in bf16 autocast, as the hour's speed varies (README, "Run log");
+# 44%): with the tokenizer's decoder fit and the judge, about 9 to 13 minutes (AMD) from fresh clones on 2 CPU cores
+# with bf16 instructions, where the steps run in bf16 autocast, as the hour's speed varies (README, "Run log");
 # EMA 0.995 (a horizon of 200 steps; the paper's 0.9999 is 10,000 of its 500,000): at a constant lr the weights
 # still move at the end, and 0.999 averaged them into a model that draws stripes as pale mixtures on light
 # grounds; on the same two trainings (seeds 1 and 2) 0.995 gives 91% and 89% against 88% and 86% (README);
