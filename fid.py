@@ -956,7 +956,7 @@ def judge_nets(size=32, steps=1000, seed=0, members=3, weights=JUDGE):
     """The judge's CNNs in eval mode. At 32 px, the built-in runs' size, they are loaded from
     `weights` (judge.pt, which `write_judge` wrote from this function's training on a CPU with bf16
     instructions): every run on every machine then judges with the same weights, and none spends the
-    75 s that training them takes on 2 CPU cores. Other sizes train their own: in bf16 autocast where
+    85 s that training them takes on 2 CPU cores. Other sizes train their own: in bf16 autocast where
     the CPU has bf16 instructions and channels_last (2x faster there)."""
     if weights and os.path.exists(weights) and (size, steps, seed, members) == (32, 1000, 0, 3):
         nets = [judge_cnn() for _ in range(members)]
