@@ -2377,6 +2377,34 @@ print(seen["after warm-up"], counters["stats"]["unique_graphs"], sum(counters["g
 """
 
 
+FLIPS_RUN = """import sys
+sys.path.insert(0, {here!r})
+import coda, train
+inputs, flipped = coda.VAETraining.inputs, []
+def recorded(self, batch, flip):
+    flipped.append(int(flip.sum()))
+    return inputs(self, batch, flip)
+coda.VAETraining.inputs = recorded
+train.main(train.parse_args(sys.argv[1:]))
+print(len(flipped), sum(flipped))
+"""
+
+
+def test_train_no_flip_feeds_every_image_unmirrored():
+    """The papers' random horizontal flips mirror half the images (a 3 becomes an E); --no-flip
+    feeds every image as it is, and says so among the arguments."""
+    with tempfile.TemporaryDirectory() as d:
+        script = os.path.join(d, "flips_run.py")
+        with open(script, "w") as f:
+            f.write(FLIPS_RUN.format(here=HERE))
+        vae = ["--model", "vae", "--data-path", shared_run("data"), *TOKENIZER, "--disc", "none", "--epochs", "2"]
+        seen = {how: run_script(script, *vae, *flags, "--output-dir", f"{d}/{how}").stdout.split()[-2:]
+                for how, flags in (("flips", []), ("none", ["--no-flip"]))}
+        assert seen["flips"][0] == seen["none"][0] == "20" and 20 <= int(seen["flips"][1]) <= 60, seen  # 80 images
+        assert seen["none"][1] == "0", seen
+        assert '"no_flip": true' in read(f"{d}/none/log.txt")
+
+
 def test_train_compile_compiles_every_mask_size_before_the_first_step_and_leaves_no_trace():
     """--compile: MAR's graphs (one per mask size) all compile before the first step, so that none
     compiles mid-run, where a Ctrl-C would wait for it and torchrun kill the run unsaved. The

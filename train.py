@@ -1023,7 +1023,7 @@ def main(args):
             num_workers=args.num_workers, pin_memory=cuda, drop_last=True,
             generator=torch.Generator().manual_seed(epoch))  # its own seed draw, not the global RNG's: exact resume
         for batch in loader:
-            flip = torch.rand(args.batch_size, generator=aug) < 0.5
+            flip = torch.rand(args.batch_size, generator=aug) < (0.0 if args.no_flip else 0.5)  # the same draws either way
             x, y = training.inputs(batch, flip.pin_memory() if cuda else flip)  # pinned: async copy, no sync
             bad_files.update(batch[-1][batch[-1] >= 0].tolist())  # a CPU tensor: no device sync
             cur_lr = learning_rate(step, lr, warmup_steps, total_steps, args.lr_schedule)
@@ -1247,6 +1247,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=list(model.PRESETS))
     # data
     p.add_argument("--data-path", help="ImageNet-style folder (one subfolder per class); default: built-in data")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips (the papers flip half the "
+                                                          "images): for data whose mirror image is another thing, e.g. digits or text")
     p.add_argument("--val-path", help="a tokenizer's held-out images for grids and reports, in class subfolders or "
                                         "not (default: --data-path)")
     p.add_argument("--img-size", type=int)
