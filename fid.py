@@ -935,7 +935,8 @@ def luminance(x):
     return (x * torch.tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
-JUDGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "judge.pt")  # toy_judge's CNNs at 32 px (write_judge)
+# toy_judge's CNNs at 32 px (write_judge), kept with the reference tensors the tests check them against
+JUDGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".ci", "reference", "judge.pt")
 
 
 def toy_judge(size=32, steps=1000, seed=0, members=3, weights=JUDGE):
@@ -954,10 +955,10 @@ def toy_judge(size=32, steps=1000, seed=0, members=3, weights=JUDGE):
 
 def judge_nets(size=32, steps=1000, seed=0, members=3, weights=JUDGE):
     """The judge's CNNs in eval mode. At 32 px, the built-in runs' size, they are loaded from
-    `weights` (judge.pt, which `write_judge` wrote from this function's training on a CPU with bf16
-    instructions): every run on every machine then judges with the same weights, and none spends the
-    85 s that training them takes on 2 CPU cores. Other sizes train their own: in bf16 autocast where
-    the CPU has bf16 instructions and channels_last (2x faster there)."""
+    `weights` (.ci/reference/judge.pt, which `write_judge` wrote from this function's training on a
+    CPU with bf16 instructions): every run on every machine then judges with the same weights, and
+    none spends the 85 s that training them takes on 2 CPU cores. Other sizes train their own: in
+    bf16 autocast where the CPU has bf16 instructions and channels_last (2x faster there)."""
     if weights and os.path.exists(weights) and (size, steps, seed, members) == (32, 1000, 0, 3):
         nets = [judge_cnn() for _ in range(members)]
         for net, state in zip(nets, torch.load(weights, map_location="cpu", weights_only=True), strict=True):
