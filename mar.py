@@ -1290,7 +1290,7 @@ def mar_small(**kwargs):
     in the same steps. With the paper's 4 noise draws per token a step costs what one draw through a
     256-wide MLP did, and learns more (README, "Clean samples: MAR on a VAE's latents"). Not a paper
     configuration."""
-    width = 128 if kwargs.get("vae_embed_dim", 192) <= 64 else 256
+    width = 128 if kwargs.get("vae_embed_dim", 195) <= 64 else 256
     return mar_tiny(**{**dict(encoder_embed_dim=128, encoder_depth=3, decoder_embed_dim=128, decoder_depth=3,
                               diffloss_w=width), **kwargs})
 
