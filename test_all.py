@@ -310,47 +310,28 @@ def test_mar_pixel_denoiser_mixes_per_pixel_features():
     with torch.no_grad():
         assert_close(net.forward_embedded(x, y), expect, rtol=1e-5, what="PixelDenoiser pixel by pixel")
     built = mar.Training(train.parse_args(["--model", "mar"]), 10, torch.device("cpu")).model.diffloss.net
-    assert isinstance(built, mar.PixelDenoiser) and len(built.res_blocks) == 2 and built.cond_pixels.out_features == 65 * 8
+    assert isinstance(built, mar.PixelDenoiser) and len(built.res_blocks) == 2 and built.cond_pixels.out_features == 64 * 8
     assert type(mar.DiffLoss(16, 32, 3, 64).net) is mar.SimpleMLPAdaLN
 
 
 def test_mar_pixel_tokenizer_is_exact_and_its_cleanup_removes_grain():
-    """PixelTokenizer (the built-in tokens): token (2 qa + pa, 2 qb + pb) of a 32 px image holds, per
-    colour channel, 2 x the mean of the 8x8 block at the same place, then 1.5 x the detail (the image
-    less the bilinear surface through all the block means) at (16 qa + 2i + pa, 16 qb + 2j + pb), phase (pa,
-    pb) of the 16 x 16 region (qa, qb); 4 phases give polyphase tokens (a + 4i, b + 4j), 1 patches.
-    Untrained, decode is the exact inverse of encode, and a level off in one token moves the image as
-    a smooth bump, with no step at its block's border. A short fit of its clean-up decoder on real
-    images brings held-out images whose pixels got MAR-like errors (`corrupt`) closer to the
-    originals, and their roughness (luma steps) toward the real images'. Its lattice error moves a
-    region's phases and keeps the region's level."""
-    F = torch.nn.functional
+    """PixelTokenizer (the built-in tokens): token (2 qa + pa, 2 qb + pb) holds the pixels (16 qa + 2i
+    + pa, 16 qb + 2j + pb) of a 32 px image, phase (pa, pb) of the 16 x 16 region (qa, qb); 4 phases
+    give polyphase tokens (a + 4i, b + 4j), 1 patches. Untrained, decode is the exact inverse of
+    encode. A short fit of its clean-up decoder on real images brings held-out images whose tokens
+    got MAR-like errors (`corrupt`) closer to the originals, and their roughness (luma steps) toward
+    the real images'. Its lattice error moves a region's phases and keeps the region's level."""
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the decoder's initial weights, whatever ran before
         tok = mar.PixelTokenizer(8)
     x = fid.to_tensor(fid.toy_images(32, num_images=1000, seed=3))
-    z = tok.encode(x[:20])                                                     # (20, 195, 4, 4)
-    assert z.shape == (20, 195, 4, 4) and mar.mar_tiny().token_embed_dim == tok.embed_dim
-    means = F.avg_pool2d(x[:20], 8)                                            # (20, 3, 4, 4)
-    detail = x[:20] - F.interpolate(means, scale_factor=8, mode="bilinear", align_corners=False)
-    z = z.view(20, 3, 65, 4, 4)
-    assert torch.equal(z[:, :, 0], 2 * means)
-    detail = detail * 1.5
-    assert torch.equal(z[:, :, 1:, 3, 1].reshape(20, 3, 8, 8), detail[:, :, 17::2, 1:16:2])   # region (1, 0), phase (1, 1)
-    assert torch.equal(z[:, :, 1:, 0, 2].reshape(20, 3, 8, 8), detail[:, :, 0:16:2, 16::2])   # region (0, 1), phase (0, 0)
-    assert torch.equal(mar.PixelTokenizer(8, 4).shuffle(x[:20])[:, :, 1, 2].reshape(20, 3, 8, 8), x[:20, :, 1::4, 2::4])
-    assert torch.equal(mar.PixelTokenizer(8, 1).shuffle(x[:20])[:, :, 1, 2].reshape(20, 3, 8, 8), x[:20, :, 8:16, 16:24])
-    with torch.no_grad():
-        assert_close(tok.decode(z.flatten(1, 2)), x[:20], rtol=1e-6, what="decode(encode(x))")
-        half = tok.encode(0.5 * x[:20]).view(20, 3, 65, 4, 4)                  # within [-0.5, 0.5]: nothing clamped
-        off = half.clone()
-        off[:, 0, 0, 1, 2] += 0.2                                              # block (1, 2)'s red level up by 0.1
-        bump = tok.decode(off.flatten(1, 2)) - tok.decode(half.flatten(1, 2))  # (20, 3, 32, 32)
-    assert bump[:, 1:].abs().max() < 1e-6 and 0.087 < bump[:, 0].max() < 0.088  # red only, 0.1 x (15 / 16)^2 at the block's centre
-    assert (bump[:, 0].abs() > 0.01).sum((1, 2)).min() > 2 * 64              # spread beyond its 8x8 block
-    steps = torch.cat([bump[:, 0].diff(dim=1).flatten(1), bump[:, 0].diff(dim=2).flatten(1)], 1)
-    assert steps.abs().max() < 0.1 / 8 + 1e-6                                # a ramp of 8 pixels, never a step
-    z = tok.shuffle(x[:20])                                                    # the pixels `corrupt` works on
+    z = tok.encode(x[:20])                                                     # (20, 192, 4, 4)
+    assert z.shape == (20, 192, 4, 4) and mar.mar_tiny().token_embed_dim == tok.embed_dim
+    assert torch.equal(z[:, :, 3, 1].reshape(20, 3, 8, 8), x[:20, :, 17::2, 1:16:2])   # region (1, 0), phase (1, 1)
+    assert torch.equal(z[:, :, 0, 2].reshape(20, 3, 8, 8), x[:20, :, 0:16:2, 16::2])   # region (0, 1), phase (0, 0)
+    assert torch.equal(mar.PixelTokenizer(8, 4).encode(x[:20])[:, :, 1, 2].reshape(20, 3, 8, 8), x[:20, :, 1::4, 2::4])
+    assert torch.equal(mar.PixelTokenizer(8, 1).encode(x[:20])[:, :, 1, 2].reshape(20, 3, 8, 8), x[:20, :, 8:16, 16:24])
+    assert torch.equal(tok.decode(z), x[:20])
     train_set, test_set = x[:800], x[800:]
     g = torch.Generator().manual_seed(0)
     exact, h = dict(offset=0, noise=0, specks=0, lattice=0), torch.Generator().manual_seed(1)
@@ -361,12 +342,12 @@ def test_mar_pixel_tokenizer_is_exact_and_its_cleanup_removes_grain():
     assert levels.mean((3, 5)).abs().max() < 1e-5 < 0.1 < levels.abs().mean()  # each region's level kept, its phases moved
     moved = tok.corrupt(x[:20], h, moved=1, **exact)  # every token taken from the image moved by <= 1 pixel
     pad = torch.nn.functional.pad(x[:20], (1, 1, 1, 1), mode="replicate")
-    shifts = torch.stack([tok.shuffle(pad[:, :, 1 + i: 33 + i, 1 + j: 33 + j]) for i in (-1, 0, 1) for j in (-1, 0, 1)])
+    shifts = torch.stack([tok.encode(pad[:, :, 1 + i: 33 + i, 1 + j: 33 + j]) for i in (-1, 0, 1) for j in (-1, 0, 1)])
     which = (moved[None] == shifts).all(2)                                     # (9, 20, 4, 4): which move each token is
     assert which.any(0).all() and which[4].float().mean() < 0.3              # each a move, most not the identity
     noisy = tok.corrupt(test_set, g)
     with torch.no_grad():
-        before = tok.clean(tok.unshuffle(noisy))
+        before = tok.decode(noisy)
     opt = torch.optim.Adam(tok.to(memory_format=torch.channels_last).parameters(), 3e-3)
     for _ in range(300):  # in train.py's precision (bf16 autocast on a CPU with bf16 instructions)
         with mar.autocast(torch.device("cpu")):
@@ -375,7 +356,7 @@ def test_mar_pixel_tokenizer_is_exact_and_its_cleanup_removes_grain():
         opt.step()
         opt.zero_grad()
     with torch.no_grad():
-        after = tok.clean(tok.unshuffle(noisy))
+        after = tok.decode(noisy)
     err = lambda y: (y - test_set).pow(2).mean().item()
     rough = lambda y: fid.token_steps(y)[2]
     assert err(after) < 0.5 * err(before), (err(before), err(after))                # 0.31 x when written
@@ -665,7 +646,7 @@ def test_mar_training_step_learns():
     """A few optimizer steps on a fixed batch lower the loss, and gradients reach every parameter."""
     torch.manual_seed(0)
     model = mar.mar_tiny(num_sampling_steps=10)
-    x, y = torch.randn(8, 195, 4, 4) * 0.5, torch.randint(0, 10, (8,))  # PixelTokenizer's tokens
+    x, y = torch.randn(8, 192, 4, 4) * 0.5, torch.randint(0, 10, (8,))  # PixelTokenizer's tokens
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for i in range(30):
@@ -695,7 +676,7 @@ def test_mar_compiled_training_step_has_no_graph_break_and_stops_recompiling():
     torch.manual_seed(0)
     model = perturbed(mar.mar_tiny(num_sampling_steps=10))  # the loss then depends on the whole network
     compiled = torch.compile(model, backend="eager", dynamic=False)  # dynamo only: no C++ compiler needed
-    x, y = torch.randn(4, 195, 4, 4), torch.randint(0, 10, (4,))
+    x, y = torch.randn(4, 192, 4, 4), torch.randint(0, 10, (4,))
     sizes = {model.draw_num_masked(mar.COMPILE_BUCKETS) for _ in range(200)}
     assert sizes == {12, 13, 14, 15, 16}, sizes
     for n in sorted(sizes):  # warm-up
@@ -772,7 +753,7 @@ def test_mar_grad_checkpointing_and_bf16_autocast():
     its float32 diffusion state and float32 tokens close to fp32's."""
     torch.manual_seed(0)
     model = perturbed(mar.mar_tiny(num_sampling_steps=5))
-    x, y = torch.randn(4, 195, 4, 4) * 0.5, torch.randint(0, 10, (4,))
+    x, y = torch.randn(4, 192, 4, 4) * 0.5, torch.randint(0, 10, (4,))
     grads, calls, real = [], [], mar.checkpoint
     mar.checkpoint = lambda block, *a, **k: calls.append(block) or real(block, *a, **k)  # counted
     try:
@@ -2638,15 +2619,14 @@ def test_train_refuses_pixel_checkpoints_of_other_tokens():
         ckpt = final_weights(f"{d}/run")
         resized = {**ckpt, "model": dict(ckpt["model"]), "config": dict(ckpt["config"])}
         mlp = {**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k not in ("pixel_channels", "diffloss_d")}}
-        assert ckpt["config"]["tokens"] == ("PixelTokenizer, block means x2 on a bilinear surface, 2x2 phases of the detail "
-                                           "x1.5, clean-up decoder; v-prediction, SNR / 64")
+        assert ckpt["config"]["tokens"] == "PixelTokenizer, 2x2 phases, clean-up decoder; v-prediction, SNR / 64"
         del ckpt["config"]["tokens"]
         ckpt["config"].update(vae_stride=1, patch_size=8, vae_embed_dim=3, diffusion="v-prediction, SNR / 64")
         torch.save(ckpt, f"{d}/run/checkpoint-last.pth")
         for more in (["--epochs", "2"], ["--eval", "--num-images", "10", "--fid-stats", shared_run("data")]):
             expect_error(run_train(*common, *more, check=False),
                          "was trained with another config: vae_stride 1 (checkpoint) vs 8 (now), patch_size 8 "
-                         "(checkpoint) vs 1 (now), vae_embed_dim 3 (checkpoint) vs 195 (now), diffusion v-prediction, SNR "
+                         "(checkpoint) vs 1 (now), vae_embed_dim 3 (checkpoint) vs 192 (now), diffusion v-prediction, SNR "
                          "/ 64 (checkpoint) vs None (now), tokens None", "train.py")
         torch.save(mlp, f"{d}/run/checkpoint-last.pth")
         expect_error(run_train(*common, "--epochs", "2", check=False), "was trained with another config: "
@@ -2919,7 +2899,7 @@ def test_cuda_bf16_loss_and_sampling_match_fp32():
     need_cuda()
     torch.manual_seed(0)
     model = perturbed(mar.mar_tiny(num_sampling_steps=10)).to("cuda")
-    x, y = torch.randn(16, 195, 4, 4, device="cuda") * 0.5, torch.randint(0, 10, (16,), device="cuda")
+    x, y = torch.randn(16, 192, 4, 4, device="cuda") * 0.5, torch.randint(0, 10, (16,), device="cuda")
     losses = []
     for amp in (False, True):
         torch.manual_seed(1)
