@@ -108,6 +108,14 @@ GPU_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")  # one 
 ENV = dict(GPU_ENV, CUDA_VISIBLE_DEVICES="")  # the scripts of CPU tests see no GPU: on a GPU machine they check what CI does
 
 
+def script_in(d, name, template):
+    """Write `template` (a script that imports the repository from {here}) as d/name -> its path."""
+    path = os.path.join(d, name)
+    with open(path, "w") as f:
+        f.write(template.format(here=HERE))
+    return path
+
+
 def run_script(script, *flags, nproc=1, check=True, timeout=600, env=None, gpu=False):
     """Run one of the repository's scripts as a user would: `python script ...`, or under torchrun
     with `nproc` gloo processes, in an empty working directory (default outputs never land in the repo);
@@ -1806,9 +1814,7 @@ train.barrier(destroy=True)
 
 def ddp_ranks_weights(d, *flags):
     """train.py under torchrun with 2 gloo processes, each rank saving its own final weights -> both."""
-    script = os.path.join(d, "train_and_save_rank.py")
-    with open(script, "w") as f:
-        f.write(RANK_WEIGHTS.format(here=HERE))
+    script = script_in(d, "train_and_save_rank.py", RANK_WEIGHTS)
     run_script(script, *flags, nproc=2)
     out = flags[list(flags).index("--output-dir") + 1]
     return [torch.load(f"{out}/rank{r}.pt", weights_only=True) for r in range(2)]
@@ -2394,9 +2400,7 @@ def test_train_no_flip_feeds_every_image_unmirrored():
     """The papers' random horizontal flips mirror half the images (a 3 becomes an E); --no-flip
     feeds every image as it is, and says so among the arguments."""
     with tempfile.TemporaryDirectory() as d:
-        script = os.path.join(d, "flips_run.py")
-        with open(script, "w") as f:
-            f.write(FLIPS_RUN.format(here=HERE))
+        script = script_in(d, "flips_run.py", FLIPS_RUN)
         vae = ["--model", "vae", "--data-path", shared_run("data"), *TOKENIZER, "--disc", "none", "--epochs", "2"]
         seen = {how: run_script(script, *vae, *flags, "--output-dir", f"{d}/{how}").stdout.split()[-2:]
                 for how, flags in (("flips", []), ("none", ["--no-flip"]))}
@@ -2410,9 +2414,7 @@ def test_train_compile_compiles_every_mask_size_before_the_first_step_and_leaves
     compiles mid-run, where a Ctrl-C would wait for it and torchrun kill the run unsaved. The
     warm-up's passes change nothing: the same run with them skipped ends with the same weights."""
     with tempfile.TemporaryDirectory() as d:
-        script = os.path.join(d, "compiled_run.py")
-        with open(script, "w") as f:
-            f.write(COMPILED_RUN.format(here=HERE))
+        script = script_in(d, "compiled_run.py", COMPILED_RUN)
         flags = ["--data-path", shared_run("data"), *MAR, "--img-size", "16", "--epochs", "1", "--compile"]
         warm, cold = two_at_a_time(lambda how: run_script(script, how, *flags, "--output-dir", f"{d}/{how}"),
                                    ["warm", "skip"])
