@@ -286,13 +286,15 @@ class PixelTokenizer(nn.Module):
     did not (the dots); with s = 2 both come out (README, the measurements). Decoding undoes the
     permutation exactly, then `cleanup`, a 6-layer
     conv net trained before MAR (`cleanup_loss`) on real images whose tokens got the errors MAR
-    makes, removes the grain, as a VAE's decoder learns to decode noisy posterior samples. Its last
-    layer starts at zero: untrained, `decode` is the exact inverse of `encode`."""
+    makes, removes the grain, as a VAE's decoder learns to decode noisy posterior samples. It is
+    also given each pixel's place in its region, so that it can tell a step at a region's border (a
+    pane: MAR's regions disagreeing in level) from an edge in the image. Its last layer starts at
+    zero: untrained, `decode` is the exact inverse of `encode`."""
 
     def __init__(self, block=8, phases=2, width=32, depth=6):
         super().__init__()
         self.stride, self.phases, self.embed_dim = block, phases, 3 * block * block
-        layers = [nn.Conv2d(3, width, 3, padding=1), nn.SiLU()]
+        layers = [nn.Conv2d(3 + 2, width, 3, padding=1), nn.SiLU()]  # colour, place
         for _ in range(depth - 2):
             layers += [nn.Conv2d(width, width, 3, padding=1), nn.SiLU()]
         self.cleanup = nn.Sequential(*layers, nn.Conv2d(width, 3, 3, padding=1))
@@ -319,10 +321,18 @@ class PixelTokenizer(nn.Module):
 
     def decode(self, z):
         """tokens -> images (B, 3, H, W): the exact inverse, then the learned clean-up (a residual)."""
-        x = self.unshuffle(z).clamp(-1, 1).contiguous(memory_format=torch.channels_last)  # faster for convs
-        return (x + self.cleanup(x)).contiguous()
+        x = self.unshuffle(z).clamp(-1, 1)                                         # (B, 3, H, W)
+        h = torch.cat([x, self.place(x)], 1).contiguous(memory_format=torch.channels_last)  # faster for convs
+        return (x + self.cleanup(h)).contiguous()
 
-    def corrupt(self, x, generator=None, moved=0.15, offset=0.15, noise=0.1, specks=0.02, lattice=0.6):
+    def place(self, x):
+        """(B, 3, H, W) -> (B, 2, H, W): each pixel's row and column inside its region, in (-1, 1)."""
+        B, _, H, W = x.shape
+        side = self.stride * self.phases  # a region's side in pixels
+        at = lambda n: (torch.arange(n, device=x.device, dtype=x.dtype) % side + 0.5) / side * 2 - 1
+        return torch.stack(torch.meshgrid(at(H), at(W), indexing="ij")).expand(B, -1, -1, -1)
+
+    def corrupt(self, x, generator=None, moved=0.15, offset=0.15, noise=0.1, specks=0.02, lattice=0.6, region=0.4):
         """Real images (B, 3, H, W) -> their tokens with the errors of a small MAR, for training
         `cleanup`: a share `moved` of the tokens taken from the image moved by -1, 0 or 1 pixel each
         way (where a region's phase tokens disagree by a pixel on an edge), each token's colour
@@ -332,7 +342,9 @@ class PixelTokenizer(nn.Module):
         Last, each phase of a region gets its own colour offset, up to `lattice`, with the region's mean
         level kept: the 2-pixel lattice of a region whose phase tokens disagree in level (MAR's samples
         spread a gradient region's phase levels 0.17, real images 0.02; README, "How the CPU-sized
-        recipes were found")."""
+        recipes were found"). Then each region gets one colour offset, up to `region`: the panes of a
+        sample whose regions disagree in level (at 0.4 the token seams of the default run's samples
+        fell from 1.28 to 1.15, real images 1.09, and its gradients lost their panes; README)."""
         B, _, H, W = x.shape
         P, g = self.stride ** 2, H // self.stride  # pixels per token, tokens a side
         r = lambda *s: torch.rand(*s, generator=generator, device=x.device)
@@ -351,7 +363,9 @@ class PixelTokenizer(nn.Module):
         q, s = g // self.phases, self.phases
         phase = n(B, 3, 1, q, s, q, s) * r(B, 1, 1, 1, 1, 1, 1) * lattice  # (B, 3, 1, qa, pa, qb, pb)
         phase = (phase - phase.mean((4, 6), keepdim=True)).reshape(B, 3, 1, g, g)  # zero mean over a region's phases
-        return z + phase.expand(-1, -1, P, -1, -1).reshape(z.shape)
+        z = z + phase.expand(-1, -1, P, -1, -1).reshape(z.shape)
+        level = n(B, 3, 1, q, 1, q, 1) * r(B, 1, 1, 1, 1, 1, 1) * region       # (B, 3, 1, qa, 1, qb, 1)
+        return z + level.expand(-1, -1, P, -1, s, -1, s).reshape(z.shape)
 
     def cleanup_loss(self, x, generator=None):
         """Real images (B, 3, H, W) -> MSE of the decoded corrupted tokens against the images."""
@@ -1459,7 +1473,7 @@ class Training(nn.Module):
                            vae_embed_dim=self.vae.embed_dim, class_num=num_classes)
         v_pred = pixels or args.prediction == "v"  # pixels: the shape is decided at high noise, where eps says little
         if pixels:  # what the tokens and the MLP's output mean: checkpoints of other pixel runs are refused
-            self.config["tokens"] = (f"PixelTokenizer, {self.vae.phases}x{self.vae.phases} phases, clean-up decoder; "
+            self.config["tokens"] = (f"PixelTokenizer, {self.vae.phases}x{self.vae.phases} phases, clean-up decoder given the regions; "
                                      f"v-prediction, SNR / {self.vae.stride**2}")
             self.config.update(pixel_channels=8, diffloss_d=2)  # PixelDenoiser: 8 features per pixel, 2 blocks (README)
         elif v_pred:  # absent: the paper's eps (every official checkpoint)

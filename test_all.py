@@ -328,7 +328,8 @@ def test_mar_pixel_tokenizer_is_exact_and_its_cleanup_removes_grain():
     give polyphase tokens (a + 4i, b + 4j), 1 patches. Untrained, decode is the exact inverse of
     encode. A short fit of its clean-up decoder on real images brings held-out images whose tokens
     got MAR-like errors (`corrupt`) closer to the originals, and their roughness (luma steps) toward
-    the real images'. Its lattice error moves a region's phases and keeps the region's level."""
+    the real images'. Its lattice error moves a region's phases and keeps the region's level; its
+    region error moves a whole region (the panes), and the decoder is told where the regions are."""
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the decoder's initial weights, whatever ran before
         tok = mar.PixelTokenizer(8)
@@ -342,12 +343,19 @@ def test_mar_pixel_tokenizer_is_exact_and_its_cleanup_removes_grain():
     assert torch.equal(tok.decode(z), x[:20])
     train_set, test_set = x[:800], x[800:]
     g = torch.Generator().manual_seed(0)
-    exact, h = dict(offset=0, noise=0, specks=0, lattice=0), torch.Generator().manual_seed(1)
+    exact, h = dict(offset=0, noise=0, specks=0, lattice=0, region=0), torch.Generator().manual_seed(1)
     assert torch.equal(tok.corrupt(x[:20], h, moved=0, **exact), z)
-    lattice = (tok.corrupt(x[:20], h, moved=0, offset=0, noise=0, specks=0) - z).view(20, 3, 64, 4, 4)
+    lattice = (tok.corrupt(x[:20], h, moved=0, offset=0, noise=0, specks=0, region=0) - z).view(20, 3, 64, 4, 4)
     assert_close(lattice, lattice[:, :, :1].expand_as(lattice), what="one offset per token and channel")
     levels = lattice[:, :, 0].reshape(20, 3, 2, 2, 2, 2)                      # (B, C, qa, pa, qb, pb)
     assert levels.mean((3, 5)).abs().max() < 1e-5 < 0.1 < levels.abs().mean()  # each region's level kept, its phases moved
+    panes = tok.unshuffle(tok.corrupt(x[:20], h, moved=0, **{**exact, "region": 0.4})) - x[:20]  # (20, 3, 32, 32)
+    pane = panes.view(20, 3, 2, 16, 2, 16)[:, :, :, :1, :, :1]                                  # one value per region
+    assert_close(panes.view(20, 3, 2, 16, 2, 16), pane.expand(-1, -1, -1, 16, -1, 16), what="one offset per region")
+    assert 0.05 < pane.abs().mean() < 0.4 and (pane - pane.mean((2, 4), keepdim=True)).abs().mean() > 0.05  # regions differ
+    where = tok.place(x[:1])                                                                  # (1, 2, 32, 32): row, column
+    assert torch.equal(where[0, 0, :, 0], where[0, 1, 0, :]) and torch.equal(where[0, 0, :16, 5], where[0, 0, 16:, 9])
+    assert where[0, 0, 0, 0] == -where[0, 0, 15, 0] == -15 / 16 and torch.equal(where[0, 0].T, where[0, 1])
     moved = tok.corrupt(x[:20], h, moved=1, **exact)  # every token taken from the image moved by <= 1 pixel
     pad = torch.nn.functional.pad(x[:20], (1, 1, 1, 1), mode="replicate")
     shifts = torch.stack([tok.encode(pad[:, :, 1 + i: 33 + i, 1 + j: 33 + j]) for i in (-1, 0, 1) for j in (-1, 0, 1)])
@@ -2621,7 +2629,7 @@ def test_train_refuses_pixel_checkpoints_of_other_tokens():
         ckpt = final_weights(f"{d}/run")
         resized = {**ckpt, "model": dict(ckpt["model"]), "config": dict(ckpt["config"])}
         mlp = {**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k not in ("pixel_channels", "diffloss_d")}}
-        assert ckpt["config"]["tokens"] == "PixelTokenizer, 2x2 phases, clean-up decoder; v-prediction, SNR / 64"
+        assert ckpt["config"]["tokens"] == "PixelTokenizer, 2x2 phases, clean-up decoder given the regions; v-prediction, SNR / 64"
         del ckpt["config"]["tokens"]
         ckpt["config"].update(vae_stride=1, patch_size=8, vae_embed_dim=3, diffusion="v-prediction, SNR / 64")
         torch.save(ckpt, f"{d}/run/checkpoint-last.pth")
