@@ -339,12 +339,12 @@ class PixelTokenizer(nn.Module):
         channels shifted by one offset, each value by its own noise, and a few pixels (a share up to
         `specks`) by one large error N(0, 1) in all three channels, the isolated specks of its
         samples; the offset, noise and specks drawn per image up to `offset`, `noise` and `specks`.
-        Last, each phase of a region gets its own colour offset, up to `lattice`, with the region's mean
+        Then each phase of a region gets its own colour offset, up to `lattice`, with the region's mean
         level kept: the 2-pixel lattice of a region whose phase tokens disagree in level (MAR's samples
         spread a gradient region's phase levels 0.17, real images 0.02; README, "How the CPU-sized
-        recipes were found"). Then each region gets one colour offset, up to `region`: the panes of a
-        sample whose regions disagree in level (at 0.4 the token seams of the default run's samples
-        fell from 1.28 to 1.15, real images 1.09, and its gradients lost their panes; README)."""
+        recipes were found"). Last, each region gets one colour offset, up to `region`: the panes of a
+        sample whose regions disagree in level (on one checkpoint's samples, 0.4 took the token seams
+        from 1.28 to 1.15, real images 1.09, and the panes out of its gradients; README)."""
         B, _, H, W = x.shape
         P, g = self.stride ** 2, H // self.stride  # pixels per token, tokens a side
         r = lambda *s: torch.rand(*s, generator=generator, device=x.device)
