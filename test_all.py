@@ -2442,12 +2442,14 @@ def test_train_vae_records_its_latent_scale_and_reports():
     assert vae["latent_scale"] > 0 and vae["config"]["arch"]["embed_dim"] == 16 and vae["step"] == 20
     log = read(f"{shared_run('vae')}/log.txt")
     assert "PSNR" in log and os.path.exists(f"{shared_run('vae')}/samples-final.png"), log[-1000:]
-    # the CPU-sized VAE recipe trains in bf16 autocast where the CPU has bf16 instructions; CODA in fp32 (official)
-    assert f"precision: {'bf16 autocast' if mar.bf16_autocast(torch.device('cpu')) else 'fp32'}" in log, log[:1500]
-    assert "precision: fp32" in read(f"{shared_run('coda')}/log.txt")
+    # the CPU-sized recipes of both tokenizers train in bf16 autocast where the CPU has bf16 instructions; the
+    # paper's in fp32 (official)
+    precision = f"precision: {'bf16 autocast' if mar.bf16_autocast(torch.device('cpu')) else 'fp32'}"
+    assert precision in log and precision in read(f"{shared_run('coda')}/log.txt"), log[:1500]
     import train
-    assert train.parse_args(["--model", "vae"]).bf16 and not train.parse_args(["--model", "vae", "--no-bf16"]).bf16
-    assert not train.parse_args(["--model", "vae", "--defaults", "paper"]).bf16
+    for model in (["--model", "vae"], ["--model", "coda", "--vae", "v.pth"]):
+        assert train.parse_args(model).bf16 and not train.parse_args([*model, "--no-bf16"]).bf16, model
+        assert not train.parse_args([*model, "--defaults", "paper"]).bf16, model
     report = json.loads(read(f"{shared_run('vae')}/report.json"))
     assert report["images"] == 40 and 0 < report["mse"] < 1 and report["psnr"] > 5, report
     assert "note: without --val-path, these 40 images are training images" in read(f"{shared_run('vae')}/log.txt")
@@ -2882,16 +2884,19 @@ def on_cuda(flags):
 
 def test_cuda_train_steps_of_each_model():
     """A few train.py steps of every model on the GPU, each in its precision (MAR and MaskGIT bf16
-    autocast, CODA fp32, the VAE's CPU-sized recipe bf16), and MAR once more with --compile."""
+    autocast, the tokenizers' CPU-sized recipes bf16, CODA's paper recipe fp32), and MAR once more
+    with --compile."""
     need_cuda()
     with tempfile.TemporaryDirectory() as d:
         data, runs = shared_run("data"), []
         runs.append(("mar", ["--model", "mar", *on_cuda(MAR)], "bf16 autocast"))
         # compiled at 16 px: 4 tokens, so 2 mask sizes and 2 compilations (inductor) in its 10 steps
         runs.append(("mar-compiled", ["--model", "mar", *on_cuda(MAR), "--img-size", "16", "--compile"], "bf16 autocast"))
-        vae_precision = "bf16 autocast" if mar.bf16_autocast(torch.device("cuda")) else "fp32"  # the CPU-sized recipe
-        runs.append(("vae", ["--model", "vae", *on_cuda(TOKENIZER)], vae_precision))
-        runs.append(("coda", ["--model", "coda", "--vae", f"{d}/vae/checkpoint-last.pth", *on_cuda(TOKENIZER)], "fp32"))
+        small = "bf16 autocast" if mar.bf16_autocast(torch.device("cuda")) else "fp32"  # the CPU-sized recipes
+        runs.append(("vae", ["--model", "vae", *on_cuda(TOKENIZER)], small))
+        runs.append(("coda", ["--model", "coda", "--vae", f"{d}/vae/checkpoint-last.pth", *on_cuda(TOKENIZER)], small))
+        runs.append(("coda-paper", ["--model", "coda", "--vae", f"{d}/vae/checkpoint-last.pth", *on_cuda(TOKENIZER),
+                                    "--defaults", "paper", "--disc", "none", "--grad-accum", "1"], "fp32, TF32 matmuls"))
         runs.append(("maskgit", ["--model", "maskgit", "--tokenizer", f"{d}/coda/checkpoint-last.pth", *on_cuda(FAST),
                                  "--num-iter", "2"], "bf16 autocast"))
         for name, flags, precision in runs:

@@ -950,8 +950,8 @@ def main(args):
         if fitted is not None and world > 1:  # rank 0's weights everywhere (a GPU's convs are not bitwise reproducible)
             for t in fitted.state_dict().values():
                 dist.broadcast(t, 0)
-    # each model's official precision (MAR, MaskGIT: mixed; CODA, VAE: fp32 unless --bf16, set by the CPU-sized VAE
-    # recipe) as bf16 (no GradScaler), for steps and grids alike, on CUDA and on CPUs with bf16 instructions
+    # each model's official precision (MAR, MaskGIT: mixed; CODA, VAE: fp32 unless --bf16, set by their CPU-sized
+    # recipes) as bf16 (no GradScaler), for steps and grids alike, on CUDA and on CPUs with bf16 instructions
     bf16 = training.bf16 and mar.bf16_autocast(device)
     amp = mar.autocast(device, training.bf16)
     log(f"precision: {'bf16 autocast' if bf16 else 'fp32'}{', TF32 matmuls' if cuda and args.tf32 and not bf16 else ''}")
