@@ -2445,7 +2445,8 @@ def test_train_vae_records_its_latent_scale_and_reports():
     # the CPU-sized recipes of both tokenizers train in bf16 autocast where the CPU has bf16 instructions; the
     # paper's in fp32 (official)
     precision = f"precision: {'bf16 autocast' if mar.bf16_autocast(torch.device('cpu')) else 'fp32'}"
-    assert precision in log and precision in read(f"{shared_run('coda')}/log.txt"), log[:1500]
+    for run in ("vae", "coda"):
+        assert precision in read(f"{shared_run(run)}/log.txt"), (run, read(f"{shared_run(run)}/log.txt")[:1500])
     import train
     for model in (["--model", "vae"], ["--model", "coda", "--vae", "v.pth"]):
         assert train.parse_args(model).bf16 and not train.parse_args([*model, "--no-bf16"]).bf16, model
