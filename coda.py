@@ -526,7 +526,7 @@ class TokenizerLoss(nn.Module):
         for p in params:
             p.requires_grad_(False)
         try:
-            g_loss = -disc(recon).mean()
+            g_loss = -disc(recon).float().mean()  # fp32 under autocast too: the adaptive weight divides by its gradient
         finally:
             for p in params:
                 p.requires_grad_(True)
@@ -537,7 +537,7 @@ class TokenizerLoss(nn.Module):
     def discriminator_loss(self, x, recon, disc=None):
         """Hinge loss on real images and detached reconstructions (the D step)."""
         disc = disc or self.disc
-        real, fake = disc(x.detach()), disc(recon.detach())
+        real, fake = disc(x.detach()).float(), disc(recon.detach()).float()  # the hinge in fp32 under autocast too
         d_loss = hinge_d_loss(real, fake)
         return d_loss, dict(d_loss=d_loss.detach(), logits_real=real.detach().mean(), logits_fake=fake.detach().mean())
 

@@ -1043,6 +1043,14 @@ def test_coda_losses_lpips_gan_and_adaptive_weight():
     assert torch.allclose(d_loss, 0.5 * ((1 - real).clamp(min=0).mean() + (1 + fake).clamp(min=0).mean()), rtol=1e-5)
     d_loss.backward()
     assert all(p.grad is not None for p in crit.disc.parameters()) and w.grad is not None
+    recon = torch.tanh(torch.nn.functional.conv2d(x, w, padding=1))  # a fresh graph
+    with torch.autocast("cpu", torch.bfloat16):  # --bf16: the logits are bf16, the GAN losses still fp32
+        d16, _ = crit.discriminator_loss(x, recon)
+        _, parts16 = crit.generator_loss(x, recon, w, ramp=0.5)
+        real, fake = crit.disc(x), crit.disc(recon.detach())
+    assert real.dtype == torch.bfloat16 and d16.dtype == parts16["g_loss"].dtype == torch.float32
+    hinge = 0.5 * ((1 - real.float()).clamp(min=0).mean() + (1 + fake.float()).clamp(min=0).mean())
+    assert torch.allclose(d16, hinge, rtol=1e-6) and torch.allclose(parts16["g_loss"], -fake.float().mean(), rtol=1e-6)
 
 
 def dino_layout_state(seed):
