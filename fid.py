@@ -546,6 +546,8 @@ def load_statistics(path):
         out = {k: f[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in f}
         if "pool3" in f:
             out["pool"] = torch.from_numpy(f["pool3"].astype(np.float32))
+        if "pipeline" in f:  # written by save_statistics; other tools' files do not say
+            out["pipeline"] = str(f["pipeline"])
     for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if mu not in out:
             continue
@@ -563,14 +565,30 @@ def load_statistics(path):
     return out
 
 
-def save_statistics(path, summary, features=False):
+def save_statistics(path, summary, features=False, pytorch_fid=False):
     """ADM's layout (mu, sigma, mu_s, sigma_s), plus the pool3 features (for precision and recall
-    against this set) when `features`."""
+    against this set) when `features`, and the input pipeline the features came through (which
+    ADM's and pytorch-fid's readers ignore), so that check_pipeline can refuse to mix them."""
     arrays = {k: summary[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in summary}
+    arrays["pipeline"] = np.array(summary.get("pipeline", pipeline_name(pytorch_fid)))
     if features:
         arrays["pool3"] = np.asarray(summary["pool"], dtype=np.float32)
     np.savez(path + ".tmp.npz", **arrays)
     os.replace(path + ".tmp.npz", path)  # whole or not at all: an interrupted write leaves no cut file
+
+
+def pipeline_name(pytorch_fid):
+    return "pytorch-fid" if pytorch_fid else "TF"
+
+
+def check_pipeline(path, stats, pytorch_fid):
+    """Raise one line if the statistics of `path` record another input pipeline than the features
+    they are to be compared with: the two resize differently, so FID across them measures the
+    pipelines too. Files of other tools (ADM's, MAR's, pytorch-fid's) record none and pass."""
+    have, want = stats.get("pipeline"), pipeline_name(pytorch_fid)
+    if have is not None and have != want:
+        raise ValueError(f"{path} holds statistics computed through the {have} input pipeline, and these features go "
+                         f"through the {want} one: compute both through one (fid.py's --pytorch-fid chooses pytorch-fid's)")
 
 
 # =============================================================================================
@@ -711,6 +729,7 @@ def open_set(path):
 def load_set(path, net, batch_size=100, num_workers=0, opened=None):
     """open_set(path), its images scored -> (the dict compare() takes, seconds spent on features)."""
     images, stats = opened or open_set(path)
+    check_pipeline(path, stats, net.pytorch_fid)
     if images is None:
         return stats, 0.0
     t = time.time()
@@ -1073,13 +1092,13 @@ def builtin_reference(folder, size, num_images, seed, net, batch_size=100):
     path = os.path.join(folder, f"fid_stats_builtin_{size}px_{num_images}_{drawn}.npz")
     if everywhere(os.path.exists(path)):  # one decision for all ranks: computing it takes collectives
         reference = load_statistics(path)
-        if {"mu_s", "pool"} <= set(reference):  # a cache written before sFID / precision-recall is redone
-            return reference
+        if {"mu_s", "pool"} <= set(reference) and reference.get("pipeline", "TF") == pipeline_name(net.pytorch_fid):
+            return reference  # (a cache written before sFID / precision-recall, or by the other pipeline, is redone)
     images = toy_images(size, num_images, seed=seed).permute(0, 3, 1, 2)  # uint8 (N, 3, H, W)
     scorer = score_dataset(images, net, batch_size, desc="reference statistics")  # each rank its block
     reference = summarize(*scorer.features())
     if not dist.is_initialized() or dist.get_rank() == 0:
-        save_statistics(path, reference, features=True)
+        save_statistics(path, reference, features=True, pytorch_fid=net.pytorch_fid)
     return reference
 
 
@@ -1121,6 +1140,8 @@ def main(argv=None):
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     try:
         opened = [open_set(path) for path in args.inputs]  # every input checked before hours of work
+        for path, (_, stats) in zip(args.inputs, opened):
+            check_pipeline(path, stats, args.pytorch_fid)
         if args.save_features and opened[0][0] is None and "pool" not in opened[0][1]:
             raise ValueError(f"--save-features: {args.inputs[0]} holds statistics only, no images or features to save")
         net = load_inception(args.weights, args.pytorch_fid, device)
@@ -1129,7 +1150,7 @@ def main(argv=None):
             data, seconds[f"{name} features"] = load_set(path, net, args.batch_size, args.num_workers, o)
             sets.append(data)
         if rank0 and args.save_stats:
-            save_statistics(args.save_stats, sets[0], args.save_features)
+            save_statistics(args.save_stats, sets[0], args.save_features, args.pytorch_fid)
             n = sets[0].get("num_images")  # None: SAMPLES was statistics already
             print(f"saved statistics{f' of {n} images' if n else ''} to {args.save_stats}")
         if rank0:

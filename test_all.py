@@ -1403,7 +1403,8 @@ def test_fid_cli_matches_torch_fidelity_on_folders():
             assert abs(printed(p, name) - expect[key]) <= 1e-4 * abs(expect[key]) + 1e-9, (name, p.stdout, expect[key])
         # saved statistics and features give the same five numbers, also under torchrun with 2 processes
         # (shards); statistics alone (no precision and recall, one line says why): the --eval test
-        assert sorted(np.load(f"{d}/bf.npz").keys()) == ["mu", "mu_s", "pool3", "sigma", "sigma_s"]
+        assert sorted(np.load(f"{d}/bf.npz").keys()) == ["mu", "mu_s", "pipeline", "pool3", "sigma", "sigma_s"]
+        assert str(np.load(f"{d}/bf.npz")["pipeline"]) == "TF"  # what check_pipeline reads
         p2 = run_fid(f"{d}/A", f"{d}/bf.npz", "--weights", tf, torchrun=True)
         assert p2.returncode == 0, p2.stderr[-2000:]
         assert abs(printed(p2, "FID") - ref_fid) < 1e-4 * ref_fid, p2.stdout
@@ -1504,6 +1505,10 @@ def test_fid_errors_are_one_line():
         cases.append(([f"{d}/A", f"{d}/array.npz"], "a single .npy array, not an .npz archive"))
         np.savez(f"{d}/stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
         cases.append(([f"{d}/stats.npz", "--save-stats", f"{d}/x.npz", "--save-features"], "holds statistics only"))
+        np.savez(f"{d}/pt.npz", mu=np.zeros(2048), sigma=np.eye(2048), pipeline=np.array("pytorch-fid"))
+        cases += [([f"{d}/A", f"{d}/bf.npz", "--pytorch-fid"], "computed through the TF input pipeline, and these "
+                   "features go through the pytorch-fid one: compute both through one"),  # refused before any feature
+                  ([f"{d}/pt.npz", f"{d}/A"], "through the pytorch-fid input pipeline, and these features go through the TF one")]
         with open(f"{d}/stats.npz", "rb") as f, open(f"{d}/cut.npz", "wb") as g:
             g.write(f.read(500))  # an interrupted download
         np.savez(f"{d}/nan.npz", mu=np.full(2048, np.nan), sigma=np.eye(2048))
