@@ -1506,7 +1506,8 @@ def test_fid_errors_are_one_line():
         np.savez(f"{d}/stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
         cases.append(([f"{d}/stats.npz", "--save-stats", f"{d}/x.npz", "--save-features"], "holds statistics only"))
         np.savez(f"{d}/pt.npz", mu=np.zeros(2048), sigma=np.eye(2048), pipeline=np.array("pytorch-fid"))
-        cases += [([f"{d}/A", f"{d}/bf.npz", "--pytorch-fid"], "computed through the TF input pipeline, and these "
+        np.savez(f"{d}/tf.npz", mu=np.zeros(2048), sigma=np.eye(2048), pipeline=np.array("TF"))  # as --save-stats writes
+        cases += [([f"{d}/A", f"{d}/tf.npz", "--pytorch-fid"], "computed through the TF input pipeline, and these "
                    "features go through the pytorch-fid one: compute both through one"),  # refused before any feature
                   ([f"{d}/pt.npz", f"{d}/A"], "through the pytorch-fid input pipeline, and these features go through the TF one")]
         with open(f"{d}/stats.npz", "rb") as f, open(f"{d}/cut.npz", "wb") as g:
