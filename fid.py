@@ -707,9 +707,10 @@ class ArrayImages(torch.utils.data.Dataset):
         return torch.from_numpy(self.images[i]).permute(2, 0, 1)
 
 
-def open_set(path):
+def open_set(path, pytorch_fid):
     """An image folder, an .npz of images (arr_0) or an .npz of statistics -> (images to score or
-    None, the statistics stored in the file), checked before any work. Stored statistics are used
+    None, the statistics stored in the file), checked before any work, the statistics' input
+    pipeline against the one in use (`pytorch_fid`, check_pipeline) too. Stored statistics are used
     as they are (ADM's semantics); the images are scored only for what the file lacks (ADM's
     reference batches: their 10,000 images give the features for precision and recall)."""
     if os.path.isdir(path):
@@ -723,13 +724,13 @@ def open_set(path):
     if "arr_0" not in keys and not {"mu", "sigma"} <= keys:
         raise ValueError(f"{path} holds neither images (arr_0) nor statistics (mu, sigma): keys {sorted(keys)}")
     stats = load_statistics(path) if {"mu", "sigma"} <= keys else {}
+    check_pipeline(path, stats, pytorch_fid)
     return (ArrayImages(path) if "arr_0" in keys and not {"mu_s", "pool"} <= set(stats) else None), stats
 
 
 def load_set(path, net, batch_size=100, num_workers=0, opened=None):
     """open_set(path), its images scored -> (the dict compare() takes, seconds spent on features)."""
-    images, stats = opened or open_set(path)
-    check_pipeline(path, stats, net.pytorch_fid)
+    images, stats = opened or open_set(path, net.pytorch_fid)
     if images is None:
         return stats, 0.0
     t = time.time()
@@ -1139,9 +1140,7 @@ def main(argv=None):
         torch.cuda.set_device(device)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     try:
-        opened = [open_set(path) for path in args.inputs]  # every input checked before hours of work
-        for path, (_, stats) in zip(args.inputs, opened):
-            check_pipeline(path, stats, args.pytorch_fid)
+        opened = [open_set(path, args.pytorch_fid) for path in args.inputs]  # every input checked before hours of work
         if args.save_features and opened[0][0] is None and "pool" not in opened[0][1]:
             raise ValueError(f"--save-features: {args.inputs[0]} holds statistics only, no images or features to save")
         net = load_inception(args.weights, args.pytorch_fid, device)
